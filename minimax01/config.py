@@ -1,0 +1,287 @@
+"""Model configuration: the ModelConfig dataclass, presets, the two HF config dialects, and
+parameter / FLOP / memory accounting (SPEC §1, §6, §8)."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+LINEAR = "linear_attention"
+FULL = "full_attention"
+LAYER_TYPES = (LINEAR, FULL)
+
+
+def hybrid_layer_types(num_layers: int, period: int = 8) -> list[str]:
+    """Layer i is softmax ("full") attention when i % period == period - 1, else lightning."""
+    return [FULL if i % period == period - 1 else LINEAR for i in range(num_layers)]
+
+
+def deepnorm_alpha(num_layers: int) -> float:
+    """DeepNorm residual scale (2N)^(1/4) (arXiv 2203.00555)."""
+    return (2 * num_layers) ** 0.25
+
+
+def deepnorm_beta_init(num_layers: int) -> float:
+    """DeepNorm init gain (8N)^(-1/4) for value/output/expert matrices."""
+    return (8 * num_layers) ** -0.25
+
+
+@dataclass
+class ModelConfig:
+    """Everything that fixes a MiniMax-01-family model's shapes and numerics.
+
+    Field names follow the transformers-native MiniMax config where one exists. `None` alphas are
+    filled in by `__post_init__` (DeepNorm alpha with postnorm, 1.0 otherwise); `layer_types`
+    defaults to the Text-01 pattern (softmax every 8th layer)."""
+
+    vocab_size: int = 512
+    hidden_size: int = 64
+    intermediate_size: int = 128
+    num_hidden_layers: int = 4
+    num_attention_heads: int = 4
+    num_key_value_heads: int = 2
+    head_dim: int = 16
+    rotary_dim: int = 16
+    rope_theta: float = 10_000_000.0
+    layer_types: list[str] | None = None
+    num_local_experts: int = 4
+    num_experts_per_tok: int = 2
+    rms_norm_eps: float = 1e-5
+    lightning_norm_eps: float = 1e-6
+    postnorm: bool = True
+    full_attn_alpha: float | None = None
+    full_attn_beta: float = 1.0
+    linear_attn_alpha: float | None = None
+    linear_attn_beta: float = 1.0
+    mlp_alpha: float | None = None
+    mlp_beta: float = 1.0
+    block_size: int = 256
+    router_aux_loss_coef: float = 0.001
+    capacity_factor: float | None = None
+    max_position_embeddings: int = 10_240_000
+    tie_word_embeddings: bool = False
+    initializer_range: float = 0.02
+    bos_token_id: int | None = None
+    eos_token_id: int | None = None
+    pad_token_id: int | None = None
+    dtype: str = "bfloat16"
+
+    def __post_init__(self) -> None:
+        if self.layer_types is None:
+            self.layer_types = hybrid_layer_types(self.num_hidden_layers)
+        else:
+            self.layer_types = list(self.layer_types)
+        default_alpha = deepnorm_alpha(self.num_hidden_layers) if self.postnorm else 1.0
+        for name in ("full_attn_alpha", "linear_attn_alpha", "mlp_alpha"):
+            if getattr(self, name) is None:
+                setattr(self, name, default_alpha)
+        self.validate()
+
+    # ------------------------------------------------------------------ validation
+    def validate(self) -> None:
+        """Raise ValueError naming the first bad field."""
+
+        def bad(name: str, why: str) -> None:
+            raise ValueError(f"ModelConfig.{name}: {why} (got {getattr(self, name)!r})")
+
+        for name in ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers",
+                     "num_attention_heads", "num_key_value_heads", "head_dim", "num_local_experts",
+                     "num_experts_per_tok", "block_size", "max_position_embeddings"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
+                bad(name, "must be a positive integer")
+        if self.num_attention_heads % self.num_key_value_heads:
+            bad("num_key_value_heads", f"must divide num_attention_heads={self.num_attention_heads}")
+        if not isinstance(self.rotary_dim, int) or self.rotary_dim < 0 or self.rotary_dim % 2:
+            bad("rotary_dim", "must be a non-negative even integer")
+        if self.rotary_dim > self.head_dim:
+            bad("rotary_dim", f"must be at most head_dim={self.head_dim}")
+        if self.num_experts_per_tok > self.num_local_experts:
+            bad("num_experts_per_tok", f"must be at most num_local_experts={self.num_local_experts}")
+        if len(self.layer_types) != self.num_hidden_layers:
+            bad("layer_types", f"needs one entry per layer ({self.num_hidden_layers})")
+        for i, t in enumerate(self.layer_types):
+            if t not in LAYER_TYPES:
+                raise ValueError(f"ModelConfig.layer_types[{i}]: unknown layer type {t!r}; "
+                                 f"expected one of {LAYER_TYPES}")
+        if self.rope_theta <= 0:
+            bad("rope_theta", "must be positive")
+        for name in ("rms_norm_eps", "lightning_norm_eps"):
+            if not getattr(self, name) > 0:
+                bad(name, "must be positive")
+        if self.capacity_factor is not None and not self.capacity_factor > 0:
+            bad("capacity_factor", "must be positive or None (dropless)")
+        if self.router_aux_loss_coef < 0:
+            bad("router_aux_loss_coef", "must be non-negative")
+        if self.dtype not in ("float32", "bfloat16", "float16"):
+            bad("dtype", "must be one of float32, bfloat16, float16")
+        for name in ("bos_token_id", "eos_token_id", "pad_token_id"):
+            tid = getattr(self, name)
+            if tid is not None and not 0 <= tid < self.vocab_size:
+                bad(name, f"must be a token id below vocab_size={self.vocab_size}")
+
+    # ------------------------------------------------------------------ derived
+    @property
+    def attn_width(self) -> int:
+        return self.num_attention_heads * self.head_dim
+
+    @property
+    def kv_width(self) -> int:
+        return self.num_key_value_heads * self.head_dim
+
+    @property
+    def num_linear_layers(self) -> int:
+        return sum(t == LINEAR for t in self.layer_types)
+
+    @property
+    def num_full_layers(self) -> int:
+        return sum(t == FULL for t in self.layer_types)
+
+    def replace(self, **changes: Any) -> "ModelConfig":
+        """A copy with some fields changed. Alphas derived from the layer count are re-derived when
+        the layer count changes and they were not given explicitly."""
+        data = self.to_dict()
+        if "num_hidden_layers" in changes and "layer_types" not in changes:
+            data["layer_types"] = None
+        if "num_hidden_layers" in changes or "postnorm" in changes:
+            old_default = deepnorm_alpha(self.num_hidden_layers) if self.postnorm else 1.0
+            for name in ("full_attn_alpha", "linear_attn_alpha", "mlp_alpha"):
+                if name not in changes and math.isclose(data[name], old_default):
+                    data[name] = None
+        data.update(changes)
+        return ModelConfig(**data)
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> "ModelConfig":
+        """Build from our own field names; an unknown key is an error naming the closest field."""
+        names = {f.name for f in dataclasses.fields(cls)}
+        unknown = [k for k in data if k not in names]
+        if unknown:
+            import difflib
+
+            k = unknown[0]
+            close = difflib.get_close_matches(k, names, n=1)
+            hint = f"; did you mean {close[0]!r}?" if close else ""
+            raise ValueError(f"ModelConfig: unknown field {k!r}{hint}")
+        return cls(**data)
+
+    # ------------------------------------------------------------------ presets
+    @classmethod
+    def from_preset(cls, name: str, **overrides: Any) -> "ModelConfig":
+        if name not in PRESETS:
+            raise ValueError(f"unknown preset {name!r}; available: {', '.join(PRESETS)}")
+        data = dict(PRESETS[name])
+        data.update(overrides)
+        return cls(**data)
+
+    # ------------------------------------------------------------------ HF dialects
+    @classmethod
+    def from_hf_config(cls, src: dict[str, Any] | str | Path) -> "ModelConfig":
+        """Read a HF `config.json` (a dict, a file, or a checkpoint folder) in either dialect."""
+        if not isinstance(src, dict):
+            path = Path(src)
+            if path.is_dir():
+                path = path / "config.json"
+            if not path.is_file():
+                raise FileNotFoundError(f"no config.json at {path}")
+            src = json.loads(path.read_text())
+        from .hf_config import hf_to_fields
+
+        return cls(**hf_to_fields(src))
+
+    def to_hf_config(self, dialect: str = "legacy") -> dict[str, Any]:
+        """The config.json dict for `dialect` "legacy" (official MiniMaxText01) or "hf"
+        (transformers-native `minimax`)."""
+        from .hf_config import fields_to_hf
+
+        return fields_to_hf(self, dialect)
+
+    # ------------------------------------------------------------------ accounting
+    def num_parameters(self, active: bool = False, embeddings: bool = True) -> int:
+        """Parameter count. `active=True`: parameters used per token (top-k experts only).
+        `embeddings=False` leaves out the token embedding and the lm_head."""
+        h, i, e = self.hidden_size, self.intermediate_size, self.num_local_experts
+        experts_used = self.num_experts_per_tok if active else e
+        moe = e * h + experts_used * 3 * h * i
+        lightning = 3 * self.attn_width * h + 2 * self.attn_width * h + self.attn_width
+        softmax = 2 * self.attn_width * h + 2 * self.kv_width * h
+        total = 0
+        for t in self.layer_types:
+            total += 2 * h + moe + (lightning if t == LINEAR else softmax)
+        total += h  # final norm
+        if embeddings:
+            total += self.vocab_size * h * (1 if self.tie_word_embeddings else 2)
+        return total
+
+    def flops_per_token(self, seq_len: int, training: bool = False) -> float:
+        """Model FLOPs per token at context `seq_len` (matmuls only, causal attention averaged over
+        positions). Training = 3x forward (forward + backward), no recompute counted."""
+        h, d = self.hidden_size, self.head_dim
+        dense = 2 * (self.num_parameters(active=True, embeddings=False)
+                     - self.num_hidden_layers * self.num_local_experts * h)  # router is tiny; count it out
+        dense += 2 * self.num_local_experts * h * self.num_hidden_layers
+        dense += 2 * self.vocab_size * h  # lm_head
+        heads = self.num_attention_heads
+        # softmax: QK^T and PV, causal -> average context seq_len/2 each
+        attn = self.num_full_layers * 2 * 2 * heads * d * (seq_len / 2)
+        # lightning, chunked with block B: intra (causal, avg B/2 keys) + inter state (q S) + state
+        # update (k^T v): 2*d*B/2*2 + 2*d*d*2 per head per token
+        b = min(self.block_size, seq_len)
+        lin = self.num_linear_layers * heads * (2 * 2 * d * (b / 2) + 2 * 2 * d * d)
+        fwd = dense + attn + lin
+        return 3 * fwd if training else fwd
+
+    def kv_cache_bytes_per_token(self, dtype_bytes: int = 2) -> int:
+        return self.num_full_layers * 2 * self.kv_width * dtype_bytes
+
+    def lightning_state_bytes(self) -> int:
+        """Bytes of fp32 lightning state per sequence, independent of context length."""
+        return self.num_linear_layers * self.num_attention_heads * self.head_dim * self.head_dim * 4
+
+    def weight_bytes(self, bytes_per_param: float = 2.0) -> float:
+        return self.num_parameters() * bytes_per_param
+
+
+_TEXT01_LAYERS = 80
+
+PRESETS: dict[str, dict[str, Any]] = {
+    # Tiny, for tests: both layer kinds, GQA, partial rotary, 4 experts.
+    "debug": dict(vocab_size=512, hidden_size=64, intermediate_size=64, num_hidden_layers=4,
+                  num_attention_heads=4, num_key_value_heads=2, head_dim=16, rotary_dim=8,
+                  layer_types=hybrid_layer_types(4, 2), num_local_experts=4, num_experts_per_tok=2,
+                  block_size=16, rope_theta=10_000.0, bos_token_id=256, eos_token_id=257,
+                  pad_token_id=258, dtype="float32"),
+    # Trains on a 2-core CPU in minutes with the byte tokenizer.
+    "demo": dict(vocab_size=512, hidden_size=128, intermediate_size=256, num_hidden_layers=4,
+                 num_attention_heads=4, num_key_value_heads=2, head_dim=32, rotary_dim=16,
+                 layer_types=hybrid_layer_types(4, 4), num_local_experts=4, num_experts_per_tok=2,
+                 block_size=64, rope_theta=10_000.0, bos_token_id=256, eos_token_id=257,
+                 pad_token_id=258, dtype="float32"),
+    # ~100M total parameters.
+    "small": dict(vocab_size=32768, hidden_size=512, intermediate_size=256, num_hidden_layers=16,
+                  num_attention_heads=8, num_key_value_heads=2, head_dim=64, rotary_dim=32,
+                  layer_types=hybrid_layer_types(16, 8), num_local_experts=8, num_experts_per_tok=2,
+                  block_size=256, rope_theta=1_000_000.0, bos_token_id=256, eos_token_id=257,
+                  pad_token_id=258),
+    # ~1B total, head dim 128, hybrid 7:1. Fixed shape: benchmarks compare against it over time.
+    "1b": dict(vocab_size=32768, hidden_size=2048, intermediate_size=768, num_hidden_layers=16,
+               num_attention_heads=16, num_key_value_heads=4, head_dim=128, rotary_dim=64,
+               layer_types=hybrid_layer_types(16, 8), num_local_experts=8, num_experts_per_tok=2,
+               block_size=256, rope_theta=10_000_000.0, bos_token_id=256, eos_token_id=257,
+               pad_token_id=258),
+    # Exactly the released MiniMax-Text-01.
+    "minimax-text-01": dict(vocab_size=200064, hidden_size=6144, intermediate_size=9216,
+                            num_hidden_layers=_TEXT01_LAYERS, num_attention_heads=64,
+                            num_key_value_heads=8, head_dim=128, rotary_dim=64,
+                            rope_theta=10_000_000.0, layer_types=hybrid_layer_types(_TEXT01_LAYERS, 8),
+                            num_local_experts=32, num_experts_per_tok=2, block_size=256,
+                            router_aux_loss_coef=0.001, max_position_embeddings=10_240_000,
+                            postnorm=True),
+}
