@@ -1,0 +1,1 @@
+"""HF-format safetensors checkpoints (both dialects) and training checkpoints."""

@@ -1,0 +1,1 @@
+"""Subcommands of `python -m minimax01`, one module each."""

@@ -1,0 +1,74 @@
+"""Softmax attention dispatch (SPEC §4): causal GQA attention over [B, T, H, D] tensors, with
+document boundaries (`cu_seqlens`) or a KV cache with a key padding mask."""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+
+def _sdpa(q, k, v, *, is_causal=False, attn_mask=None, scale=None):
+    """q: [B, H, T, D], k, v: [B, Hkv, S, D]."""
+    if k.shape[1] != q.shape[1]:
+        rep = q.shape[1] // k.shape[1]
+        k = k.repeat_interleave(rep, dim=1)
+        v = v.repeat_interleave(rep, dim=1)
+    return F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask, is_causal=is_causal,
+                                          scale=scale)
+
+
+def _varlen_cuda(q, k, v, cu_seqlens, scale):
+    """FlashAttention varlen through torch.nn.attention.varlen when this torch has it."""
+    try:
+        from torch.nn.attention.varlen import varlen_attn
+    except ImportError:
+        return None
+    if q.dtype not in (torch.float16, torch.bfloat16):
+        return None
+    cu = cu_seqlens.to(device=q.device, dtype=torch.int32)
+    max_len = int((cu[1:] - cu[:-1]).max().item())
+    if k.shape[2] != q.shape[2]:
+        rep = q.shape[2] // k.shape[2]
+        k = k.repeat_interleave(rep, dim=2)
+        v = v.repeat_interleave(rep, dim=2)
+    try:
+        out = varlen_attn(q[0], k[0], v[0], cu, cu, max_len, max_len, is_causal=True, scale=scale)
+    except TypeError:  # newer signature: causal through window_size
+        out = varlen_attn(q[0], k[0], v[0], cu, cu, max_len, max_len, scale=scale,
+                          window_size=(-1, 0))
+    return out[None]
+
+
+def causal_attention(q, k, v, *, cu_seqlens=None, scale=None):
+    """Causal attention without a cache. q: [B, T, H, D]; k, v: [B, T, Hkv, D].
+    With `cu_seqlens` (B == 1) no query attends across a document boundary."""
+    if cu_seqlens is None:
+        o = _sdpa(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), is_causal=True, scale=scale)
+        return o.transpose(1, 2)
+    if q.is_cuda:
+        out = _varlen_cuda(q, k, v, cu_seqlens, scale)
+        if out is not None:
+            return out
+    offsets = cu_seqlens.tolist()
+    outs = []
+    for a, b in zip(offsets[:-1], offsets[1:]):
+        if b > a:
+            outs.append(causal_attention(q[:, a:b], k[:, a:b], v[:, a:b], scale=scale))
+    return torch.cat(outs, 1) if outs else torch.empty_like(q)
+
+
+def cached_attention(q, k_all, v_all, key_valid, scale=None):
+    """Attention of the last Tq slots against S cached slots.
+
+    q: [B, Tq, H, D] at slots S-Tq .. S-1; k_all, v_all: [B, Hkv, S, D] (cache layout);
+    key_valid: [B, S] bool, False for padding. Causal by slot index; a query always sees its own
+    slot so padded rows stay finite (their outputs are ignored)."""
+    b, tq = q.shape[:2]
+    s = k_all.shape[2]
+    q_slot = torch.arange(s - tq, s, device=q.device)
+    k_slot = torch.arange(s, device=q.device)
+    causal = k_slot[None, :] <= q_slot[:, None]  # [Tq, S]
+    mask = causal[None] & key_valid[:, None, :]
+    mask = mask | (k_slot[None, :] == q_slot[:, None])[None]
+    o = _sdpa(q.transpose(1, 2), k_all, v_all, attn_mask=mask[:, None], scale=scale)
+    return o.transpose(1, 2)

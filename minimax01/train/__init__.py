@@ -1,0 +1,1 @@
+"""Training: configs, data, optimisation, the trainer loop and metrics."""
