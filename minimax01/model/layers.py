@@ -167,7 +167,7 @@ class MoE(nn.Module):
         y = self.experts(x_grouped, plan.counts)
         out = combine(y, plan.order, routing.weights, n)
         aux = load_balancing_loss(routing.probs, counts, n)
-        stats = MoEStats(load=(counts.float() / max(counts.sum().item(), 1)).detach(),
+        stats = MoEStats(load=(counts.float() / (n * self.top_k)).detach(),
                          dropped=plan.dropped, assignments=n * self.top_k)
         return out.to(flat.dtype), aux, stats
 

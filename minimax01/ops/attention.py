@@ -6,10 +6,15 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+_SDPA_GQA = "enable_gqa" in (F.scaled_dot_product_attention.__doc__ or "")  # torch >= 2.5
+
 
 def _sdpa(q, k, v, *, is_causal=False, attn_mask=None, scale=None):
     """q: [B, H, T, D], k, v: [B, Hkv, S, D]."""
     if k.shape[1] != q.shape[1]:
+        if _SDPA_GQA and attn_mask is None:  # no K/V copies for grouped-query attention
+            return F.scaled_dot_product_attention(q, k, v, is_causal=is_causal, scale=scale,
+                                                  enable_gqa=True)
         rep = q.shape[1] // k.shape[1]
         k = k.repeat_interleave(rep, dim=1)
         v = v.repeat_interleave(rep, dim=1)
