@@ -1,0 +1,65 @@
+"""Stitch segment states into start states: the cheap middle pass of a split sequence.
+
+When a long document is cut into segments that run on separate programs, each segment first
+computes its local state from zero (scan_kernel with STATE_ONLY). A segment's true start state is
+then the carry of the segments before it (after it, for the backward's reverse scan):
+
+    start[p] = carry;  carry = lam^len[p] * carry + local[p]
+
+a scan over a handful of D x E matrices per document. The kernel overwrites each local state
+with its start state in place and writes the document's final carry (the final state forward,
+the initial state's gradient backward)."""
+
+from __future__ import annotations
+
+import triton.language as tl
+
+from .triton_jit import kernel
+
+
+@kernel
+def combine_kernel(
+    BUF, S0, FINAL, ITEMS, DOC_FIRST, SLOPE,
+    H, DK, DV,
+    s0_r, s0_h, s0_k, s0_v,
+    f_r, f_h, f_k, f_v,
+    BLOCK_K: tl.constexpr, BLOCK_V: tl.constexpr,
+    REVERSE: tl.constexpr, HAS_S0: tl.constexpr, STORE_FINAL: tl.constexpr,
+):
+    pid = tl.program_id(0)
+    nv = (DV + BLOCK_V - 1) // BLOCK_V
+    nk = (DK + BLOCK_K - 1) // BLOCK_K
+    iv = pid % nv
+    rest = pid // nv
+    ik = rest % nk
+    rest = rest // nk
+    h = rest % H
+    doc = rest // H
+    first = tl.load(DOC_FIRST + doc)
+    last = tl.load(DOC_FIRST + doc + 1)
+    c = -tl.load(SLOPE + h).to(tl.float32) * 1.4426950408889634
+
+    ck = ik * BLOCK_K + tl.arange(0, BLOCK_K)
+    cv = iv * BLOCK_V + tl.arange(0, BLOCK_V)
+    mask = (ck[:, None] < DK) & (cv[None, :] < DV)
+    if HAS_S0:
+        p0 = S0 + doc.to(tl.int64) * s0_r + h * s0_h + ck[:, None] * s0_k + cv[None, :] * s0_v
+        carry = tl.load(p0, mask=mask, other=0.0).to(tl.float32)
+    else:
+        carry = tl.zeros([BLOCK_K, BLOCK_V], dtype=tl.float32)
+
+    tile = h * DK * DV + ck[:, None] * DV + cv[None, :]
+    for j in range(0, last - first):
+        if REVERSE:
+            it = last - 1 - j
+        else:
+            it = first + j
+        p = BUF + it.to(tl.int64) * (H * DK * DV) + tile
+        local = tl.load(p, mask=mask, other=0.0)
+        tl.store(p, carry, mask=mask)
+        length = tl.load(ITEMS + 2 * it + 1) - tl.load(ITEMS + 2 * it)
+        carry = carry * tl.exp2(c * length.to(tl.float32)) + local
+
+    if STORE_FINAL:
+        pf = FINAL + doc.to(tl.int64) * f_r + h * f_h + ck[:, None] * f_k + cv[None, :] * f_v
+        tl.store(pf, carry, mask=mask)

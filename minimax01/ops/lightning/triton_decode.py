@@ -1,0 +1,75 @@
+"""One decode step, S <- lam S + k^T v and o = q S, for a batch of sequences in one launch.
+
+Pure state streaming: each program reads a D x BLOCK_V slice of one sequence's fp32 state once
+and writes it back once, so the step runs at memory bandwidth (2 * H * D * E * 4 bytes per
+sequence). `slot_idx` maps batch rows to rows of a larger state pool; rows not named are never
+touched."""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from .triton_jit import kernel
+
+
+@kernel
+def decode_kernel(
+    Q, K, V, S, O, SLOPE, SLOT,
+    H, DK, DV,
+    sq_b, sq_h, sk_b, sk_h, sv_b, sv_h, so_b, so_h,
+    ss_r, ss_h, ss_k,
+    BLOCK_K: tl.constexpr, BLOCK_V: tl.constexpr, HAS_SLOT: tl.constexpr,
+):
+    pid = tl.program_id(0)
+    iv = tl.program_id(1)
+    b = pid // H
+    h = pid % H
+    if HAS_SLOT:
+        row = tl.load(SLOT + b).to(tl.int64)
+    else:
+        row = b.to(tl.int64)
+    ck = tl.arange(0, BLOCK_K)
+    cv = iv * BLOCK_V + tl.arange(0, BLOCK_V)
+    mk = ck < DK
+    mv = cv < DV
+    p_s = S + row * ss_r + h * ss_h + ck[:, None] * ss_k + cv[None, :]
+    st = tl.load(p_s, mask=mk[:, None] & mv[None, :], other=0.0)
+    cdt = st.dtype
+    q = tl.load(Q + b * sq_b + h * sq_h + ck, mask=mk, other=0.0).to(cdt)
+    k = tl.load(K + b * sk_b + h * sk_h + ck, mask=mk, other=0.0).to(cdt)
+    v = tl.load(V + b * sv_b + h * sv_h + cv, mask=mv, other=0.0).to(cdt)
+    lam = tl.exp(-tl.load(SLOPE + h).to(cdt))
+    st = st * lam + k[:, None] * v[None, :]
+    tl.store(p_s, st, mask=mk[:, None] & mv[None, :])
+    o = tl.sum(q[:, None] * st, axis=0)
+    tl.store(O + b * so_b + h * so_h + cv, o.to(O.dtype.element_ty), mask=mv)
+
+
+def triton_lightning_decode(q, k, v, state, slope, slot_idx=None, block_v=None, num_warps=None):
+    """q, k: [B, H, D]; v: [B, H, E]; state: [N, H, D, E] fp32 (fp64 works too), updated in
+    place (rows `slot_idx` [B] when given, else rows 0..B-1). Returns o [B, H, E] in q.dtype."""
+    b, h, d = q.shape
+    e = v.shape[-1]
+    if state.stride(-1) != 1:
+        raise ValueError("the state's last dim must be contiguous")
+    o = torch.empty(b, h, e, dtype=q.dtype, device=q.device)
+    if b == 0:
+        return o
+    q, k, v = (x if x.stride(-1) == 1 else x.contiguous() for x in (q, k, v))
+    slope = slope.to(device=q.device, dtype=torch.float32).contiguous()
+    block_k = max(16, triton.next_power_of_2(d))
+    if block_v is None:
+        # about 4096 state elements (16 KiB fp32) per program: enough programs at batch 1
+        block_v = max(16, min(triton.next_power_of_2(e), 4096 // block_k))
+    if num_warps is None:
+        num_warps = 4 if block_k * block_v <= 4096 else 8
+    slot = slot_idx.to(device=q.device, dtype=torch.int32) if slot_idx is not None else o
+    grid = (b * h, triton.cdiv(e, block_v))
+    decode_kernel.at(q.device)[grid](
+        q, k, v, state, o, slope, slot, h, d, e,
+        q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1),
+        o.stride(0), o.stride(1), state.stride(0), state.stride(1), state.stride(2),
+        BLOCK_K=block_k, BLOCK_V=block_v, HAS_SLOT=slot_idx is not None, num_warps=num_warps)
+    return o
