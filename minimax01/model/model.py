@@ -85,7 +85,7 @@ class MiniMaxForCausalLM(nn.Module):
         is ignored; with `cu_seqlens` no document predicts the next one's first token); pass
         `shift_labels=False` when labels are already next-token targets. `attention_mask` [B, T]
         (1 = token, 0 = padding) for padded batches; `logits_to_keep` > 0 returns only the last
-        positions' logits."""
+        positions' logits, or a LongTensor of positions keeps those."""
         if input_ids.dim() != 2:
             raise ValueError(f"input_ids must be [B, T], got shape {tuple(input_ids.shape)}")
         b, t = input_ids.shape
@@ -114,7 +114,9 @@ class MiniMaxForCausalLM(nn.Module):
         if cache is not None:
             cache.commit()
         aux_loss = aux * self.config.router_aux_loss_coef
-        if logits_to_keep:
+        if isinstance(logits_to_keep, torch.Tensor):  # positions to keep (e.g. packed docs' ends)
+            h = h[:, logits_to_keep]
+        elif logits_to_keep:
             h = h[:, -logits_to_keep:]
         logits = self.lm_head(h).float()
         if labels is None:

@@ -1,0 +1,246 @@
+"""The serving engine: continuous batching over a fixed pool of cache slots.
+
+Each `step()`:
+  1. the scheduler frees finished slots, gives waiting requests free slots and picks the work;
+  2. every sequence past its prompt decodes one token in one batched forward (a captured CUDA
+     graph per padded batch size on GPU);
+  3. up to `prefill_chunk` prompt tokens of any number of requests run in one packed varlen
+     forward (each document continues from its slot's state, so long prompts go in chunks); on
+     GPU it runs on a second stream, overlapping the memory-bound decode (paper §3.3);
+  4. one sampling call covers the decoded rows and the prompts that just finished.
+Greedy output equals `generate()` token for token (tests/test_engine.py)."""
+
+from __future__ import annotations
+
+import contextlib
+import itertools
+import logging
+from collections.abc import Sequence as Seq
+
+import torch
+
+from . import moe_dispatch
+from .batch_sampling import sample_rows, token_logprobs
+from .detok import TextStream
+from .planner import DTYPE_BYTES, plan_memory
+from .request import Completion, SamplingParams, StepOutput
+from .scheduler import Scheduler, Sequence
+from .slot_cache import SlotCache, SlotPool
+
+log = logging.getLogger(__name__)
+
+_DTYPE_NAMES = {torch.float32: "float32", torch.bfloat16: "bfloat16", torch.float16: "float16"}
+
+
+class Engine:
+    """`Engine(model, tokenizer)`; `add_request(prompt_ids, params)`, `step()` until
+    `has_work()` is False, or `generate(prompts, params)` for a whole batch offline.
+
+    max_context: tokens per sequence (prompt + output). num_slots: concurrent sequences; None sizes
+    the pool from free GPU memory (planner) or uses 8 on CPU. prefill_chunk: prompt tokens per
+    packed prefill pass. cuda_graphs / overlap: default on for CUDA."""
+
+    def __init__(self, model, tokenizer=None, *, max_context: int | None = None,
+                 num_slots: int | None = None, prefill_chunk: int | None = None,
+                 max_batch: int | None = None, cuda_graphs: bool | None = None,
+                 overlap: bool | None = None, gpu_memory_utilization: float = 0.9,
+                 seed: int = 0):
+        self.model = model.eval()
+        self.config = cfg = model.config
+        self.tokenizer = tokenizer
+        param = next(model.parameters())
+        self.device, self.dtype = param.device, param.dtype
+        cuda = self.device.type == "cuda"
+        max_context = max_context or min(cfg.max_position_embeddings, 32768 if cuda else 4096)
+        prefill_chunk = prefill_chunk or (16384 if cuda else 1024)
+        if num_slots is None:
+            if cuda:
+                free, _ = torch.cuda.mem_get_info(self.device)
+                plan = plan_memory(cfg, free, max_context, dtype=_DTYPE_NAMES[self.dtype],
+                                   prefill_chunk=prefill_chunk, max_slots=max_batch or 256,
+                                   utilization=gpu_memory_utilization)
+                num_slots = plan.num_slots
+                log.info("memory plan:\n%s", plan.table())
+            else:
+                num_slots = 8
+        self.max_context = max_context
+        self.pool = SlotPool(cfg, num_slots, max_context, self.device, self.dtype)
+        self.cache = SlotCache(self.pool)
+        self.scheduler = Scheduler(self.pool, prefill_chunk, max_batch)
+        self.eos_id = getattr(tokenizer, "eos_id", None) if tokenizer else cfg.eos_token_id
+        self.shared_gen = torch.Generator(device=self.device).manual_seed(seed)
+        self._ids = itertools.count()
+        self.graphs = None
+        if cuda:
+            moe_dispatch.install(model)  # no host syncs inside a decode step
+        if cuda and (cuda_graphs is None or cuda_graphs):
+            from .cuda_graphs import DecodeGraphs
+
+            self.graphs = DecodeGraphs(model, self.cache, self.scheduler.max_batch)
+        self.prefill_stream = torch.cuda.Stream(self.device) if cuda and overlap is not False else None
+        log.info("engine: %d slots x %d tokens, cache %.2f GiB, prefill chunk %d, cuda graphs %s",
+                 num_slots, max_context, self.pool.memory_bytes() / 2 ** 30, prefill_chunk,
+                 self.graphs is not None)
+
+    # ------------------------------------------------------------------ requests
+    def add_request(self, prompt_ids: Seq[int], params: SamplingParams | None = None,
+                    request_id: str | None = None) -> str:
+        """Queue a request; returns its id. ValueError for an empty prompt, ids outside the
+        vocabulary, or prompt + max_tokens longer than max_context."""
+        params = (params or SamplingParams()).validate(self.config.vocab_size)
+        prompt = [int(t) for t in prompt_ids]
+        if not prompt:
+            raise ValueError("the prompt is empty: it needs at least one token")
+        bad = [t for t in prompt if not 0 <= t < self.config.vocab_size]
+        if bad:
+            raise ValueError(f"prompt token id {bad[0]} is outside the vocabulary "
+                             f"[0, {self.config.vocab_size})")
+        room = self.max_context - len(prompt)
+        if room < 1 or (params.max_tokens is not None and params.max_tokens > room):
+            want = params.max_tokens or 1
+            raise ValueError(f"prompt of {len(prompt)} tokens + max_tokens {want} exceeds the "
+                             f"context limit of {self.max_context} tokens")
+        if params.stop and self.tokenizer is None:
+            raise ValueError("stop strings need a tokenizer")
+        stops = set(params.stop_token_ids)
+        if self.eos_id is not None and not params.ignore_eos:
+            stops.add(self.eos_id)
+        gen = None
+        if params.seed is not None:
+            gen = torch.Generator(device=self.device).manual_seed(params.seed)
+        rid = request_id or f"req-{next(self._ids)}"
+        stream = TextStream(self.tokenizer, params.stop) if self.tokenizer else None
+        self.scheduler.add(Sequence(rid, prompt, params, frozenset(stops),
+                                    params.max_tokens or room, gen, stream))
+        return rid
+
+    def abort(self, request_id: str) -> bool:
+        """Stop a request; its slot is freed at the next step. False if unknown or finished."""
+        return self.scheduler.abort(request_id) is not None
+
+    def has_work(self) -> bool:
+        return self.scheduler.has_work()
+
+    @property
+    def num_running(self) -> int:
+        return len(self.scheduler.running)
+
+    # ------------------------------------------------------------------ one step
+    @torch.inference_mode()
+    def step(self) -> list[StepOutput]:
+        outputs = [self._final(s) for s in self.scheduler.reap()]  # aborted since the last step
+        plan = self.scheduler.schedule()
+        rows: list[Sequence] = []
+        logits = []
+        if plan.prefill and self.prefill_stream is not None:  # prefill waits for earlier work only
+            self.prefill_stream.wait_stream(torch.cuda.current_stream(self.device))
+        if plan.decode:
+            logits.append(self._decode(plan.decode))
+            rows += plan.decode
+        if plan.prefill:
+            lg, done = self._prefill(plan.prefill)
+            logits.append(lg)
+            rows += done
+        for seq, _, n in plan.prefill:
+            seq.num_cached += n
+        for seq in plan.decode:
+            seq.num_cached += 1
+        if rows:
+            outputs += self._sample(rows, torch.cat(logits, 0))
+        return outputs
+
+    def _decode(self, seqs: list[Sequence]) -> torch.Tensor:
+        tokens = torch.tensor([s.output_ids[-1] for s in seqs], device=self.device)
+        slots = [s.slot for s in seqs]
+        if self.graphs is not None:
+            return self.graphs.run(tokens, slots)
+        slot_idx = torch.tensor(slots, dtype=torch.long, device=self.device)
+        active = torch.ones(len(seqs), dtype=torch.bool, device=self.device)
+        self.cache.begin_decode(slot_idx, active, [s.num_cached for s in seqs])
+        return self.model(tokens[:, None], cache=self.cache).logits[:, -1]
+
+    def _prefill(self, items) -> tuple[torch.Tensor, list[Sequence]]:
+        stream = self.prefill_stream
+        with torch.cuda.stream(stream) if stream is not None else contextlib.nullcontext():
+            ids, slots, starts, lens, ends, done = [], [], [], [], [], []
+            for seq, start, n in items:
+                ids += seq.prompt_ids[start:start + n]
+                slots.append(seq.slot)
+                starts.append(start)
+                lens.append(n)
+                if start + n == len(seq.prompt_ids):
+                    ends.append(len(ids) - 1)
+                    done.append(seq)
+            cu = self.cache.begin_prefill(slots, starts, lens)
+            input_ids = torch.tensor([ids], device=self.device)
+            keep = torch.tensor(ends, dtype=torch.long, device=self.device)
+            logits = self.model(input_ids, cu_seqlens=cu, cache=self.cache,
+                                logits_to_keep=keep).logits[0]
+        if stream is not None:
+            torch.cuda.current_stream(self.device).wait_stream(stream)
+        return logits, done
+
+    def _sample(self, rows: list[Sequence], logits: torch.Tensor) -> list[StepOutput]:
+        params = [s.params for s in rows]
+        tokens = sample_rows(logits, params, [s.generator for s in rows], self.shared_gen)
+        lps = token_logprobs(logits, tokens, [p.logprobs for p in params])
+        outputs = []
+        for seq, token, lp in zip(rows, tokens.tolist(), lps):
+            if seq.finished:  # aborted during this step
+                continue
+            outputs.append(self._append(seq, token, lp))
+        return outputs
+
+    def _append(self, seq: Sequence, token: int, lp) -> StepOutput:
+        text = ""
+        if token in seq.stop_ids:
+            seq.finish_reason = "stop"
+            new_ids, lps = [], []
+        else:
+            seq.output_ids.append(token)
+            new_ids, lps = [token], ([lp] if lp is not None else [])
+            if lp is not None:
+                seq.logprobs.append(lp)
+            if seq.stream is not None:
+                text = seq.stream.push(token)
+                if seq.stream.stopped:
+                    seq.finish_reason = "stop"
+            if not seq.finished and (len(seq.output_ids) >= seq.max_tokens
+                                     or seq.num_cached >= self.max_context):
+                seq.finish_reason = "length"
+        if seq.finished and seq.stream is not None:
+            text += seq.stream.finish()
+        return StepOutput(seq.request_id, new_ids, text,
+                          lps if seq.params.logprobs is not None else None, seq.finished,
+                          seq.finish_reason, len(seq.prompt_ids), len(seq.output_ids))
+
+    def _final(self, seq: Sequence) -> StepOutput:
+        return StepOutput(seq.request_id, [], "", None, True, seq.finish_reason,
+                          len(seq.prompt_ids), len(seq.output_ids))
+
+    # ------------------------------------------------------------------ offline batch
+    def generate(self, prompts: Seq[Seq[int]] | Seq[str],
+                 params: SamplingParams | Seq[SamplingParams] | None = None) -> list[Completion]:
+        """Run a batch of prompts (token lists, or strings with a tokenizer) to completion."""
+        if isinstance(params, SamplingParams) or params is None:
+            params = [params or SamplingParams()] * len(prompts)
+        if len(params) != len(prompts):
+            raise ValueError(f"{len(prompts)} prompts but {len(params)} SamplingParams")
+        ids = []
+        for prompt, p in zip(prompts, params):
+            if isinstance(prompt, str):
+                if self.tokenizer is None:
+                    raise ValueError("string prompts need a tokenizer")
+                prompt = self.tokenizer.encode(prompt)
+            ids.append(self.add_request(prompt, p))
+        seqs = {s.request_id: s for s in self.scheduler.waiting if s.request_id in ids}
+        while any(not seqs[r].finished for r in ids):
+            self.step()
+        self.scheduler.reap()
+        out = []
+        for rid in ids:
+            s = seqs[rid]
+            text = s.stream.text if s.stream is not None else ""
+            out.append(Completion(rid, s.prompt_ids, list(s.output_ids), text, s.finish_reason,
+                                  list(s.logprobs) if s.params.logprobs is not None else None))
+        return out

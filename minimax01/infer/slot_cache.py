@@ -1,0 +1,222 @@
+"""The serving engine's cache: a fixed pool of slots, allocated once, and the cache object the
+model talks to (`prepare`, `lightning`, `attend`, `commit`; see model/cache.py).
+
+A slot holds one sequence: an fp32 lightning state [H, D, D] per lightning layer (constant size,
+whatever the context) and post-RoPE K/V [Hkv, max_context, D] per softmax layer. One extra
+scratch slot (index `num_slots`) absorbs the padding rows of a padded decode batch.
+
+`SlotCache` runs in one of two modes, set before each forward:
+  * prefill: B == 1 packed input with `cu_seqlens`; document n is the next chunk of the prompt of
+    the sequence in `slots[n]`, continuing from what that slot holds (lightning: the slot's state
+    as `initial_state` of one varlen call; softmax: the chunk's queries see the slot's cached keys
+    and their own);
+  * decode: [B, 1] input, one token per sequence, rows of the pools picked by `slot_idx`. Every
+    tensor it touches is device-resident and fixed in shape, so the step can be captured in a CUDA
+    graph."""
+
+from __future__ import annotations
+
+import importlib.util
+
+import torch
+
+from ..config import LINEAR, ModelConfig
+from ..ops import lightning_attn, lightning_decode
+from .slot_attention import (decode_splits, torch_slot_attention, triton_slot_attention,
+                             triton_supported)
+
+
+def lightning_backend(device: torch.device) -> str:
+    """The Triton lightning kernels on CUDA when they are built, the torch forms otherwise."""
+    if device.type == "cuda" and importlib.util.find_spec("minimax01.ops.lightning.triton_ops"):
+        return "triton"
+    return "chunk"
+
+
+class SlotPool:
+    """Cache memory for `num_slots` sequences of up to `max_context` tokens each."""
+
+    def __init__(self, config: ModelConfig, num_slots: int, max_context: int,
+                 device: torch.device | str | None = None, dtype: torch.dtype = torch.float32):
+        if num_slots <= 0 or max_context <= 0:
+            raise ValueError(f"SlotPool needs num_slots > 0 and max_context > 0, got "
+                             f"{num_slots} and {max_context}")
+        h, d, hkv = config.num_attention_heads, config.head_dim, config.num_key_value_heads
+        self.config, self.num_slots, self.max_context = config, num_slots, max_context
+        self.device = torch.device(device) if device is not None else torch.device("cpu")
+        self.dtype = dtype
+        rows = num_slots + 1  # + scratch
+        self.states: dict[int, torch.Tensor] = {}
+        self.keys: dict[int, torch.Tensor] = {}
+        self.values: dict[int, torch.Tensor] = {}
+        for i, kind in enumerate(config.layer_types):
+            if kind == LINEAR:
+                self.states[i] = torch.zeros(rows, h, d, d, device=self.device, dtype=torch.float32)
+            else:  # never read past a slot's length, so no need to zero
+                self.keys[i] = torch.empty(rows, hkv, max_context, d, device=self.device, dtype=dtype)
+                self.values[i] = torch.empty_like(self.keys[i])
+        self.lengths = torch.zeros(rows, dtype=torch.int32, device=self.device)  # cached tokens
+        self.scratch = num_slots
+        self._free = list(range(num_slots - 1, -1, -1))
+
+    @property
+    def free_slots(self) -> int:
+        return len(self._free)
+
+    def allocate(self) -> int:
+        """A fresh slot (zero state, nothing cached); IndexError when the pool is full."""
+        if not self._free:
+            raise IndexError("no free cache slot")
+        slot = self._free.pop()
+        for s in self.states.values():
+            s[slot].zero_()
+        self.lengths[slot] = 0
+        return slot
+
+    def release(self, slot: int) -> None:
+        if not 0 <= slot < self.num_slots or slot in self._free:
+            raise ValueError(f"slot {slot} is not allocated")
+        self._free.append(slot)
+
+    def memory_bytes(self) -> int:
+        tensors = [*self.states.values(), *self.keys.values(), *self.values.values()]
+        return sum(x.numel() * x.element_size() for x in tensors)
+
+
+class SlotCache:
+    """The model-facing view of a SlotPool for one forward (prefill or decode)."""
+
+    def __init__(self, pool: SlotPool, attention: str | None = None, lightning: str | None = None):
+        self.pool = pool
+        dev = pool.device
+        probe = torch.empty(1, 1, pool.config.head_dim, device=dev, dtype=pool.dtype)
+        keys = next(iter(pool.keys.values()), None)
+        if attention is None:
+            attention = ("triton" if dev.type == "cuda" and keys is not None
+                         and triton_supported(probe, keys) else "torch")
+        self.attention = attention
+        self.lightning_backend = lightning or lightning_backend(dev)
+        self.decode_backend = "triton" if self.lightning_backend == "triton" else "torch"
+        self.mode: str | None = None
+        self._decode_aux: dict[int, tuple] = {}
+
+    # ------------------------------------------------------------------ step setup
+    def begin_prefill(self, slots: list[int], starts: list[int], lengths: list[int]) -> torch.Tensor:
+        """Packed chunk lengths[n] for slot slots[n], which already caches starts[n] tokens.
+        Returns cu_seqlens (int32) for the forward."""
+        dev = self.pool.device
+        if any(s + n > self.pool.max_context for s, n in zip(starts, lengths)):
+            raise ValueError(f"a prefill chunk would pass max_context={self.pool.max_context}")
+        self.mode = "prefill"
+        self.slots_list, self.starts_list, self.lengths_list = list(slots), list(starts), list(lengths)
+        self.slots = torch.tensor(slots, dtype=torch.long, device=dev)
+        self.starts = torch.tensor(starts, dtype=torch.int32, device=dev)
+        self.lengths = torch.tensor(lengths, dtype=torch.int32, device=dev)
+        offsets = [0]
+        for n in lengths:
+            offsets.append(offsets[-1] + n)
+        self.cu_seqlens = torch.tensor(offsets, dtype=torch.int32, device=dev)
+        total = offsets[-1]
+        lens_long = self.lengths.long()
+        # absolute position of each packed token inside its sequence, and its slot
+        doc_start = torch.repeat_interleave(self.cu_seqlens[:-1].long(), lens_long, output_size=total)
+        base = torch.repeat_interleave(self.starts.long(), lens_long, output_size=total)
+        self.token_pos = base + torch.arange(total, device=dev) - doc_start
+        self.token_slot = torch.repeat_interleave(self.slots, lens_long, output_size=total)
+        self.work = None
+        if self.attention == "triton":
+            bm = self._prefill_block_m()
+            docs, firsts = [], []
+            for n, length in enumerate(lengths):
+                for q0 in range(0, length, bm):
+                    docs.append(n)
+                    firsts.append(q0)
+            self.work = (torch.tensor(docs, dtype=torch.int32, device=dev),
+                         torch.tensor(firsts, dtype=torch.int32, device=dev))
+        return self.cu_seqlens
+
+    def _prefill_block_m(self) -> int:
+        g = self.pool.config.num_attention_heads // self.pool.config.num_key_value_heads
+        return max(1, 64 // g)
+
+    def begin_decode(self, slot_idx: torch.Tensor, active: torch.Tensor,
+                     host_lengths: list[int] | None = None) -> None:
+        """slot_idx [B] long and active [B] bool on the pool's device (padding rows point at the
+        scratch slot with active False). `host_lengths`: cached tokens per row, for the torch
+        attention path (the Triton path reads lengths on the device). The small index tensors
+        made here are kept per batch size, so CUDA graphs captured with them stay valid."""
+        self.mode = "decode"
+        self.slot_idx, self.active = slot_idx, active
+        self.host_lengths = host_lengths
+        b = slot_idx.shape[0]
+        if b not in self._decode_aux:
+            dev = slot_idx.device
+            hkv = self.pool.config.num_key_value_heads
+            self._decode_aux[b] = ((torch.arange(b, dtype=torch.int32, device=dev),
+                                    torch.zeros(b, dtype=torch.int32, device=dev)),
+                                   torch.ones(b, dtype=torch.int32, device=dev),
+                                   decode_splits(b, hkv, self.pool.max_context))
+        self.decode_work, self.decode_ones, self.num_splits = self._decode_aux[b]
+
+    # ------------------------------------------------------------------ model interface
+    def prepare(self, valid: torch.Tensor, cu_seqlens=None) -> torch.Tensor:
+        if self.mode == "prefill":
+            if cu_seqlens is None or valid.shape != (1, int(self.token_pos.shape[0])):
+                raise ValueError("prefill expects the packed [1, T] input built by begin_prefill")
+            return self.token_pos[None]
+        if self.mode == "decode":
+            if valid.shape != (self.slot_idx.shape[0], 1):
+                raise ValueError(f"decode expects [{self.slot_idx.shape[0]}, 1] input, got "
+                                 f"{list(valid.shape)}")
+            lengths = self.pool.lengths[self.slot_idx]
+            # padding rows restart at 0 so the scratch slot never overflows
+            self.pos = torch.where(self.active, lengths, torch.zeros_like(lengths))
+            return self.pos.long()[:, None]
+        raise RuntimeError("SlotCache: call begin_prefill or begin_decode before the forward")
+
+    def lightning(self, layer_idx, q, k, v, slope, ctx):
+        states = self.pool.states[layer_idx]
+        if self.mode == "decode":
+            o = lightning_decode(q[:, 0], k[:, 0], v[:, 0], states, slope, slot_idx=self.slot_idx,
+                                 backend=self.decode_backend)
+            return o[:, None]
+        o, final = lightning_attn(q, k, v, slope, initial_state=states[self.slots],
+                                  output_final_state=True, cu_seqlens=self.cu_seqlens,
+                                  backend=self.lightning_backend)
+        states.index_copy_(0, self.slots, final.to(states.dtype))
+        return o
+
+    def attend(self, layer_idx, q, k, v, scale, ctx):
+        keys, values = self.pool.keys[layer_idx], self.pool.values[layer_idx]
+        if self.mode == "decode":
+            slot, pos = self.slot_idx, self.pos.long()
+            keys[slot, :, pos] = k[:, 0].to(keys.dtype)
+            values[slot, :, pos] = v[:, 0].to(values.dtype)
+            if self.attention == "triton":
+                o = triton_slot_attention(q[:, 0], keys, values, slot.to(torch.int32), self.pos,
+                                          self.decode_ones, scale, work=self.decode_work,
+                                          block_m=1, num_splits=self.num_splits)
+            else:
+                slots = self.slot_idx.tolist()
+                ctx_list = [n if a else 0 for n, a in zip(self.host_lengths, self.active.tolist())]
+                o = torch_slot_attention(q[:, 0], keys, values, slots, ctx_list,
+                                         [1] * len(slots), scale)
+            return o[:, None]
+        keys[self.token_slot, :, self.token_pos] = k[0].to(keys.dtype)
+        values[self.token_slot, :, self.token_pos] = v[0].to(values.dtype)
+        if self.attention == "triton":
+            o = triton_slot_attention(q[0], keys, values, self.slots.to(torch.int32), self.starts,
+                                      self.lengths, scale, work=self.work,
+                                      block_m=self._prefill_block_m())
+        else:
+            o = torch_slot_attention(q[0], keys, values, self.slots_list, self.starts_list,
+                                     self.lengths_list, scale)
+        return o[None]
+
+    def commit(self) -> None:
+        lengths = self.pool.lengths
+        if self.mode == "decode":
+            lengths.index_put_((self.slot_idx,), (self.pos + 1).to(lengths.dtype))
+        elif self.mode == "prefill":
+            lengths.index_put_((self.slots,), self.starts + self.lengths)
+        self.mode = None
