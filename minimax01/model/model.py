@@ -80,12 +80,14 @@ class MiniMaxForCausalLM(nn.Module):
     def forward(self, input_ids: torch.Tensor, labels: torch.Tensor | None = None,
                 cu_seqlens: torch.Tensor | None = None, position_ids: torch.Tensor | None = None,
                 cache=None, attention_mask: torch.Tensor | None = None, logits_to_keep: int = 0,
-                shift_labels: bool = True) -> CausalLMOutput:
+                shift_labels: bool = True, loss_chunk_size: int = 0) -> CausalLMOutput:
         """input_ids [B, T]. `labels` [B, T] follow the HF convention (the model shifts them; -100
         is ignored; with `cu_seqlens` no document predicts the next one's first token); pass
         `shift_labels=False` when labels are already next-token targets. `attention_mask` [B, T]
         (1 = token, 0 = padding) for padded batches; `logits_to_keep` > 0 returns only the last
-        positions' logits, or a LongTensor of positions keeps those."""
+        positions' logits, or a LongTensor of positions keeps those. `loss_chunk_size` > 0 (with
+        labels) computes the lm loss over chunks of that many tokens without materialising the
+        fp32 logits (long-sequence training); `logits` is then None."""
         if input_ids.dim() != 2:
             raise ValueError(f"input_ids must be [B, T], got shape {tuple(input_ids.shape)}")
         b, t = input_ids.shape
@@ -114,6 +116,15 @@ class MiniMaxForCausalLM(nn.Module):
         if cache is not None:
             cache.commit()
         aux_loss = aux * self.config.router_aux_loss_coef
+        if labels is not None and loss_chunk_size:
+            from ..ops.loss import chunked_cross_entropy
+
+            targets = self.lm_targets(labels, cu_seqlens, shift_labels).reshape(-1)
+            total, count = chunked_cross_entropy(h.reshape(-1, h.shape[-1]), self.lm_head.weight,
+                                                 targets, loss_chunk_size)
+            lm_loss = total / count  # NaN without targets, like F.cross_entropy's mean
+            return CausalLMOutput(logits=None, loss=lm_loss + aux_loss, aux_loss=aux_loss,
+                                  lm_loss=lm_loss)
         if isinstance(logits_to_keep, torch.Tensor):  # positions to keep (e.g. packed docs' ends)
             h = h[:, logits_to_keep]
         elif logits_to_keep:
@@ -126,16 +137,20 @@ class MiniMaxForCausalLM(nn.Module):
                               lm_loss=lm_loss)
 
     @staticmethod
+    def lm_targets(labels, cu_seqlens=None, shift_labels=True):
+        """Next-token targets [B, T] from HF-style labels (-100 where nothing is predicted)."""
+        if not shift_labels:
+            return labels
+        targets = labels[:, 1:]
+        if cu_seqlens is not None:
+            starts = document_start_mask(cu_seqlens, labels.shape[1])[1:]
+            targets = targets.masked_fill(starts[None], IGNORE_INDEX)
+        return F.pad(targets, (0, 1), value=IGNORE_INDEX)
+
+    @staticmethod
     def lm_loss(logits, labels, cu_seqlens=None, shift_labels=True, reduction="mean"):
         """Cross entropy over non-ignored targets (mean, or per-token with reduction='none')."""
-        if shift_labels:
-            targets = labels[:, 1:]
-            if cu_seqlens is not None:
-                starts = document_start_mask(cu_seqlens, labels.shape[1])[1:]
-                targets = targets.masked_fill(starts[None], IGNORE_INDEX)
-            targets = F.pad(targets, (0, 1), value=IGNORE_INDEX)
-        else:
-            targets = labels
+        targets = MiniMaxForCausalLM.lm_targets(labels, cu_seqlens, shift_labels)
         return F.cross_entropy(logits.reshape(-1, logits.shape[-1]), targets.reshape(-1),
                                ignore_index=IGNORE_INDEX, reduction=reduction)
 
