@@ -1,0 +1,97 @@
+"""`python -m minimax01 generate --checkpoint DIR --prompt TEXT [sampling options]`: load a
+checkpoint and its tokenizer, continue the prompt, print the continuation (stats on stderr)."""
+
+from __future__ import annotations
+
+import sys
+import time
+from pathlib import Path
+
+from ..cli import CLIError
+
+
+def add_arguments(parser) -> None:
+    parser.add_argument("--checkpoint", required=True, metavar="DIR", help="checkpoint folder")
+    parser.add_argument("--prompt", required=True, help="text to continue")
+    parser.add_argument("--max-new-tokens", type=int, default=64, metavar="N")
+    parser.add_argument("--temperature", type=float, default=0.0, metavar="T",
+                        help="0 (default) is greedy")
+    parser.add_argument("--top-k", type=int, default=None, metavar="K")
+    parser.add_argument("--top-p", type=float, default=None, metavar="P")
+    parser.add_argument("--seed", type=int, default=None, metavar="S")
+    parser.add_argument("--stop", action="append", default=[], metavar="TEXT",
+                        help="cut the output at this text (repeatable); generation also ends at "
+                             "the tokenizer's end-of-sequence token")
+    parser.add_argument("--no-bos", action="store_true",
+                        help="do not put the tokenizer's begin-of-sequence token before the prompt")
+    parser.add_argument("--echo", action="store_true", help="print the prompt before the continuation")
+    parser.add_argument("--device", default="cpu", help="cpu (default), cuda, cuda:1, ...")
+    parser.add_argument("--dtype", default=None,
+                        help="float32, bfloat16 or float16 (default: the checkpoint's)")
+
+
+def _check(args) -> None:
+    if args.max_new_tokens < 0:
+        raise CLIError(f"--max-new-tokens must be >= 0, got {args.max_new_tokens}")
+    if args.temperature < 0:
+        raise CLIError(f"--temperature must be >= 0, got {args.temperature}")
+    if args.top_k is not None and args.top_k < 1:
+        raise CLIError(f"--top-k must be >= 1, got {args.top_k}")
+    if args.top_p is not None and not 0.0 < args.top_p <= 1.0:
+        raise CLIError(f"--top-p must be in (0, 1], got {args.top_p}")
+    if not Path(args.checkpoint).exists():
+        raise CLIError(f"no checkpoint at {args.checkpoint}")
+    if not args.prompt:
+        raise CLIError("--prompt is empty")
+
+
+def stop_tokens(tokenizer, stops: list[str]) -> list[int]:
+    """End of sequence, plus every stop text that is a single token."""
+    ids = [tokenizer.eos_id] if tokenizer.eos_id is not None else []
+    for text in stops:
+        encoded = tokenizer.encode(text)
+        if len(encoded) == 1:
+            ids.append(encoded[0])
+    return ids
+
+
+def cut_at_stop(text: str, stops: list[str]) -> str:
+    cuts = [text.find(s) for s in stops if s and s in text]
+    return text[:min(cuts)] if cuts else text
+
+
+def run(args) -> int:
+    import torch
+
+    from ..infer.generate import generate
+    from ..model import MiniMaxForCausalLM
+    from ..tokenizer import load_tokenizer
+
+    _check(args)
+    try:
+        device = torch.device(args.device)
+    except RuntimeError as e:
+        raise CLIError(f"--device: {e}") from None
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise CLIError(f"--device {args.device}: CUDA is not available on this machine")
+    start = time.perf_counter()
+    model = MiniMaxForCausalLM.from_pretrained(args.checkpoint, dtype=args.dtype, device=device)
+    tokenizer = load_tokenizer(args.checkpoint)
+    loaded = time.perf_counter()
+    ids = tokenizer.encode(args.prompt, add_bos=not args.no_bos)
+    vocab = model.config.vocab_size
+    if max(ids) >= vocab:
+        raise CLIError(f"the tokenizer gives token id {max(ids)} but the model's vocabulary has "
+                       f"{vocab} entries: tokenizer and checkpoint do not belong together")
+    out = generate(model, torch.tensor([ids], device=device), max_new_tokens=args.max_new_tokens,
+                   temperature=args.temperature, top_k=args.top_k, top_p=args.top_p,
+                   seed=args.seed, stop_tokens=stop_tokens(tokenizer, args.stop))
+    new = out[0, len(ids):].tolist()
+    if tokenizer.eos_id is not None and tokenizer.eos_id in new:
+        new = new[:new.index(tokenizer.eos_id)]
+    text = cut_at_stop(tokenizer.decode(new), args.stop)
+    done = time.perf_counter()
+    print((args.prompt if args.echo else "") + text)
+    print(f"[{len(ids)} prompt + {len(new)} new tokens; load {loaded - start:.1f}s, generate "
+          f"{done - loaded:.2f}s, {len(new) / max(done - loaded, 1e-9):.1f} tok/s]", file=sys.stderr)
+    return 0
