@@ -1,0 +1,136 @@
+"""What a run reports: `out_dir/metrics.jsonl` (one JSON record per logged step or evaluation),
+a tqdm progress bar (plain log lines when stderr is not a terminal), TensorBoard when installed,
+and the hardware numbers behind them (peak FLOP/s for MFU, memory)."""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+from pathlib import Path
+
+import torch
+
+# Dense bf16 tensor-core peaks from the datasheets (no sparsity), FLOP/s.
+DATASHEET_BF16_FLOPS = {"H200": 989e12, "H100": 989e12, "H800": 989e12, "A100": 312e12,
+                        "A800": 312e12, "L40S": 362e12, "B200": 2250e12}
+
+
+def datasheet_peak_flops(device: torch.device) -> float | None:
+    """The card's dense bf16 datasheet peak, or None (CPU, unknown card). H100 means SXM."""
+    if device.type != "cuda":
+        return None
+    name = torch.cuda.get_device_name(device)
+    for key, value in DATASHEET_BF16_FLOPS.items():
+        if key in name:
+            return value
+    return None
+
+
+def memory_gib(device: torch.device) -> float:
+    """Peak GPU memory allocated (CUDA), else this process's peak resident set size."""
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2**30
+    try:
+        import resource
+
+        rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+        return rss / 2**20 if sys.platform != "darwin" else rss / 2**30
+    except ImportError:  # Windows
+        return 0.0
+
+
+def truncate_metrics(path: Path, last_step: int) -> None:
+    """Keep the records up to `last_step` (a resumed run rewrites what came after its
+    checkpoint); drops a half-written last line. Atomic."""
+    if not path.is_file():
+        return
+    kept = []
+    for line in path.read_text().splitlines():
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError:
+            continue
+        if record.get("step", 0) <= last_step:
+            kept.append(line)
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text("".join(line + "\n" for line in kept))
+    os.replace(tmp, path)
+
+
+def read_metrics(path: str | Path) -> list[dict]:
+    return [json.loads(line) for line in Path(path).read_text().splitlines() if line.strip()]
+
+
+class MetricsLogger:
+    """Writes records on the main process only; every method is a no-op elsewhere."""
+
+    def __init__(self, out_dir: Path, enabled: bool, total_steps: int, initial_step: int,
+                 progress: bool = True, tensorboard: bool = True):
+        self.enabled = enabled
+        self.file = None
+        self.bar = None
+        self.tb = None
+        if not enabled:
+            return
+        self.file = open(out_dir / "metrics.jsonl", "a", buffering=1)
+        if progress and sys.stderr.isatty():
+            from tqdm import tqdm
+
+            self.bar = tqdm(total=total_steps, initial=initial_step, unit="step",
+                            dynamic_ncols=True, smoothing=0.1)
+        if tensorboard:
+            try:
+                from torch.utils.tensorboard import SummaryWriter
+
+                self.tb = SummaryWriter(str(out_dir / "tb"))
+            except (ImportError, ModuleNotFoundError):
+                self.tb = None
+
+    def print(self, message: str) -> None:
+        if not self.enabled:
+            return
+        if self.bar is not None:
+            self.bar.write(message)
+        else:
+            print(message, flush=True)
+
+    def record(self, record: dict) -> None:
+        """Append one record to metrics.jsonl (flushed line by line) and to TensorBoard."""
+        if not self.enabled:
+            return
+        self.file.write(json.dumps(record) + "\n")
+        self.file.flush()
+        if self.tb is not None:
+            step = record.get("step", 0)
+            for key, value in record.items():
+                if key != "step" and isinstance(value, (int, float)) and not isinstance(value, bool):
+                    self.tb.add_scalar(key, value, step)
+                elif key.startswith("moe_") and isinstance(value, list):
+                    for layer, v in enumerate(value):
+                        if isinstance(v, (int, float)):
+                            self.tb.add_scalar(f"{key}/layer{layer}", v, step)
+
+    def advance(self, steps: int = 1) -> None:
+        if self.bar is not None:
+            self.bar.update(steps)
+
+    def show(self, summary: dict, step: int, total: int) -> None:
+        """The progress bar's postfix, or a plain line when there is no bar."""
+        if not self.enabled:
+            return
+        if self.bar is not None:
+            self.bar.set_postfix(summary, refresh=False)
+        else:
+            self.print(f"step {step}/{total} " + " ".join(f"{k} {v}" for k, v in summary.items()))
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.close()
+            self.bar = None
+        if self.file is not None:
+            self.file.close()
+            self.file = None
+        if self.tb is not None:
+            self.tb.close()
+            self.tb = None

@@ -1,0 +1,429 @@
+"""The training loop.
+
+One optimizer step = `micro` micro-batches (the batch-size warm-up may lower it) of
+`train.batch_size` rows x `train.seq_len` tokens, summed over data-parallel ranks. The lm loss of a
+step is the mean over every target token of the global batch, whatever the layout: each
+micro-batch contributes its token sum divided by the global token count. Parallelism is reached
+only through the `World` (LocalWorld in one process); logging, exports and samples happen on the
+main rank."""
+
+from __future__ import annotations
+
+import math
+import os
+import random
+import signal
+import threading
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from .. import __version__
+from ..model import MiniMaxForCausalLM
+from ..parallel.world import LocalWorld
+from ..tokenizer import load_tokenizer
+from . import checkpointing as ckpt
+from .config import RunConfig
+from .data import IGNORE_INDEX, TrainData
+from .metrics import MetricsLogger, datasheet_peak_flops, memory_gib, truncate_metrics
+from .optim import build_optimizer, lr_at, micro_batches_at, set_lr
+
+_DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
+
+
+class TrainingDiverged(RuntimeError):
+    """Too many non-finite steps in a row; the last good checkpoint is kept."""
+
+
+@dataclass
+class TrainResult:
+    step: int
+    tokens: int
+    loss: float | None = None          # lm loss of the last logged interval
+    eval_loss: float | None = None     # the last held-out loss
+    checkpoint: Path | None = None
+    export: Path | None = None
+    sample: str | None = None
+    stopped_by_signal: int | None = None
+
+
+def make_world(cfg: RunConfig):
+    """LocalWorld in one process; the distributed world under torchrun (WORLD_SIZE > 1)."""
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        try:
+            from ..parallel.world import DistributedWorld
+        except ImportError:
+            raise ValueError("multi-process training needs minimax01.parallel's DistributedWorld, "
+                             "which this build does not have") from None
+        return DistributedWorld(cfg.parallel)
+    return LocalWorld(None if cfg.train.device == "auto" else cfg.train.device)
+
+
+class Trainer:
+    """`Trainer(cfg).fit()`. Everything that can be wrong with the config or the data is
+    checked in the constructor, before anything is written."""
+
+    def __init__(self, cfg: RunConfig, world=None):
+        self.cfg = cfg
+        self.model_cfg = cfg.validate()
+        self.world = world if world is not None else make_world(cfg)
+        spec = cfg.data.tokenizer
+        self.tokenizer = load_tokenizer(None if spec == "byte" else spec)
+        if self.tokenizer.vocab_size > self.model_cfg.vocab_size:
+            raise ValueError(f"the tokenizer {spec!r} has {self.tokenizer.vocab_size} ids but "
+                             f"model.vocab_size is {self.model_cfg.vocab_size}")
+        pad = self.tokenizer.pad_id
+        if pad is None:
+            pad = self.model_cfg.pad_token_id if self.model_cfg.pad_token_id is not None else 0
+        self.data = TrainData(cfg, self.tokenizer, self.world.dp_rank, self.world.dp_size, pad)
+        self.out_dir = Path(cfg.train.out_dir)
+        self.resume_from = ckpt.latest_checkpoint(self.out_dir)
+        if self.resume_from is not None:
+            diffs = ckpt.incompatibilities(ckpt.read_state(self.resume_from), self._identity())
+            if diffs:
+                raise ValueError(f"cannot resume from {self.resume_from}: the config differs in "
+                                 f"{'; '.join(diffs[:3])}{' ...' if len(diffs) > 3 else ''}. "
+                                 f"Use another train.out_dir, or the checkpoint's settings")
+        self.data.check()
+        self.eval_set = self.data.eval_batches(cfg.train.eval_batches)
+        self._signal: int | None = None
+
+    def _identity(self) -> dict:
+        return {"config": self.cfg.to_dict(), "model_config": self.model_cfg.to_dict()}
+
+    # ------------------------------------------------------------------ setup
+    def build_model(self) -> MiniMaxForCausalLM:
+        t = self.cfg.train
+        torch.manual_seed(t.seed)
+        random.seed(t.seed)
+        with torch.device(self.world.device):
+            model = MiniMaxForCausalLM(self.model_cfg)
+        model.float()  # fp32 master weights; autocast does the low-precision math
+        if t.activation_checkpointing:
+            model.set_gradient_checkpointing(True)
+        if t.compile:
+            for layer in model.model.layers:
+                layer.compile()
+        return model
+
+    def _batch_to_device(self, batch: dict) -> dict:
+        dev = self.world.device
+        out = {k: (v.to(dev, non_blocking=True) if isinstance(v, torch.Tensor) else v)
+               for k, v in batch.items()}
+        return self.world.shard_batch(out)
+
+    def _forward(self, model, batch: dict):
+        kwargs = {}
+        if self.cfg.train.loss_chunk_size:
+            kwargs["loss_chunk_size"] = self.cfg.train.loss_chunk_size
+        with self._autocast():
+            out = model(batch["input_ids"], labels=batch["labels"],
+                        cu_seqlens=batch.get("cu_seqlens"), shift_labels=False, **kwargs)
+        n = batch["labels"].ne(IGNORE_INDEX).sum()
+        # token sum of the lm loss; 0 (with zero gradients) for a micro-batch with no targets
+        lm_sum = torch.where(n > 0, out.lm_loss, torch.zeros_like(out.lm_loss)) * n
+        return out, lm_sum, n
+
+    def _autocast(self):
+        dtype = _DTYPES[self.cfg.train.dtype]
+        return torch.autocast(self.world.device.type, dtype=dtype,
+                              enabled=dtype != torch.float32)
+
+    def _reduce(self, values: torch.Tensor) -> torch.Tensor:
+        return values if self.world.world_size == 1 else self.world.all_reduce(values, "sum")
+
+    # ------------------------------------------------------------------ pieces of a run
+    @torch.no_grad()
+    def evaluate(self, model) -> float | None:
+        """Mean lm loss over the fixed held-out batches (None without a held-out split)."""
+        if not self.eval_set:
+            return None
+        model.eval()
+        total = torch.zeros(2, dtype=torch.float64, device=self.world.device)
+        try:
+            for batch in self.eval_set:
+                _, lm_sum, n = self._forward(model, self._batch_to_device(batch))
+                total += torch.stack([lm_sum.double(), n.double()])
+        finally:
+            model.train()
+        total = self._reduce(total)
+        return float(total[0] / total[1].clamp(min=1))
+
+    def save(self, model, optimizer, step: int, tokens: int) -> Path:
+        state = {"step": step, "tokens": tokens, "data": self.data.state_dict(),
+                 "version": __version__, "time": time.time(), **self._identity()}
+        return ckpt.save_checkpoint(self.out_dir, step, model, optimizer, state, self.world,
+                                    self.cfg.train.keep_last)
+
+    def export(self, model, log: MetricsLogger) -> tuple[Path | None, str | None]:
+        """HF-format export (out_dir/model, written aside then renamed) and the final sample."""
+        t = self.cfg.train
+        if not (t.export or t.sample_tokens):
+            return None, None
+        state = ckpt.full_model_state(model)
+        path = sample = None
+        if self.world.is_main:
+            torch.manual_seed(t.seed)
+            final = MiniMaxForCausalLM(self.model_cfg)
+            final.load_state_dict(state)
+            final = final.to(_DTYPES[self.model_cfg.dtype])
+            if t.export:
+                path = self._write_export(final)
+                log.print(f"exported the model to {path}")
+            if t.sample_tokens:
+                sample = self.sample(final)
+        self.world.barrier()
+        return path, sample
+
+    def _write_export(self, model) -> Path:
+        final = self.out_dir / "model"
+        tmp = self.out_dir / ".model.tmp"
+        old = self.out_dir / ".model.old"
+        for p in (tmp, old):
+            if p.exists():
+                import shutil
+
+                shutil.rmtree(p)
+        tmp.mkdir(parents=True)
+        model.save_pretrained(tmp)
+        self.tokenizer.save(tmp)
+        if final.exists():
+            os.rename(final, old)
+        os.rename(tmp, final)
+        if old.exists():
+            import shutil
+
+            shutil.rmtree(old, ignore_errors=True)
+        return final
+
+    def sample(self, model) -> str:
+        from ..infer.generate import generate
+
+        t = self.cfg.train
+        device = self.world.device
+        model = model.to(device)
+        prompt = self.tokenizer.encode(t.sample_prompt, add_bos=self.cfg.data.add_bos)
+        stops = [self.tokenizer.eos_id] if self.tokenizer.eos_id is not None else None
+        out = generate(model, [prompt], max_new_tokens=t.sample_tokens, temperature=0.8,
+                       top_k=50, seed=t.seed, stop_tokens=stops)
+        return t.sample_prompt + self.tokenizer.decode(out[0, len(prompt):].tolist())
+
+    # ------------------------------------------------------------------ signals
+    def _on_signal(self, signum, frame) -> None:
+        if self._signal is not None:  # a second signal: stop now, without saving
+            raise KeyboardInterrupt
+        self._signal = signum
+
+    def _install_signals(self) -> dict:
+        if threading.current_thread() is not threading.main_thread():
+            return {}
+        return {s: signal.signal(s, self._on_signal) for s in (signal.SIGTERM, signal.SIGINT)}
+
+    # ------------------------------------------------------------------ the loop
+    def fit(self) -> TrainResult:
+        cfg, world, t = self.cfg, self.world, self.cfg.train
+        if world.is_main:
+            self.out_dir.mkdir(parents=True, exist_ok=True)
+            ckpt.clean_partial(self.out_dir)
+            (self.out_dir / "config.toml").write_text(cfg.to_toml())
+        world.barrier()
+        model = self.build_model()
+        raw_model = model
+        model = world.parallelize(model)
+        optimizer = build_optimizer(model, cfg.optim)
+        step = tokens = 0
+        if self.resume_from is not None:
+            state = ckpt.load_checkpoint(self.resume_from, model, optimizer, world)
+            step, tokens = int(state["step"]), int(state["tokens"])
+            self.data.load_state_dict(state["data"])
+        if world.is_main:
+            truncate_metrics(self.out_dir / "metrics.jsonl", step)
+        log = MetricsLogger(self.out_dir, world.is_main, t.steps, min(step, t.steps), t.progress,
+                            t.tensorboard)
+        self._announce(log, step)
+        old_handlers = self._install_signals()
+        try:
+            return self._loop(model, raw_model, optimizer, log, step, tokens)
+        finally:
+            for s, h in old_handlers.items():
+                signal.signal(s, h)
+            log.close()
+
+    def _announce(self, log: MetricsLogger, step: int) -> None:
+        m, t = self.model_cfg, self.cfg.train
+        total = m.num_parameters() / 1e6
+        active = m.num_parameters(active=True) / 1e6
+        log.print(f"model: {m.num_hidden_layers} layers, {total:.2f}M parameters ({active:.2f}M "
+                  f"active); data: {self.cfg.data.source} ({len(self.data.shards)} shard(s)); "
+                  f"{t.steps} steps of {t.batch_size}x{t.seq_len} tokens x {t.grad_accum}; "
+                  f"device {self.world.device}; out_dir {self.out_dir}")
+        if self.resume_from is not None:
+            log.print(f"resuming from {self.resume_from} (step {step})")
+
+    def _loop(self, model, raw_model, optimizer, log, step, tokens) -> TrainResult:
+        cfg, world, t, dev = self.cfg, self.world, self.cfg.train, self.world.device
+        params = [p for p in model.parameters() if p.requires_grad]
+        grad_avg = world.dp_size * world.cp_size  # parallelize() averages gradients over these
+        clip = getattr(world, "clip_grad_norm_", None) or torch.nn.utils.clip_grad_norm_
+        max_norm = cfg.optim.grad_clip if cfg.optim.grad_clip > 0 else math.inf
+        peak = datasheet_peak_flops(dev)
+        flops_tok = self.model_cfg.flops_per_token(t.seq_len, training=True)
+        result = TrainResult(step=step, tokens=tokens, checkpoint=self.resume_from)
+        saved_at = step if self.resume_from is not None else None
+        evaluated_at = None
+        bad = 0
+        acc = _Interval(len(raw_model.model.layers), self.model_cfg.num_local_experts, dev)
+        clock = time.perf_counter()
+
+        while step < t.steps:
+            micro = micro_batches_at(tokens, t.grad_accum, cfg.optim.batch_warmup_tokens)
+            batches = [self._batch_to_device(self.data.next_batch()) for _ in range(micro)]
+            counts = torch.stack([b["labels"].ne(IGNORE_INDEX).sum() for b in batches])
+            n_global = self._reduce(counts.sum().double()).clamp(min=1)
+            lr = lr_at(step, t.steps, cfg.optim)
+            set_lr(optimizer, lr)
+            lm_total = torch.zeros((), dtype=torch.float64, device=dev)
+            aux_total = torch.zeros((), dtype=torch.float64, device=dev)
+            for batch in batches:
+                out, lm_sum, _ = self._forward(model, batch)
+                acc.add_moe(raw_model.moe_stats())
+                loss = lm_sum * (grad_avg / n_global) + out.aux_loss / micro
+                loss.backward()
+                lm_total += lm_sum.detach().double()
+                aux_total += out.aux_loss.detach().double() / micro
+            sums = self._reduce(torch.stack([lm_total, aux_total / grad_avg]))
+            grad_norm = clip(params, max_norm)
+            if hasattr(grad_norm, "full_tensor"):
+                grad_norm = grad_norm.full_tensor()
+            finite = bool(torch.isfinite(sums).all() and torch.isfinite(grad_norm))
+            if finite:
+                optimizer.step()
+                bad = 0
+            optimizer.zero_grad(set_to_none=True)
+            step += 1
+            tokens += micro * t.batch_size * t.seq_len
+            if finite:
+                acc.add_step(sums[0], n_global, sums[1], grad_norm, micro * t.batch_size * t.seq_len)
+            else:
+                bad += 1
+                acc.skipped += 1
+                why = "loss" if not bool(torch.isfinite(sums).all()) else "gradient"
+                log.record({"step": step, "event": "skipped", "reason": f"non-finite {why}"})
+                log.print(f"step {step}: non-finite {why}; step skipped ({bad} in a row)")
+                if bad >= t.max_bad_steps:
+                    last = ckpt.latest_checkpoint(self.out_dir)
+                    raise TrainingDiverged(
+                        f"{bad} steps in a row had a non-finite loss or gradient (the last at "
+                        f"step {step}); stopping. The last good checkpoint is "
+                        f"{last if last else 'none (nothing was saved yet)'}: lower optim.lr "
+                        f"or raise optim.warmup_steps and re-run the same command to resume")
+            log.advance()
+
+            if step % t.log_every == 0 or step == t.steps:
+                elapsed = time.perf_counter() - clock
+                record = acc.record(step, lr, tokens, elapsed, world, self._reduce)
+                if record is not None:
+                    if peak:
+                        record["mfu"] = record["tokens_per_s"] * flops_tok / (peak * world.world_size)
+                    record["memory_gib"] = round(memory_gib(dev), 3)
+                    log.record(record)
+                    result.loss = record["loss"]
+                    log.show(_summary(record), step, t.steps)
+                acc = _Interval(len(raw_model.model.layers), self.model_cfg.num_local_experts, dev)
+                clock = time.perf_counter()
+
+            pause = time.perf_counter()
+            if t.eval_every and step % t.eval_every == 0 and step < t.steps:
+                result.eval_loss = self._log_eval(model, log, step)
+                evaluated_at = step
+            if t.save_every and step % t.save_every == 0:
+                result.checkpoint = self.save(model, optimizer, step, tokens)
+                saved_at = step
+            stop = self._signal is not None
+            if world.world_size > 1:  # every rank stops at the same step
+                stop = bool(world.all_reduce(torch.tensor(float(stop), device=dev), "max"))
+            if stop:
+                if saved_at != step:
+                    result.checkpoint = self.save(model, optimizer, step, tokens)
+                name = signal.Signals(self._signal).name if self._signal else "a signal"
+                log.print(f"stopped by {name} at step {step}; checkpoint {result.checkpoint}. "
+                          f"Re-run the same command to resume.")
+                result.step, result.tokens = step, tokens
+                result.stopped_by_signal = self._signal or signal.SIGTERM
+                return result
+            clock += time.perf_counter() - pause  # evaluation and saving do not count as training
+
+        if saved_at != step:
+            result.checkpoint = self.save(model, optimizer, step, tokens)
+        if evaluated_at != step:
+            result.eval_loss = self._log_eval(model, log, step)
+        result.export, result.sample = self.export(model, log)
+        if result.sample is not None:
+            log.print(f"sample:\n{result.sample}")
+        result.step, result.tokens = step, tokens
+        return result
+
+    def _log_eval(self, model, log: MetricsLogger, step: int) -> float | None:
+        loss = self.evaluate(model)
+        if loss is not None:
+            log.record({"step": step, "eval_loss": loss})
+            log.print(f"step {step}: held-out loss {loss:.4f}")
+        return loss
+
+
+def _summary(record: dict) -> dict:
+    out = {"loss": f"{record['loss']:.4f}", "lr": f"{record['lr']:.2e}",
+           "tok/s": f"{record['tokens_per_s']:.0f}"}
+    if "mfu" in record:
+        out["mfu"] = f"{100 * record['mfu']:.1f}%"
+    out["mem"] = f"{record['memory_gib']:.1f}G"
+    return out
+
+
+class _Interval:
+    """Sums over the steps between two log records, kept on the device (no host syncs)."""
+
+    def __init__(self, layers: int, experts: int, device):
+        self.lm = torch.zeros((), dtype=torch.float64, device=device)
+        self.count = torch.zeros((), dtype=torch.float64, device=device)
+        self.aux = torch.zeros((), dtype=torch.float64, device=device)
+        self.moe_load = torch.zeros(layers, experts, dtype=torch.float64, device=device)
+        self.moe_drop = torch.zeros(layers, 2, dtype=torch.float64, device=device)
+        self.grad_norm = None
+        self.steps = self.skipped = self.tokens = 0
+
+    def add_moe(self, stats) -> None:
+        for i, s in enumerate(stats):
+            if s is None:
+                continue
+            n = float(s.assignments)
+            self.moe_load[i] += s.load.to(self.moe_load) * n
+            dropped = torch.as_tensor(s.dropped, dtype=torch.float64, device=self.moe_drop.device)
+            self.moe_drop[i, 0] += dropped
+            self.moe_drop[i, 1] += n
+
+    def add_step(self, lm_sum, count, aux, grad_norm, tokens: int) -> None:
+        self.lm += lm_sum
+        self.count += count
+        self.aux += aux
+        self.grad_norm = grad_norm
+        self.steps += 1
+        self.tokens += tokens
+
+    def record(self, step, lr, tokens, elapsed, world, reduce) -> dict | None:
+        if self.steps == 0:
+            return None
+        moe = reduce(torch.cat([self.moe_load, self.moe_drop], 1))
+        e = self.moe_load.shape[1]
+        load = moe[:, :e] / moe[:, :e].sum(1, keepdim=True).clamp(min=1)
+        drop = moe[:, e] / moe[:, e + 1].clamp(min=1)
+        rec = {"step": step, "loss": float(self.lm / self.count), "lr": lr, "tokens": tokens,
+               "tokens_per_s": self.tokens / max(elapsed, 1e-9),
+               "aux_loss": float(self.aux / self.steps), "grad_norm": float(self.grad_norm),
+               "moe_load": [[round(x, 4) for x in row] for row in load.tolist()],
+               "moe_drop_rate": [round(x, 5) for x in drop.tolist()]}
+        if self.skipped:
+            rec["skipped"] = self.skipped
+        return rec
