@@ -62,8 +62,10 @@ def logits_of(model, tokens):
 @pytest.mark.parametrize("dialect", ["hf", "legacy"])
 def test_transformers_loads_our_weights(tmp_path, transformers, ours, tokens, dialect):
     """Our hf dialect loads as it is. transformers 5 also renames legacy (block_sparse_moe) tensors
-    itself, but only under an hf config.json: its MiniMaxConfig does not read the legacy config."""
-    ours.save_pretrained(tmp_path, dialect=dialect)
+    itself, but only under an hf config.json: its MiniMaxConfig does not read the legacy config.
+    Sharded: transformers reads our index."""
+    ours.save_pretrained(tmp_path, dialect=dialect, max_shard_size="100KB")
+    assert (tmp_path / "model.safetensors.index.json").is_file()
     if dialect == "legacy":
         (tmp_path / "config.json").write_text(json.dumps(ours.config.to_hf_config("hf")))
     theirs = transformers.MiniMaxForCausalLM.from_pretrained(tmp_path, dtype=torch.float32).eval()
