@@ -1,0 +1,54 @@
+"""Autograd-aware collectives used by LASP+, ring attention and expert parallelism.
+
+Thin wrappers over torch's functional collectives (asynchronous: the result is waited for on
+first use, which lets an all-to-all overlap the compute issued after it), plus point-to-point
+helpers for the ring. Names of the functional ops moved between torch releases; this file is
+the one place that knows."""
+
+from __future__ import annotations
+
+import torch
+import torch.distributed as dist
+from torch.distributed import _functional_collectives as fc
+
+_all_gather = getattr(fc, "all_gather_single_autograd", None) or fc.all_gather_tensor_autograd
+
+
+def all_gather(x: torch.Tensor, group) -> torch.Tensor:
+    """Concatenate every rank's `x` along a new leading dim: [G, *x.shape]. Backward is a
+    reduce-scatter (each rank gets the sum over ranks of the gradient of its own piece)."""
+    return _all_gather(x.contiguous().unsqueeze(0), 0, group)
+
+
+def all_to_all(x: torch.Tensor, out_splits: list[int], in_splits: list[int], group) -> torch.Tensor:
+    """Rows `in_splits[j]` of x go to rank j; rows from rank j arrive in block `out_splits[j]`.
+    Differentiable (backward is the reverse all-to-all); returns without waiting."""
+    return fc.all_to_all_single_autograd(x.contiguous(), out_splits, in_splits, group)
+
+
+def all_gather_nograd(x: torch.Tensor, group) -> torch.Tensor:
+    """[G, *x.shape] without autograd (counts, positions, flags)."""
+    size = dist.get_world_size(group)
+    x = x.contiguous().unsqueeze(0)
+    out = x.new_empty((size,) + tuple(x.shape[1:]))
+    dist.all_gather_into_tensor(out, x, group=group)
+    return out
+
+
+def ring_exchange(send: torch.Tensor, group) -> tuple[torch.Tensor, list]:
+    """Start sending `send` to the next rank of the ring and receiving the previous rank's
+    tensor of the same shape. Returns (receive buffer, requests to wait on)."""
+    rank, size = dist.get_rank(group), dist.get_world_size(group)
+    nxt = dist.get_global_rank(group, (rank + 1) % size)
+    prv = dist.get_global_rank(group, (rank - 1) % size)
+    recv = torch.empty_like(send)
+    ops = [dist.P2POp(dist.isend, send.contiguous(), nxt, group),
+           dist.P2POp(dist.irecv, recv, prv, group)]
+    if rank % 2:  # odd ranks receive first: keeps rendezvous-style backends from deadlocking
+        ops.reverse()
+    return recv, dist.batch_isend_irecv(ops)
+
+
+def wait_all(requests) -> None:
+    for req in requests or ():
+        req.wait()

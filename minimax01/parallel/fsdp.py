@@ -1,0 +1,73 @@
+"""FSDP2 (`fully_shard`) for the dense part and expert-parallel sharding of the experts.
+
+Expert weights first become DTensors split over the EP mesh along the expert dim (each EP rank
+keeps its E/ep experts); FSDP2 then shards every group of parameters over its data mesh: the
+experts over the expert-data-parallel mesh, everything else over dp_shard x cp. Parameters stay
+DTensors with global shapes, which is what lets torch.distributed.checkpoint reshard a
+checkpoint onto any other layout.
+
+Gradients: each rank's loss is its share of the global loss times the world size (see world.py),
+so every group divides its reduced gradient by the world size, the experts included (their EDP
+mesh is smaller than the world, but the all-to-all already summed the EP ranks' parts)."""
+
+from __future__ import annotations
+
+import torch
+import torch.distributed as dist
+import torch.nn as nn
+from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+from torch.distributed.tensor import DTensor, Shard
+
+from .mesh import ParallelMesh
+
+
+def broadcast_parameters(model: nn.Module, src: int = 0) -> None:
+    """Make every rank start from rank `src`'s weights (FSDP takes each rank's own copy)."""
+    with torch.no_grad():
+        for t in list(model.parameters()) + list(model.buffers()):
+            if not t.is_meta:
+                dist.broadcast(t.data, src=src)
+
+
+def shard_experts(model: nn.Module, mesh: ParallelMesh) -> None:
+    """Keep this EP rank's experts, as DTensors Shard(0) over the EP mesh."""
+    ep, rank = mesh.layout.ep, mesh.ep_rank
+    for layer in model.model.layers:
+        experts = layer.mlp.experts
+        for name in ("gate_up_proj", "down_proj"):
+            full = getattr(experts, name)
+            per = full.shape[0] // ep
+            local = full.detach()[rank * per:(rank + 1) * per].clone()
+            dt = DTensor.from_local(local, mesh.ep, [Shard(0)], run_check=False,
+                                    shape=full.shape, stride=full.stride())
+            setattr(experts, name, nn.Parameter(dt, requires_grad=full.requires_grad))
+
+
+def _divide_by(module, factor: float) -> None:
+    if hasattr(module, "set_gradient_divide_factor"):
+        module.set_gradient_divide_factor(factor)
+    else:  # torch < 2.7
+        module.set_reduce_scatter_divide_factor(factor)
+
+
+def apply_fsdp(model: nn.Module, mesh: ParallelMesh, *, param_dtype: torch.dtype | None = None,
+               reduce_dtype: torch.dtype | None = torch.float32,
+               reshard_after_forward: bool = True) -> nn.Module:
+    """fully_shard bottom-up: experts (EP only), each decoder layer, embeddings, head, root."""
+    mp = MixedPrecisionPolicy(param_dtype=param_dtype, reduce_dtype=reduce_dtype)
+    dense = dict(mesh=mesh.dense, mp_policy=mp, reshard_after_forward=reshard_after_forward)
+    layout = mesh.layout
+    for layer in model.model.layers:
+        if layout.ep > 1:
+            experts = layer.mlp.experts
+            per = experts.gate_up_proj.shape[0] // layout.ep
+            placement = (lambda p: Shard(1)) if layout.edp > per else None
+            fully_shard(experts, mesh=mesh.experts, mp_policy=mp,
+                        reshard_after_forward=reshard_after_forward, shard_placement_fn=placement)
+            _divide_by(experts, float(layout.world))
+        fully_shard(layer, **dense)
+    if not model.config.tie_word_embeddings:
+        fully_shard(model.model.embed_tokens, **dense)
+        fully_shard([model.model.norm, model.lm_head], **dense)
+    fully_shard(model, mesh=mesh.dense, mp_policy=mp, reshard_after_forward=False)
+    return model
