@@ -37,7 +37,7 @@ class TextStream:
                 self.text = self.text[:cut]
                 self.stopped = True
                 return self._release(len(self.text))
-        return self._release(len(self.text) - self.hold if self.stop else len(self.text))
+        return self._release(self._safe_end())
 
     def finish(self) -> str:
         """The request ended: release what is held back (incomplete characters included)."""
@@ -53,6 +53,16 @@ class TextStream:
                     self.stopped = True
                 self._prefix = self._read = len(self.ids)
         return self._release(len(self.text))
+
+    def _safe_end(self) -> int:
+        """End of the text that no stop string can still claim: hold back the longest tail that
+        is the start of a stop string."""
+        n = len(self.text)
+        for k in range(min(self.hold, n), 0, -1):
+            tail = self.text[n - k:]
+            if any(s.startswith(tail) for s in self.stop):
+                return n - k
+        return n
 
     def _find_stop(self, start: int) -> int | None:
         hits = [i for i in (self.text.find(s, start) for s in self.stop) if i >= 0]

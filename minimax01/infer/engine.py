@@ -13,7 +13,7 @@ Greedy output equals `generate()` token for token (tests/test_engine.py)."""
 from __future__ import annotations
 
 import contextlib
-import itertools
+import uuid
 import logging
 from collections.abc import Sequence as Seq
 
@@ -30,6 +30,17 @@ from .slot_cache import SlotCache, SlotPool
 log = logging.getLogger(__name__)
 
 _DTYPE_NAMES = {torch.float32: "float32", torch.bfloat16: "bfloat16", torch.float16: "float16"}
+
+
+def cast_model(model, device=None, dtype: torch.dtype | None = None):
+    """Move `model` to `device` and cast its parameters to `dtype`, leaving buffers (the fp32
+    lightning decay slopes) in their own dtype, unlike `model.to(dtype)`."""
+    if device is not None:
+        model.to(device)
+    if dtype is not None:
+        for p in model.parameters():
+            p.data = p.data.to(dtype)
+    return model
 
 
 class Engine:
@@ -69,7 +80,6 @@ class Engine:
         self.scheduler = Scheduler(self.pool, prefill_chunk, max_batch)
         self.eos_id = getattr(tokenizer, "eos_id", None) if tokenizer else cfg.eos_token_id
         self.shared_gen = torch.Generator(device=self.device).manual_seed(seed)
-        self._ids = itertools.count()
         self.graphs = None
         if cuda:
             moe_dispatch.install(model)  # no host syncs inside a decode step
@@ -87,6 +97,15 @@ class Engine:
                     request_id: str | None = None) -> str:
         """Queue a request; returns its id. ValueError for an empty prompt, ids outside the
         vocabulary, or prompt + max_tokens longer than max_context."""
+        seq = self.make_sequence(prompt_ids, params, request_id)
+        self.scheduler.add(seq)
+        return seq.request_id
+
+    def make_sequence(self, prompt_ids: Seq[int], params: SamplingParams | None = None,
+                      request_id: str | None = None) -> Sequence:
+        """Validate a request and build its Sequence without queueing it (thread-safe: touches
+        no engine state, so a server thread can reject bad requests before the engine sees
+        them). Queue it with `scheduler.add` on the engine's thread."""
         params = (params or SamplingParams()).validate(self.config.vocab_size)
         prompt = [int(t) for t in prompt_ids]
         if not prompt:
@@ -108,11 +127,10 @@ class Engine:
         gen = None
         if params.seed is not None:
             gen = torch.Generator(device=self.device).manual_seed(params.seed)
-        rid = request_id or f"req-{next(self._ids)}"
+        rid = request_id or f"req-{uuid.uuid4().hex[:16]}"
         stream = TextStream(self.tokenizer, params.stop) if self.tokenizer else None
-        self.scheduler.add(Sequence(rid, prompt, params, frozenset(stops),
-                                    params.max_tokens or room, gen, stream))
-        return rid
+        return Sequence(rid, prompt, params, frozenset(stops), params.max_tokens or room, gen,
+                        stream)
 
     def abort(self, request_id: str) -> bool:
         """Stop a request; its slot is freed at the next step. False if unknown or finished."""

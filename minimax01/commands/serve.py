@@ -1,0 +1,107 @@
+"""`python -m minimax01 serve --checkpoint DIR [--host 127.0.0.1 --port 8000]`: an
+OpenAI-compatible HTTP server (see docs/inference.md). `--preset NAME` serves randomly
+initialised weights instead, for trying the server without a checkpoint."""
+
+from __future__ import annotations
+
+import logging
+import os
+from pathlib import Path
+
+from ..cli import CLIError
+
+
+def add_arguments(parser) -> None:
+    src = parser.add_mutually_exclusive_group(required=True)
+    src.add_argument("--checkpoint", metavar="DIR", help="checkpoint folder (weights + tokenizer)")
+    src.add_argument("--preset", metavar="NAME",
+                     help="serve random weights of a preset (debug, demo, ...), byte tokenizer")
+    parser.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1)")
+    parser.add_argument("--port", type=int, default=8000, help="port (default 8000)")
+    parser.add_argument("--device", default=None, help="cuda (default when available) or cpu")
+    parser.add_argument("--dtype", default=None,
+                        help="float32, bfloat16 or float16 (default: the checkpoint's)")
+    parser.add_argument("--max-context", type=int, default=None, metavar="N",
+                        help="tokens per sequence, prompt + output (default 32768 on GPU, "
+                             "4096 on CPU)")
+    parser.add_argument("--num-slots", type=int, default=None, metavar="N",
+                        help="concurrent sequences (default: as many as fit in GPU memory; 8 on "
+                             "CPU)")
+    parser.add_argument("--prefill-chunk", type=int, default=None, metavar="N",
+                        help="prompt tokens per packed prefill pass (default 16384 GPU, 1024 CPU)")
+    parser.add_argument("--gpu-memory-utilization", type=float, default=0.9, metavar="F",
+                        help="fraction of free GPU memory the engine may use (default 0.9)")
+    parser.add_argument("--no-cuda-graphs", action="store_true", help="decode without CUDA graphs")
+    parser.add_argument("--api-key", default=os.environ.get("MINIMAX01_API_KEY"),
+                        help="require 'Authorization: Bearer KEY' on /v1 routes "
+                             "(default: $MINIMAX01_API_KEY; none: open)")
+    parser.add_argument("--model-name", default=None,
+                        help="the model id clients send (default: the checkpoint folder's name)")
+    parser.add_argument("--chat-template", default=None, metavar="FILE",
+                        help="a Jinja chat template file (default: the tokenizer's, else a plain "
+                             "<|role|> format)")
+    parser.add_argument("--seed", type=int, default=0, help="seed of unseeded sampling (and of "
+                                                            "--preset weights)")
+    parser.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
+
+
+def _positive(name: str, value) -> None:
+    if value is not None and value <= 0:
+        raise CLIError(f"--{name} must be positive, got {value}")
+
+
+def run(args) -> int:
+    import torch
+
+    from ..infer.engine import Engine, cast_model
+    from ..infer.server import create_app, serve
+    from ..tokenizer import load_tokenizer
+
+    for name in ("max-context", "num-slots", "prefill-chunk"):
+        _positive(name, getattr(args, name.replace("-", "_")))
+    if not 0 < args.gpu_memory_utilization <= 1:
+        raise CLIError(f"--gpu-memory-utilization must be in (0, 1], got "
+                       f"{args.gpu_memory_utilization}")
+    if not 0 < args.port < 65536:
+        raise CLIError(f"--port must be in 1..65535, got {args.port}")
+    logging.basicConfig(level=args.log_level.upper(),
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise CLIError(f"--device {args.device}: CUDA is not available on this machine")
+    template = None
+    if args.chat_template:
+        path = Path(args.chat_template)
+        if not path.is_file():
+            raise CLIError(f"--chat-template: no file at {path}")
+        template = path.read_text()
+    if args.checkpoint:
+        from ..model import MiniMaxForCausalLM
+
+        if not Path(args.checkpoint).is_dir():
+            raise CLIError(f"no checkpoint folder at {args.checkpoint}")
+        model = MiniMaxForCausalLM.from_pretrained(args.checkpoint, dtype=args.dtype,
+                                                   device=device)
+        tokenizer = load_tokenizer(args.checkpoint)
+        name = args.model_name or Path(args.checkpoint).resolve().name
+    else:
+        from ..config import ModelConfig
+        from ..model import MiniMaxForCausalLM
+
+        torch.manual_seed(args.seed)
+        cfg = ModelConfig.from_preset(args.preset)
+        dtype = getattr(torch, args.dtype or cfg.dtype)
+        model = cast_model(MiniMaxForCausalLM(cfg).eval(), device, dtype)
+        tokenizer = load_tokenizer("byte")
+        name = args.model_name or args.preset
+    if tokenizer.vocab_size > model.config.vocab_size:
+        logging.getLogger(__name__).warning(
+            "the tokenizer has %d ids but the model only %d", tokenizer.vocab_size,
+            model.config.vocab_size)
+    engine = Engine(model, tokenizer, max_context=args.max_context, num_slots=args.num_slots,
+                    prefill_chunk=args.prefill_chunk, cuda_graphs=not args.no_cuda_graphs,
+                    gpu_memory_utilization=args.gpu_memory_utilization, seed=args.seed)
+    app = create_app(engine, tokenizer, model_name=name, api_key=args.api_key,
+                     chat_template=template)
+    serve(app, args.host, args.port, log_level=args.log_level)
+    return 0
