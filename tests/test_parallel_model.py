@@ -10,6 +10,7 @@ from torch.distributed.tensor import DTensor
 
 from minimax01.config import ModelConfig
 from minimax01.model.model import MiniMaxForCausalLM
+from minimax01.parallel.batch import next_token_targets
 from minimax01.parallel.world import ParallelConfig, make_world
 
 from dist_utils import run_workers
@@ -46,18 +47,26 @@ def _reference(rows, capacity_factor):
 
 
 def _worker(rank, world, cases):
-    for pcfg, cf in cases:
+    for pcfg, cf, pre_shifted in cases:
         world_ = make_world(pcfg)
         ref, ref_grads, ref_dropped = _reference(world_.dp_size, cf)
         model = world_.parallelize(_model(cf))
         ids, labels, cu = _batch(world_.dp_size)
-        batch = dict(input_ids=ids[world_.dp_rank:world_.dp_rank + 1],
-                     labels=labels[world_.dp_rank:world_.dp_rank + 1], cu_seqlens=cu)
-        out = model(**world_.shard_batch(batch))
-        out.loss.backward()
-        loss = world_.all_reduce(out.loss.detach(), "mean")
+        mine = slice(world_.dp_rank, world_.dp_rank + 1)
+        batch = dict(input_ids=ids[mine], labels=labels[mine], cu_seqlens=cu)
+        if pre_shifted:  # the trainer's convention: labels are next-token targets already
+            batch.update(labels=next_token_targets(labels[mine], cu), shift_labels=False)
+        local = world_.shard_batch(batch)
+        out = model(**local)
+        # the loss every rank backpropagates: W * token sum / global target count + aux
+        n = local["labels"].ne(-100).sum() if not local.get("shift_labels", True) else \
+            next_token_targets(local["labels"], local.get("cu_seqlens")).ne(-100).sum()
+        n_global = world_.all_reduce(n, "sum")
+        loss = out.lm_loss * n * (world_.world_size / n_global) + out.aux_loss
+        loss.backward()
+        torch.testing.assert_close(world_.all_reduce(loss.detach(), "mean"), ref.loss.detach(),
+                                   rtol=1e-6, atol=1e-8)
         aux = world_.all_reduce(out.aux_loss.detach(), "mean")
-        torch.testing.assert_close(loss, ref.loss.detach(), rtol=1e-6, atol=1e-8)
         torch.testing.assert_close(aux, ref.aux_loss.detach(), rtol=1e-6, atol=1e-10)
         assert [s.dropped for s in model.moe_stats()] == ref_dropped
         assert (sum(ref_dropped) > 0) == (cf is not None)
@@ -69,8 +78,15 @@ def _worker(rank, world, cases):
 
 
 def test_model_two_processes():
-    run_workers(_worker, 2, [(ParallelConfig(dp_shard=2), None),
-                             (ParallelConfig(ep=2), None),
-                             (ParallelConfig(ep=2, ep_token_groups=2), 1.0),
-                             (ParallelConfig(cp=2), None),
-                             (ParallelConfig(cp=2, ep=2), 1.0)])
+    run_workers(_worker, 2, [(ParallelConfig(dp_shard=2), None, True),
+                             (ParallelConfig(ep=2), None, False),
+                             (ParallelConfig(ep=2, ep_token_groups=2), 1.0, True),
+                             (ParallelConfig(cp=2), None, True),
+                             (ParallelConfig(cp=2), None, False),
+                             (ParallelConfig(cp=2, ep=2), 1.0, True)])
+
+
+def test_model_four_processes():
+    # 2 data ranks x CP 2, experts over the CP pair, token drop; and EP over all four ranks
+    run_workers(_worker, 4, [(ParallelConfig(dp_shard=2, cp=2, ep=2, ep_token_groups=2), 1.0, True),
+                             (ParallelConfig(dp_shard=4, ep=4), None, True)])

@@ -24,12 +24,6 @@ def next_token_targets(labels: torch.Tensor, cu_seqlens: torch.Tensor | None = N
     return F.pad(targets, (0, 1), value=IGNORE_INDEX)
 
 
-def count_targets(labels: torch.Tensor, cu_seqlens: torch.Tensor | None, shift: bool) -> torch.Tensor:
-    """Number of predicted (non-ignored) targets, as the model's loss counts them."""
-    targets = next_token_targets(labels, cu_seqlens) if shift else labels
-    return (targets != IGNORE_INDEX).sum()
-
-
 def local_cu_seqlens(cu_seqlens: torch.Tensor, lo: int, hi: int) -> torch.Tensor:
     """Document offsets of the slice [lo, hi) of a packed row, relative to lo."""
     inner = cu_seqlens[(cu_seqlens > lo) & (cu_seqlens < hi)] - lo

@@ -6,11 +6,13 @@
      expert weights split over the EP mesh;
   3. with cp > 1, LASP+ in every lightning layer and ring attention in every softmax layer;
   4. FSDP2 over the data dimensions;
-  5. two forward hooks on the model: before, record the batch rows and (under CP) gather the
-     document structure of the whole sequence; after, rescale the language-model loss so that
-     the mean over ranks of every rank's loss is the loss of the router group's tokens
-     (token mean), which FSDP's gradient averaging turns into exactly the single-process
-     gradient.
+  5. a forward pre-hook on the model that records the batch rows and (under CP) gathers the
+     document structure of the whole sequence once per forward.
+
+Loss convention (what the trainer does): FSDP averages gradients over all W ranks, so each rank
+backpropagates `W * (its lm-loss token sum) / (global target count) + aux_loss`; the MoE aux
+loss returned by the dispatchers is already scaled that way (its mean over ranks is the loss).
+Then gradients equal the single-process ones on the concatenated batch.
 
 `shard_batch` cuts a data-parallel rank's batch into this CP rank's slice (batch.py)."""
 
@@ -23,7 +25,7 @@ import torch
 import torch.distributed as dist
 
 from ..model.layers import LightningAttention, SoftmaxAttention
-from .batch import count_targets, cp_slice
+from .batch import cp_slice
 from .context import CPContext
 from .expert_parallel import EPGroup, ExpertParallel, RouterGroup, install_experts_forward
 from .fsdp import apply_fsdp, broadcast_parameters, shard_experts
@@ -101,7 +103,6 @@ class DistributedWorld:
                    reshard_after_forward=cfg.reshard_after_forward)
         signature = inspect.signature(type(model).forward)
         model.register_forward_pre_hook(self._make_pre_hook(signature), with_kwargs=True)
-        model.register_forward_hook(self._make_post_hook(signature), with_kwargs=True)
         return model
 
     def _make_pre_hook(self, signature):
@@ -123,25 +124,6 @@ class DistributedWorld:
                 self.state.cp = CPContext.gather(self.mesh.cp.get_group(), self.cp_rank,
                                                  self.cp_size, call["position_ids"])
             return None
-        return hook
-
-    def _make_post_hook(self, signature):
-        def hook(module, args, kwargs, out):
-            if getattr(out, "lm_loss", None) is None:
-                return out
-            call = signature.bind(module, *args, **kwargs).arguments
-            shift = call.get("shift_labels", True)
-            n_local = count_targets(call["labels"], call.get("cu_seqlens"), shift)
-            n_group = n_local.detach().clone().to(self.device)
-            if self.router.size > 1:
-                dist.all_reduce(n_group, group=self.router.group)
-            if int(n_local) == 0:
-                lm = out.logits.sum() * 0.0
-            else:
-                lm = out.lm_loss * (self.router.size * n_local.to(out.lm_loss) / n_group.to(out.lm_loss))
-            out.lm_loss = lm
-            out.loss = lm + out.aux_loss
-            return out
         return hook
 
     # ------------------------------------------------------------------ data

@@ -43,11 +43,14 @@ def shard_experts(model: nn.Module, mesh: ParallelMesh) -> None:
             setattr(experts, name, nn.Parameter(dt, requires_grad=full.requires_grad))
 
 
-def _divide_by(module, factor: float) -> None:
+def _divide_by(module, factor: float, reduce_size: int) -> None:
     if hasattr(module, "set_gradient_divide_factor"):
         module.set_gradient_divide_factor(factor)
     else:  # torch < 2.7
         module.set_reduce_scatter_divide_factor(factor)
+    if (dist.get_backend() == "gloo" and reduce_size > 1
+            and hasattr(module, "set_force_sum_reduction_for_comms")):
+        module.set_force_sum_reduction_for_comms(True)  # gloo has no PREMUL_SUM
 
 
 def apply_fsdp(model: nn.Module, mesh: ParallelMesh, *, param_dtype: torch.dtype | None = None,
@@ -64,7 +67,7 @@ def apply_fsdp(model: nn.Module, mesh: ParallelMesh, *, param_dtype: torch.dtype
             placement = (lambda p: Shard(1)) if layout.edp > per else None
             fully_shard(experts, mesh=mesh.experts, mp_policy=mp,
                         reshard_after_forward=reshard_after_forward, shard_placement_fn=placement)
-            _divide_by(experts, float(layout.world))
+            _divide_by(experts, float(layout.world), mesh.experts.size())
         fully_shard(layer, **dense)
     if not model.config.tie_word_embeddings:
         fully_shard(model.model.embed_tokens, **dense)
