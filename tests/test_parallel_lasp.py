@@ -10,6 +10,7 @@ import torch.distributed as dist
 from minimax01.ops import lightning_attn
 from minimax01.parallel.context import CPContext
 from minimax01.parallel.lasp import incoming_state, lasp_lightning_attn, lasp_plan, slice_state
+from minimax01.parallel.selfcheck import check_lasp
 
 from dist_utils import run_workers
 
@@ -108,6 +109,15 @@ def _worker(rank, size, layouts, batch):
             torch.testing.assert_close(a.grad, b.grad[:, sl], rtol=1e-9, atol=1e-10)
 
 
+def _selfcheck_worker(rank, size, layouts):
+    for starts in layouts:
+        check_lasp(starts, tol=1e-9)
+    _worker(rank, size, [[0]], 3)  # unpacked rows, one document each
+
+
 def test_lasp_two_processes():
-    run_workers(_worker, 2, [[0], [0, 5, 13], [0, 8], [0, 3, 8, 9, 15]], 1)
-    run_workers(_worker, 2, [[0]], 3)  # unpacked rows, one document each
+    run_workers(_selfcheck_worker, 2, [[0], [0, 5, 13], [0, 8], [0, 3, 8, 9, 15]])
+
+
+def test_lasp_four_processes():
+    run_workers(_selfcheck_worker, 4, [[0, 1, 30], [0, 8, 16, 24, 25]])

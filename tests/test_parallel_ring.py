@@ -5,13 +5,12 @@ from __future__ import annotations
 
 import pytest
 import torch
-import torch.distributed as dist
 
 from minimax01.ops.attention import causal_attention
 from minimax01.parallel.block_attention import CpuFlashKernel, MathKernel
 from minimax01.parallel.context import CPContext
-from minimax01.parallel.ring_attention import (_merge, allgather_attention, ring_attention,
-                                               ring_plan)
+from minimax01.parallel.ring_attention import _merge, ring_plan
+from minimax01.parallel.selfcheck import check_ring
 
 from dist_utils import run_workers
 
@@ -75,29 +74,9 @@ def test_ring_plan_simulated(size, balanced, starts):
 
 
 def _worker(rank, size, cases):
-    group = dist.group.WORLD
     for starts, kernel, mode, dtype in cases:
-        t = 8 * size
-        q, k, v = _inputs(t, seed=len(starts), dtype=dtype)
-        ref_in = [x.clone().requires_grad_() for x in (q, k, v)]
-        ref = _reference(*ref_in, starts)
-        grad = torch.randn(ref.shape, generator=torch.Generator().manual_seed(3), dtype=dtype)
-        (ref * grad).sum().backward()
-        n = t // size
-        sl = slice(rank * n, (rank + 1) * n)
-        ctx = CPContext.from_starts(starts, rank, size, n, group=group)
-        local = [x[:, sl].clone().requires_grad_() for x in (q, k, v)]
-        if mode == "allgather":
-            o = allgather_attention(*local, ctx=ctx, scale=SCALE)
-        else:
-            o = ring_attention(*local, ctx=ctx, scale=SCALE, kernel=kernel,
-                               balance=mode == "balanced")
-        tol = dict(rtol=1e-9, atol=1e-9) if dtype == torch.float64 else dict(rtol=2e-5, atol=2e-5)
-        torch.testing.assert_close(o, ref[:, sl], **tol)
-        (o * grad[:, sl]).sum().backward()
-        for name, a, b in zip("qkv", local, ref_in):
-            torch.testing.assert_close(a.grad, b.grad[:, sl], **tol,
-                                       msg=lambda m: f"d{name} {starts} {kernel} {mode}: {m}")
+        tol = 1e-9 if dtype == torch.float64 else 2e-5
+        check_ring(starts, kernel=kernel, mode=mode, dtype=dtype, tol=tol, seed=len(starts))
 
 
 CASES = [([0, 3, 11, 12], "math", "balanced", torch.float64),

@@ -56,7 +56,7 @@ def _divide_by(module, factor: float, reduce_size: int) -> None:
 def apply_fsdp(model: nn.Module, mesh: ParallelMesh, *, param_dtype: torch.dtype | None = None,
                reduce_dtype: torch.dtype | None = torch.float32,
                reshard_after_forward: bool = True) -> nn.Module:
-    """fully_shard bottom-up: experts (EP only), each decoder layer, embeddings, head, root."""
+    """fully_shard bottom-up: experts (EP only), each decoder layer, embeddings, root."""
     mp = MixedPrecisionPolicy(param_dtype=param_dtype, reduce_dtype=reduce_dtype)
     dense = dict(mesh=mesh.dense, mp_policy=mp, reshard_after_forward=reshard_after_forward)
     layout = mesh.layout
@@ -71,6 +71,7 @@ def apply_fsdp(model: nn.Module, mesh: ParallelMesh, *, param_dtype: torch.dtype
         fully_shard(layer, **dense)
     if not model.config.tie_word_embeddings:
         fully_shard(model.model.embed_tokens, **dense)
-        fully_shard([model.model.norm, model.lm_head], **dense)
+    # the final norm and lm_head stay in the root group: the chunked loss reads
+    # lm_head.weight without calling the module
     fully_shard(model, mesh=mesh.dense, mp_policy=mp, reshard_after_forward=False)
     return model
