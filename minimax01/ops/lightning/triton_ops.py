@@ -39,12 +39,12 @@ def _prec(dtype):
 
 
 def _scan(plan: Plan, slope, a, b, v, out, *, s_in=None, s_in_t=False, s_out=None,
-          reverse=False, state_only=False):
+          reverse=False, state_only=False, kind="fwd"):
     """One scan_kernel launch over all work items. a, b: [N_tok, H, DK]; v, out: [N_tok, H, DV];
     s_in / s_out: [rows, H, ., .] fp32 states indexed by work item (read transposed if s_in_t)."""
     _, h, dk = b.shape
     dv = v.shape[-1]
-    cfg = tile_config(dk, dv, state_only)
+    cfg = tile_config(dk, dv, kind, v.element_size(), plan.block_t)
     grid = (plan.n_items * h * triton.cdiv(dv, cfg.block_v),)
     if grid[0] == 0:
         return
@@ -52,8 +52,8 @@ def _scan(plan: Plan, slope, a, b, v, out, *, s_in=None, s_in_t=False, s_out=Non
     scan_kernel.at(v.device)[grid](
         a if a is not None else dummy, b, v, out if out is not None else dummy,
         s_in if s_in is not None else dummy, s_out if s_out is not None else dummy,
-        plan.items, slope, h, dk, dv, b.stride(0), v.stride(0),
-        *_strides(s_in, s_in_t), *_strides(s_out),
+        plan.items, slope, h, b.stride(0), v.stride(0),
+        *_strides(s_in, s_in_t), *_strides(s_out), DK=dk, DV=dv,
         BLOCK_T=plan.block_t, BLOCK_K=cfg.block_k, BLOCK_V=cfg.block_v,
         REVERSE=int(reverse), STATE_ONLY=state_only, HAS_S_IN=s_in is not None,
         STORE_S=s_out is not None, PREC=_prec(v.dtype),
@@ -101,9 +101,9 @@ def _backward(plan, slope, q, k, v, s0, starts, do, dsf, need):
     if need[0]:
         dq = torch.empty_like(q)
         if plan.segmented:
-            _scan(plan, slope, do, v, k, dq, s_in=starts, s_in_t=True)
+            _scan(plan, slope, do, v, k, dq, s_in=starts, s_in_t=True, kind="bwd")
         else:
-            _scan(plan, slope, do, v, k, dq, s_in=s0, s_in_t=True)
+            _scan(plan, slope, do, v, k, dq, s_in=s0, s_in_t=True, kind="bwd")
     if not (need[1] or need[2] or need[3]):
         return dq, dk, dv, ds0
     want_ds0 = need[3]
@@ -111,18 +111,17 @@ def _backward(plan, slope, q, k, v, s0, starts, do, dsf, need):
         ds0 = torch.empty(plan.n_docs, h, d, e, dtype=torch.float32, device=q.device)
     if plan.segmented:
         rev = torch.empty(plan.n_items, h, d, e, dtype=torch.float32, device=q.device)
-        _scan(plan, slope, None, q, do, None, s_out=rev, reverse=True, state_only=True)
+        _scan(plan, slope, None, q, do, None, s_out=rev, reverse=True, state_only=True, kind="bwd")
         _combine(plan, slope, rev, dsf, ds0, reverse=True)
-        rev_t = True
     else:
-        rev, rev_t = dsf, True
+        rev = dsf
     if need[2] or (want_ds0 and not plan.segmented):
         dv = torch.empty_like(v)
         _scan(plan, slope, k, q, do, dv, s_in=rev, reverse=True,
-              s_out=ds0 if not plan.segmented else None)
+              s_out=ds0 if not plan.segmented else None, kind="bwd")
     if need[1]:
         dk = torch.empty_like(k)
-        _scan(plan, slope, v, do, q, dk, s_in=rev, s_in_t=rev_t, reverse=True)
+        _scan(plan, slope, v, do, q, dk, s_in=rev, s_in_t=True, reverse=True, kind="bwd")
     return dq, dk, dv, ds0
 
 
@@ -185,6 +184,6 @@ def triton_lightning_attn(q, k, v, slope, initial_state=None, cu_seqlens=None, b
     else:
         offsets = list(range(0, b * t + 1, t)) if t > 0 else [0] * (b + 1)
     block_t = block_t_for(block_size)
-    n_vt = triton.cdiv(e, tile_config(d, e).block_v)
+    n_vt = triton.cdiv(e, tile_config(d, e, "fwd", q.element_size(), block_t).block_v)
     plan = make_plan(offsets, h, n_vt, block_t, q.device)
     return _LightningTriton.apply(q, k, v, slope, s0, plan, bool(output_final_state))

@@ -4,9 +4,8 @@ A program scans its token range sequentially, so the parallelism of one launch i
 items x heads x value tiles. When documents are few and long (B*H small, or one long sequence)
 that is too few programs to fill the GPU, so documents longer than `seg_len` are cut into
 segments: each segment computes a local state, a cheap combine turns those into start states,
-and the main pass runs all segments at once. `seg_len` is chosen so that the launch has about
-`target_programs` programs; documents never share an item, so packed sequences (cu_seqlens)
-run in the same single launch.
+and the main pass runs all segments at once (`make_plan` says when that pays). Documents
+never share an item, so packed sequences (cu_seqlens) run in the same single launch.
 
 `override(...)` lets benchmarks and tests force tile sizes or segment lengths."""
 
@@ -24,8 +23,8 @@ _OVERRIDES: dict = {}
 
 @contextlib.contextmanager
 def override(**kwargs):
-    """Temporarily force plan/config fields: block_t, block_v, num_warps, num_stages, seg_len,
-    target_programs, prec."""
+    """Temporarily force plan/config fields: block_t, seg_len, min_seg, target_programs, prec,
+    and the tile fields block_v, num_warps, num_stages (optionally per kind: fwd_*, bwd_*)."""
     old = dict(_OVERRIDES)
     _OVERRIDES.update(kwargs)
     try:
@@ -53,6 +52,7 @@ class TileConfig:
     num_stages: int
 
 
+@functools.lru_cache(maxsize=8)
 def _num_sms(device: torch.device) -> int:
     if device.type == "cuda":
         return torch.cuda.get_device_properties(device).multi_processor_count
@@ -69,14 +69,28 @@ def block_t_for(block_size: int | None) -> int:
     return min(128, max(16, triton.next_power_of_2(block_size)))
 
 
-def tile_config(dk: int, dv: int, state_only: bool = False) -> TileConfig:
-    """Tiles for one scan pass with key dim dk and value dim dv: the fp32 state tile
-    block_k x block_v lives in registers, so keep it near 8K elements per 4 warps."""
+def _get(name: str, kind: str):
+    return _OVERRIDES.get(f"{kind}_{name}", _OVERRIDES.get(name))
+
+
+def tile_config(dk: int, dv: int, kind: str = "fwd", elem_bytes: int = 2,
+                block_t: int = 64) -> TileConfig:
+    """Tiles for one scan pass with key dim dk and value dim dv. `kind` is "fwd" (the forward
+    and its state pass) or "bwd" (dq, dk, dv and the reverse state pass); overrides may be
+    given per kind ("bwd_block_v") or for both ("block_v").
+
+    Measured on H100 (bf16, D=E=128, docs/kernels.md): a 128 x 32 fp32 state tile with 4 warps
+    and a 3-deep load pipeline runs two programs per SM and beats wider tiles, which hold one
+    program per SM and leave the tensor cores waiting on the serial state chain."""
     block_k = max(16, triton.next_power_of_2(dk))
-    block_v = _OVERRIDES.get("block_v") or max(16, min(triton.next_power_of_2(dv), 8192 // block_k))
-    block_v = min(block_v, max(16, triton.next_power_of_2(dv)))
-    num_warps = _OVERRIDES.get("num_warps") or (4 if block_k * block_v <= 8192 else 8)
-    num_stages = _OVERRIDES.get("num_stages") or 2
+    full_v = max(16, triton.next_power_of_2(dv))
+    block_v = min(_get("block_v", kind) or max(16, min(full_v, 4096 // block_k)), full_v)
+    num_warps = _get("num_warps", kind) or (4 if block_k * block_v <= 8192 else 8)
+    num_stages = _get("num_stages", kind)
+    if num_stages is None:
+        # shared memory per pipeline stage: the a, b and v tiles of one block
+        stage = block_t * (2 * block_k + block_v) * elem_bytes
+        num_stages = 3 if 3 * stage <= 160 * 1024 else (2 if 2 * stage <= 200 * 1024 else 1)
     return TileConfig(block_k, block_v, num_warps, num_stages)
 
 
@@ -102,15 +116,21 @@ def make_plan(offsets: list[int], heads: int, n_value_tiles: int, block_t: int,
     n_docs = len(offsets) - 1
     seg_len = _OVERRIDES.get("seg_len")
     if seg_len is None:
-        target = _OVERRIDES.get("target_programs") or 2 * _num_sms(device)
+        # A program's time grows with its range length; a launch ends with its longest program.
+        # Unsplit, that is the longest document; a balanced launch needs `work / sms` per SM.
+        # Splitting costs an extra pass over k and v (about +50% memory traffic), so split only
+        # when the longest document is over twice the balanced share; then aim for about
+        # `target_programs` programs: two per SM, what stays resident at once (a second wave
+        # leaves a tail; measured on H100).
+        sms = _num_sms(device)
         per_item = heads * n_value_tiles
-        if n_docs * per_item >= target or total == 0:
+        work = total * per_item
+        longest = max((b - a for a, b in zip(offsets[:-1], offsets[1:])), default=0)
+        target = _OVERRIDES.get("target_programs") or 2 * sms
+        if total == 0 or ("target_programs" not in _OVERRIDES and longest * sms <= 2 * work):
             seg_len = max(total, 1)
         else:
-            want_items = -(-target // per_item)
-            seg_len = max(-(-total // want_items), 1)
-            # segments shorter than ~8 blocks spend more on state traffic than they gain
-            seg_len = max(seg_len, 8 * block_t, _OVERRIDES.get("min_seg", 1024))
+            seg_len = max(-(-work // target), 8 * block_t, _OVERRIDES.get("min_seg", 1024))
     seg_len = -(-seg_len // block_t) * block_t
     items, first, n_items, n_docs, segmented = _items_cached(tuple(offsets), seg_len, device)
     return Plan(items, first, n_items, n_docs, segmented, block_t)

@@ -27,10 +27,10 @@ from .triton_jit import kernel
 @kernel
 def scan_kernel(
     A, B, V, O, S_IN, S_OUT, ITEMS, SLOPE,
-    H, DK, DV,
-    stride_ab_t, stride_vo_t,
+    H, stride_ab_t, stride_vo_t,
     sin_r, sin_h, sin_k, sin_v,
     sout_r, sout_h, sout_k, sout_v,
+    DK: tl.constexpr, DV: tl.constexpr,
     BLOCK_T: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_V: tl.constexpr,
     REVERSE: tl.constexpr, STATE_ONLY: tl.constexpr, HAS_S_IN: tl.constexpr,
     STORE_S: tl.constexpr, PREC: tl.constexpr,
@@ -81,8 +81,16 @@ def scan_kernel(
             tok = lo + r
         valid = r < m
         t64 = tok.to(tl.int64)
-        m_ab = valid[:, None] & mk[None, :]
-        m_vo = valid[:, None] & mv[None, :]
+        # column masks only where a head dim is not a power of two: row-only masks keep the
+        # loads 16-byte vectorised
+        if DK == BLOCK_K:
+            m_ab = valid[:, None]
+        else:
+            m_ab = valid[:, None] & mk[None, :]
+        if DV % BLOCK_V == 0:
+            m_vo = valid[:, None]
+        else:
+            m_vo = valid[:, None] & mv[None, :]
         b = tl.load(B_h + t64[:, None] * stride_ab_t + ck[None, :], mask=m_ab, other=0.0)
         v = tl.load(V_h + t64[:, None] * stride_vo_t + cv[None, :], mask=m_vo, other=0.0)
         if not STATE_ONLY:
