@@ -93,7 +93,7 @@ class FlashKernel(_FusedKernel):
             q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), 0.0, causal, False,
             scale=scale)
         self._aux = out[2:4] + out[6:8]  # cum_seq_q, cum_seq_k, rng state: reused by backward
-        return out[0].transpose(1, 2), out[1]
+        return out[0].transpose(1, 2), out[1][..., :q.shape[1]]
 
     def _bwd(self, do, q, k, v, o, lse, scale, causal):
         if not hasattr(self, "_aux"):  # the backward needs the op's bookkeeping outputs once

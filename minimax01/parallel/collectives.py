@@ -12,6 +12,7 @@ import torch.distributed as dist
 from torch.distributed import _functional_collectives as fc
 
 _all_gather = getattr(fc, "all_gather_single_autograd", None) or fc.all_gather_tensor_autograd
+_all_gather_plain = getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor
 
 
 def all_gather(x: torch.Tensor, group) -> torch.Tensor:
@@ -31,7 +32,7 @@ def all_gather_nograd(x: torch.Tensor, group) -> torch.Tensor:
     size = dist.get_world_size(group)
     x = x.contiguous().unsqueeze(0)
     out = x.new_empty((size,) + tuple(x.shape[1:]))
-    dist.all_gather_into_tensor(out, x, group=group)
+    _all_gather_plain(out, x, group=group)
     return out
 
 
