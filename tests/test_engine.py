@@ -217,3 +217,71 @@ def test_planner():
     with pytest.raises(ValueError, match="does not fit"):
         plan_memory(text01, 80 * GiB, 1 << 20, weights_loaded=False)
     assert math.isclose(text01.lightning_state_bytes() / 1e6, 293.6, rel_tol=1e-3)
+
+
+def test_sync_free_moe_dispatch_matches_local_forward(model):
+    from minimax01.infer.moe_dispatch import sync_free_dispatch
+    from minimax01.ops.moe import route
+
+    moe = model.model.layers[0].mlp
+    x = torch.randn(7, model.config.hidden_size, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        routing = route(moe.gate(x), moe.top_k)
+        want, _, _ = moe.local_forward(x, routing)
+        got, aux, stats = sync_free_dispatch(moe, x, routing)
+    torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
+    assert stats is None and float(aux) == 0.0
+
+
+def test_decode_buckets():
+    from minimax01.infer.cuda_graphs import decode_buckets
+
+    assert decode_buckets(1) == [1]
+    assert decode_buckets(256)[:8] == [1, 2, 4, 8, 16, 32, 48, 64]
+    assert decode_buckets(256)[-1] == 256 and decode_buckets(100)[-1] == 100
+    assert all(b <= 100 for b in decode_buckets(100))
+
+
+cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+
+
+@pytest.mark.gpu
+@cuda
+def test_cuda_engine_logprobs_match_a_full_forward():
+    """CUDA graphs, the Triton slot attention and lightning kernels, chunked prefill: the
+    log-prob the engine reports for each token equals a cache-free forward over the text."""
+    from minimax01.infer.engine import cast_model
+
+    torch.manual_seed(0)
+    cfg = ModelConfig.from_preset("debug", num_key_value_heads=1, head_dim=32, rotary_dim=16)
+    with torch.device("cuda"):
+        m = cast_model(MiniMaxForCausalLM(cfg).eval(), dtype=torch.bfloat16)
+    prompts = random_prompts([3, 200, 17, 90, 1, 64], seed=6)
+    eng = Engine(m, num_slots=4, max_context=300, prefill_chunk=128)
+    assert eng.graphs is not None and eng.cache.attention == "triton"
+    outs = eng.generate(prompts, SamplingParams(max_tokens=12, logprobs=0, **GREEDY))
+    for p, o in zip(prompts, outs):
+        seq = torch.tensor([p + o.token_ids], device="cuda")
+        with torch.no_grad():
+            lp = torch.log_softmax(m(seq).logits[0].float(), -1)
+        want = [lp[len(p) - 1 + i, t].item() for i, t in enumerate(o.token_ids)]
+        got = [t.logprob for t in o.logprobs]
+        assert max(abs(a - b) for a, b in zip(got, want)) < 0.05, (got, want)
+    assert eng.pool.free_slots == 4
+
+
+@pytest.mark.gpu
+@cuda
+@pytest.mark.parametrize("splits", [1, 8])
+def test_cuda_slot_attention_bf16(splits):
+    g = torch.Generator(device="cuda").manual_seed(0)
+    s, hkv, length, d, h = 3, 4, 4096, 128, 16
+    kw = dict(device="cuda", dtype=torch.bfloat16, generator=g)
+    keys, values = torch.randn(s, hkv, length, d, **kw), torch.randn(s, hkv, length, d, **kw)
+    slot = torch.tensor([2, 0], dtype=torch.int32, device="cuda")
+    ctx = torch.tensor([0, 3000], dtype=torch.int32, device="cuda")
+    qlen = torch.tensor([700, 96], dtype=torch.int32, device="cuda")
+    q = torch.randn(796, h, d, **kw)
+    ref = torch_slot_attention(q, keys, values, slot, ctx, qlen, d ** -0.5)
+    out = triton_slot_attention(q, keys, values, slot, ctx, qlen, d ** -0.5, num_splits=splits)
+    torch.testing.assert_close(out, ref, atol=2e-2, rtol=2e-2)

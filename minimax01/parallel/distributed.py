@@ -133,6 +133,31 @@ class DistributedWorld:
             return batch
         return cp_slice(batch, self.cp_rank, self.cp_size)
 
+    # ------------------------------------------------------------------ gradients
+    def clip_grad_norm_(self, parameters, max_norm: float, norm_type: float = 2.0) -> torch.Tensor:
+        """Global gradient norm over every rank's shards, then clip in place. Parameters live
+        on different meshes (dense FSDP mesh, expert EDP x EP mesh), which one
+        `torch.nn.utils.clip_grad_norm_` cannot combine: each group's norm is reduced over its
+        own mesh, then the groups are combined."""
+        from torch.distributed.tensor import DTensor
+
+        params = [p for p in parameters if p.grad is not None]
+        groups: dict = {}
+        for p in params:
+            g = p.grad
+            key = (id(g.device_mesh), g.placements) if isinstance(g, DTensor) else None
+            groups.setdefault(key, []).append(p)
+        norms = []
+        for group in groups.values():
+            n = torch.nn.utils.get_total_norm([p.grad for p in group], norm_type)
+            norms.append((n.full_tensor() if isinstance(n, DTensor) else n).float())
+        if not norms:
+            return torch.zeros((), device=self.device)
+        total = torch.linalg.vector_norm(torch.stack(norms), norm_type)
+        for group in groups.values():  # one mesh at a time
+            torch.nn.utils.clip_grads_with_norm_(group, max_norm, total)
+        return total
+
     # ------------------------------------------------------------------ collectives
     def all_reduce(self, value: torch.Tensor, op: str = "sum") -> torch.Tensor:
         """Reduce over every rank; op "sum", "mean", "max" or "min". Returns a new tensor on

@@ -160,9 +160,15 @@ def check_model(pcfg, *, capacity_factor=None, pre_shifted: bool = True, loss_ch
     err = rel_err(world.all_reduce(loss.detach(), "mean"), ref.loss)
     err = max(err, rel_err(world.all_reduce(out.aux_loss.detach(), "mean"), ref.aux_loss))
     dropped = [s.dropped for s in model.moe_stats()]
+    ref_norm = torch.linalg.vector_norm(torch.stack([g.double().norm() for g in ref_grads.values()]))
+    norm = world.clip_grad_norm_(list(model.parameters()), float("inf"))
+    err = max(err, rel_err(norm, ref_norm))
     for name, p in model.named_parameters():
         grad = p.grad.full_tensor() if isinstance(p.grad, DTensor) else p.grad
         err = max(err, rel_err(grad, ref_grads[name]))
+    world.clip_grad_norm_(list(model.parameters()), float(ref_norm) / 2)  # clipping halves it
+    err = max(err, rel_err(world.clip_grad_norm_(list(model.parameters()), float("inf")),
+                           ref_norm / 2))
     dist.barrier()
     if dropped != ref_dropped:
         raise AssertionError(f"dropped assignments per layer {dropped} != {ref_dropped}")
