@@ -4,6 +4,8 @@ sharded layout and offline from the DCP folder loads back as the same weights.""
 
 from __future__ import annotations
 
+import json
+
 import torch
 import torch.distributed as dist
 from torch.distributed.checkpoint.state_dict import StateDictOptions, get_optimizer_state_dict
@@ -88,7 +90,11 @@ def test_checkpoint_reshard_and_export(tmp_path):
     opt = _optimizer(model)
     pckpt.load(tmp_path / "dcp", model, opt)
     _check_same(model.state_dict(), _full_optim(model, opt), ref)
-    out = pckpt.dcp_to_hf(tmp_path / "dcp", tmp_path / "hf_offline", model.config, dialect="hf")
-    loaded = MiniMaxForCausalLM.from_pretrained(out)
+    # offline export through the command line (reads the model config the trainer stored)
+    (tmp_path / "dcp" / "trainer_state.json").write_text(json.dumps(
+        {"model_config": model.config.to_dict()}))
+    assert pckpt.main([str(tmp_path / "dcp"), str(tmp_path / "hf_offline"), "--dialect", "hf"]) == 0
+    loaded = MiniMaxForCausalLM.from_pretrained(tmp_path / "hf_offline")
     for k, v in loaded.state_dict().items():
         torch.testing.assert_close(v, ref["model"][k], rtol=0, atol=0)
+    assert pckpt.main([str(tmp_path / "missing"), str(tmp_path / "x")]) == 2

@@ -11,6 +11,7 @@ DCP checkpoint folder."""
 
 from __future__ import annotations
 
+import sys
 import warnings
 from pathlib import Path
 
@@ -97,3 +98,33 @@ def dcp_to_hf(dcp_path: str | Path, out: str | Path, config: ModelConfig,
     load(dcp_path, model)
     written = export_hf(model, out, dialect, dtype)
     return written if written is not None else Path(out)
+
+
+def main(argv=None) -> int:
+    """`python -m minimax01.parallel.checkpoint DCP_DIR OUT_DIR [--dialect D] [--dtype T]`:
+    export a training checkpoint (any layout) to an HF-format folder, in one process."""
+    import argparse
+    import json
+
+    p = argparse.ArgumentParser(prog="python -m minimax01.parallel.checkpoint",
+                                description=main.__doc__.split("\n")[0].strip(" `"))
+    p.add_argument("dcp_dir", help="a checkpoint folder (holds .metadata and trainer_state.json)")
+    p.add_argument("out_dir")
+    p.add_argument("--dialect", default="legacy", choices=["legacy", "hf"])
+    p.add_argument("--dtype", default=None, choices=["float32", "bfloat16", "float16"],
+                   help="cast the weights (default: the model config's dtype)")
+    args = p.parse_args(argv)
+    state_file = Path(args.dcp_dir) / "trainer_state.json"
+    if not state_file.is_file():
+        print(f"error: {state_file} not found (is {args.dcp_dir} a training checkpoint?)",
+              file=sys.stderr)
+        return 2
+    config = ModelConfig.from_dict(json.loads(state_file.read_text())["model_config"])
+    dtype = getattr(torch, args.dtype or config.dtype)
+    out = dcp_to_hf(args.dcp_dir, args.out_dir, config, args.dialect, dtype)
+    print(f"exported {args.dcp_dir} to {out} ({args.dialect} dialect, {dtype})")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
