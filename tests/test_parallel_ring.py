@@ -77,6 +77,9 @@ def _worker(rank, size, cases):
     for starts, kernel, mode, dtype in cases:
         tol = 1e-9 if dtype == torch.float64 else 2e-5
         check_ring(starts, kernel=kernel, mode=mode, dtype=dtype, tol=tol, seed=len(starts))
+    if size == 2:  # unpacked rows (batch 3, one document per row)
+        check_ring([0], rows=3, mode="balanced", tol=1e-9)
+        check_ring([0], rows=3, mode="allgather", tol=1e-9)
 
 
 CASES = [([0, 3, 11, 12], "math", "balanced", torch.float64),

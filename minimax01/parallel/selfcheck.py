@@ -77,23 +77,25 @@ def check_lasp(starts: list[int], *, per_rank: int = 8, heads: int = 3, dim: int
 
 def check_ring(starts: list[int], *, per_rank: int = 8, heads: int = 4, kv_heads: int = 2,
                dim: int = 8, device="cpu", dtype=torch.float64, tol: float = 1e-9,
-               kernel: str = "math", mode: str = "balanced", seed: int = 0) -> float:
+               kernel: str = "math", mode: str = "balanced", seed: int = 0, rows: int = 1) -> float:
     """Ring (or all-gather) attention on the world group vs single-device causal document
-    attention: output and q/k/v gradients."""
+    attention: output and q/k/v gradients. `rows` > 1: unpacked rows, one document each."""
     rank, size, group = dist.get_rank(), dist.get_world_size(), dist.group.WORLD
     t = per_rank * size
     g = torch.Generator().manual_seed(seed)
-    shapes = [(1, t, heads, dim), (1, t, kv_heads, dim), (1, t, kv_heads, dim)]
+    shapes = [(rows, t, heads, dim), (rows, t, kv_heads, dim), (rows, t, kv_heads, dim)]
     q, k, v = (torch.randn(s, generator=g, dtype=torch.float64).to(device, dtype) for s in shapes)
     scale = dim ** -0.5
+    if rows > 1:
+        starts = [0]
     cu = torch.tensor(sorted(set(starts) | {0}) + [t], dtype=torch.int32, device=device)
     ref_in = [x.clone().requires_grad_() for x in (q, k, v)]
-    ref = causal_attention(*ref_in, cu_seqlens=cu, scale=scale)
+    ref = causal_attention(*ref_in, cu_seqlens=cu if rows == 1 else None, scale=scale)
     up = torch.randn(ref.shape, generator=torch.Generator().manual_seed(seed + 1),
                      dtype=torch.float64).to(device, dtype)
     (ref.float() * up.float()).sum().backward()
     sl = slice(rank * per_rank, (rank + 1) * per_rank)
-    ctx = CPContext.from_starts(starts, rank, size, per_rank, group=group)
+    ctx = CPContext.from_starts(starts, rank, size, per_rank, rows=rows, group=group)
     local = [x[:, sl].clone().requires_grad_() for x in (q, k, v)]
     if mode == "allgather":
         o = allgather_attention(*local, ctx=ctx, scale=scale)
