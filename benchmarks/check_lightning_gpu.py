@@ -143,7 +143,8 @@ def short_checks():
     check("bf16 block 16 / 32 / 128 equal results (16)", 1, 500, 2, 128, 128, block_t=16)
     check("bf16 block 128", 1, 500, 2, 128, 128, block_t=128)
     g = torch.Generator().manual_seed(3)
-    lens = [0, 1, 63, 64, 65, 5000, 0, 7, 12000] + torch.randint(0, 700, (40,), generator=g).tolist()
+    lens = [0, 1, 63, 64, 65, 5000, 0, 7, 12000]
+    lens += torch.randint(0, 700, (40,), generator=g).tolist()
     check(f"varlen bf16 {len(lens)} docs T={sum(lens)} H=4", 1, sum(lens), 4, 128, 128, lens=lens)
     check(f"varlen bf16 {len(lens)} docs split 1024", 1, sum(lens), 4, 128, 128, lens=lens,
           seg_len=1024)

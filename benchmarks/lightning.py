@@ -16,7 +16,6 @@ import argparse
 import json
 import math
 import sys
-import time
 
 import torch
 import triton
@@ -43,7 +42,6 @@ def ceilings():
     x = torch.randn(8192, 8192, device="cuda", dtype=DT)
     y = torch.randn_like(x)
     mm = 2 * 8192 ** 3 / (bench(lambda: x @ y) * 1e-3)
-    del a, b
     return bw, mm
 
 
@@ -106,7 +104,8 @@ def opennlp(q, k, v, slope):
 def sdpa(backend_name):
     def peer(q, k, v, slope):
         from torch.nn.attention import SDPBackend, sdpa_kernel
-        be = {"flash": SDPBackend.FLASH_ATTENTION, "cudnn": SDPBackend.CUDNN_ATTENTION}[backend_name]
+        be = {"flash": SDPBackend.FLASH_ATTENTION,
+              "cudnn": SDPBackend.CUDNN_ATTENTION}[backend_name]
         qt, kt, vt = (x.detach().transpose(1, 2).requires_grad_(x.requires_grad) for x in (q, k, v))
 
         def run():
@@ -208,8 +207,6 @@ def decode_times(b, h=64, peers=True, **decode_kw):
             print(f"  [{name} decode graph: {type(exc).__name__}: {str(exc)[:120]}]",
                   file=sys.stderr)
             res[name] = None
-    del states
-    torch.cuda.empty_cache()
     return res
 
 
@@ -269,7 +266,8 @@ def breakdown(h, t):
             run()
         torch.cuda.synchronize()
     print(f"breakdown h={h} t={t} (5 fwd+bwd):")
-    print(prof.key_averages().table(sort_by="cuda_time_total", row_limit=12, max_name_column_width=60))
+    print(prof.key_averages().table(sort_by="cuda_time_total", row_limit=12,
+                                    max_name_column_width=60))
 
 
 def fmt(x):
@@ -280,6 +278,7 @@ def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--sweep", action="store_true")
     ap.add_argument("--no-table", action="store_true", help="only the ceilings (and the sweep)")
+    ap.add_argument("--decode-only", action="store_true", help="table rows for decode only")
     ap.add_argument("--json", default=None, help="also write the numbers to this file")
     args = ap.parse_args()
     torch.backends.cuda.matmul.allow_tf32 = True
@@ -300,8 +299,8 @@ def main():
         for b in (1, 64, 256):
             for kw in DECODE_SWEEP:
                 t_ = decode_times(b, peers=False, **kw)["ours"]
-                print("decode sweep", b, kw, fmt(t_), f"{2 * b * 64 * D * E * 4 / (t_ * 1e-3) / 1e12:.2f} TB/s"
-                      if t_ else "", flush=True)
+                rate = f"{2 * b * 64 * D * E * 4 / (t_ * 1e-3) / 1e12:.2f} TB/s" if t_ else ""
+                print("decode sweep", b, kw, fmt(t_), rate, flush=True)
         for h, t in ((64, 16384),):
             try:
                 breakdown(h, t)
@@ -314,7 +313,7 @@ def main():
         return
 
     rows = []
-    for backward in (False, True):
+    for backward in ((False, True) if not args.decode_only else ()):
         for h, t in PREFILL:
             fl_f, fl_b = floors(h, t, bw, mm)
             floor = fl_b if backward else fl_f

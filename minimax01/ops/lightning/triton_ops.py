@@ -33,6 +33,7 @@ def _strides(state, transpose=False):
 
 
 def _prec(dtype):
+    """fp32 inputs get true fp32 products ("ieee"), not tf32: fp32 callers ask for accuracy."""
     if "prec" in _OVERRIDES:
         return _OVERRIDES["prec"]
     return "ieee" if dtype == torch.float32 else None

@@ -37,7 +37,7 @@ def override(**kwargs):
 @dataclass
 class Plan:
     items: torch.Tensor       # int32 [n_items, 2]: (start, end) offsets into the flattened tokens
-    doc_first: torch.Tensor   # int32 [n_docs + 1]: items of document d are doc_first[d]:doc_first[d+1]
+    doc_first: torch.Tensor   # int32 [n_docs + 1]: doc d owns items [doc_first[d], doc_first[d+1])
     n_items: int
     n_docs: int
     segmented: bool           # some document spans several items
