@@ -6,10 +6,11 @@ DK x DV fp32 state in registers, and for each block emit
     out[i] = sum_{j<=i in block} lam^(i-j) (a_i . b_j) v_j  +  lam^(i+1-SHIFT) a_i S
     S      = lam^m S + sum_j lam^(m-1-j+SHIFT) b_j^T v_j
 
-(i, j rows of the block in scan order, m rows in the block, SHIFT the REVERSE flag). With (a, b, v) = (q, k, v) in time
-order this is the forward (o, S); with (do, v, k) it is dq (state S^T); walking time backwards
-with SHIFT = 1, (k, q, do) gives dv and (v, do, q) gives dk, the state being lam * dS (so that it
-starts at the final state's gradient and ends at the initial state's gradient). The decay is a
+(i, j rows of the block in scan order, m rows in the block, SHIFT the REVERSE flag). With
+(a, b, v) = (q, k, v) in time order this is the forward (o, S); with (do, v, k) it is dq (state
+S^T); walking time backwards with SHIFT = 1, (k, q, do) gives dv and (v, do, q) gives dk, the
+state being lam * dS (so that it starts at the final state's gradient and ends at the initial
+state's gradient). The decay is a
 per-head constant, so every factor is a closed-form exp2 -- no cumulative sums.
 
 One program owns one (work item, head, BLOCK_V columns of the value dim). A work item is a token
