@@ -402,3 +402,24 @@ def test_failed_save_writes_nothing(tmp_path):
     with pytest.raises(ValueError, match="postnorm"):
         m.save_pretrained(tmp_path / "out", dialect="hf")
     assert not (tmp_path / "out").exists()
+
+
+def test_failed_save_over_a_checkpoint_leaves_it_intact(tmp_path, model, monkeypatch):
+    model.save_pretrained(tmp_path, max_shard_size="100KB")
+    before = snapshot(tmp_path)
+    import safetensors.torch
+
+    real, calls = safetensors.torch.save_file, []
+
+    def fail_third(tensors, filename, metadata=None):
+        calls.append(filename)
+        if len(calls) == 3:
+            raise OSError("disk full")
+        real(tensors, filename, metadata=metadata)
+
+    monkeypatch.setattr(safetensors.torch, "save_file", fail_third)
+    other = make_model(seed=1)
+    with pytest.raises(OSError, match="disk full"):
+        other.save_pretrained(tmp_path, max_shard_size="100KB")
+    assert snapshot(tmp_path) == before  # no temporary files, no new shard renamed into place
+    assert_same_model(model, MiniMaxForCausalLM.from_pretrained(tmp_path))

@@ -1,8 +1,9 @@
 """Writing a HF-format checkpoint folder: safetensors shards of at most `max_shard_size`
 (`model.safetensors` when one shard is enough, else `model-0000k-of-0000n.safetensors` plus
 `model.safetensors.index.json`), then `config.json`. Tensors are produced lazily, one shard in
-memory at a time; each file is written under a temporary name and renamed into place, and weight
-files of an earlier save that the new one does not use are removed at the end."""
+memory at a time. All shards are first written under temporary names (a failure removes them and
+leaves the folder as it was), then renamed into place; weight files of an earlier save that the
+new one does not use are removed at the end."""
 
 from __future__ import annotations
 
@@ -107,19 +108,28 @@ def write_checkpoint(path: str | Path, config: dict, sources: list[Source],
     files = shard_file_names(len(shards))
     weight_map: dict[str, str] = {}
     start = time.perf_counter()
-    for k, (file, shard) in enumerate(zip(files, shards)):
-        tensors = {}
-        for s in shard:
-            t = s.load()
-            if tuple(t.shape) != tuple(s.shape):
-                raise ValueError(f"tensor {s.name} has shape {list(t.shape)}, expected {list(s.shape)}")
-            tensors[s.name] = _standalone(t.to(s.dtype))
-            weight_map[s.name] = file
-        tmp = path / (file + ".tmp")
-        save_file(tensors, str(tmp), metadata={"format": "pt"})
+    written: list[Path] = []
+    try:  # every shard under a temporary name first: a failed save leaves the folder as it was
+        for k, (file, shard) in enumerate(zip(files, shards)):
+            tensors = {}
+            for s in shard:
+                t = s.load()
+                if tuple(t.shape) != tuple(s.shape):
+                    raise ValueError(f"tensor {s.name} has shape {list(t.shape)}, expected "
+                                     f"{list(s.shape)}")
+                tensors[s.name] = _standalone(t.to(s.dtype))
+                weight_map[s.name] = file
+            tmp = path / (file + ".tmp")
+            written.append(tmp)
+            save_file(tensors, str(tmp), metadata={"format": "pt"})
+            del tensors
+            log.info("wrote %s (%d/%d, %.1fs)", file, k + 1, len(files), time.perf_counter() - start)
+    except BaseException:
+        for tmp in written:
+            tmp.unlink(missing_ok=True)
+        raise
+    for tmp, file in zip(written, files):
         os.replace(tmp, path / file)
-        del tensors
-        log.info("wrote %s (%d/%d, %.1fs)", file, k + 1, len(files), time.perf_counter() - start)
     if len(files) > 1:
         index = {"metadata": {"total_size": sum(s.nbytes for s in sources)}, "weight_map": weight_map}
         _write_text(path / INDEX_NAME, json.dumps(index, indent=2) + "\n")
