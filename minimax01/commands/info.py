@@ -14,6 +14,10 @@ def add_arguments(parser) -> None:
     parser.add_argument("--preset", metavar="NAME", help=f"a preset: {', '.join(PRESETS)}")
     parser.add_argument("--checkpoint", metavar="DIR",
                         help="a checkpoint folder (reads config.json and the safetensors headers)")
+    parser.add_argument("--gpu-memory", type=float, metavar="GiB",
+                        help="also show how many sequences `serve` fits on a GPU of this size")
+    parser.add_argument("--max-context", default="8192,131072,1048576", metavar="N[,N...]",
+                        help="contexts for --gpu-memory (default 8192,131072,1048576)")
 
 
 def _checkpoint_lines(path: str) -> tuple[ModelConfig, list[str]]:
@@ -37,5 +41,21 @@ def run(args) -> int:
         lines += [f"Preset {args.preset}", ""]
     else:
         cfg, lines = _checkpoint_lines(args.checkpoint)
+    contexts = _contexts(args) if args.gpu_memory is not None else None
     print("\n".join(lines + [t.render() + "\n" for t in report(cfg)]).rstrip())
+    if contexts:
+        from ..infer.planner import GiB, fits_table
+
+        print("\n" + fits_table(cfg, int(args.gpu_memory * GiB), contexts))
     return 0
+
+
+def _contexts(args) -> list[int]:
+    try:
+        contexts = [int(x) for x in args.max_context.split(",") if x]
+    except ValueError:
+        raise CLIError(f"--max-context: expected integers, got {args.max_context!r}") from None
+    if args.gpu_memory <= 0 or not contexts or min(contexts) <= 0:
+        raise CLIError(f"--gpu-memory and --max-context must be positive, got "
+                       f"{args.gpu_memory} and {args.max_context}")
+    return contexts

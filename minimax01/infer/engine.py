@@ -171,7 +171,11 @@ class Engine:
         tokens = torch.tensor([s.output_ids[-1] for s in seqs], device=self.device)
         slots = [s.slot for s in seqs]
         if self.graphs is not None:
-            return self.graphs.run(tokens, slots)
+            try:
+                return self.graphs.run(tokens, slots)
+            except RuntimeError as e:  # capture failed: keep serving without graphs
+                log.warning("CUDA graph decode failed (%s); decoding eagerly from now on", e)
+                self.graphs = None
         slot_idx = torch.tensor(slots, dtype=torch.long, device=self.device)
         active = torch.ones(len(seqs), dtype=torch.bool, device=self.device)
         self.cache.begin_decode(slot_idx, active, [s.num_cached for s in seqs])

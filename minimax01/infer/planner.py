@@ -91,3 +91,23 @@ def plan_memory(cfg: ModelConfig, free_bytes: int, max_context: int, *, dtype: s
                          f"({utilization:.0%} of {free_bytes / GiB:.2f} GiB free); lower "
                          f"--max-context or --prefill-chunk")
     return MemoryPlan(max_context, int(slots), chunk, budget, weights, act, state, kv)
+
+
+def fits_table(cfg: ModelConfig, gpu_bytes: int, contexts: list[int], *, dtype: str | None = None,
+               prefill_chunk: int = 16384, utilization: float = 0.9) -> str:
+    """What `serve` can hold on a GPU of `gpu_bytes` (weights included), per max context."""
+    dtype = dtype or (cfg.dtype if cfg.dtype in DTYPE_BYTES else "bfloat16")
+    weights = cfg.weight_bytes(DTYPE_BYTES[dtype])
+    lines = [f"Serving on one GPU of {gpu_bytes / GiB:.0f} GiB ({dtype} weights "
+             f"{weights / GiB:.2f} GiB, {utilization:.0%} usable, prefill chunk {prefill_chunk})",
+             f"  {'max context':>12}  {'sequences':>9}  {'K/V per seq':>12}  "
+             f"{'state per seq':>13}  {'cache pool':>10}"]
+    for ctx in contexts:
+        try:
+            p = plan_memory(cfg, gpu_bytes, ctx, dtype=dtype, weights_loaded=False,
+                            prefill_chunk=prefill_chunk, utilization=utilization)
+            lines.append(f"  {ctx:>12,}  {p.num_slots:>9}  {p.kv_bytes_per_slot / GiB:>8.3f} GiB  "
+                         f"{p.state_bytes_per_slot / GiB:>9.3f} GiB  {p.pool_bytes / GiB:>6.1f} GiB")
+        except ValueError:
+            lines.append(f"  {ctx:>12,}  {'0':>9}  (does not fit)")
+    return "\n".join(lines)

@@ -137,7 +137,8 @@ class SlotCache:
 
     def _prefill_block_m(self) -> int:
         g = self.pool.config.num_attention_heads // self.pool.config.num_key_value_heads
-        return max(1, 64 // g)
+        rows = 128 if self.pool.device.type == "cuda" else 64  # query rows (x heads) per program
+        return max(1, rows // g)
 
     def begin_decode(self, slot_idx: torch.Tensor, active: torch.Tensor,
                      host_lengths: list[int] | None = None) -> None:

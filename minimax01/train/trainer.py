@@ -112,6 +112,7 @@ class Trainer:
         dev = self.world.device
         out = {k: (v.to(dev, non_blocking=True) if isinstance(v, torch.Tensor) else v)
                for k, v in batch.items()}
+        out["shift_labels"] = False  # the packer's labels are next-token targets already
         return self.world.shard_batch(out)
 
     def _forward(self, model, batch: dict):
@@ -120,7 +121,8 @@ class Trainer:
             kwargs["loss_chunk_size"] = self.cfg.train.loss_chunk_size
         with self._autocast():
             out = model(batch["input_ids"], labels=batch["labels"],
-                        cu_seqlens=batch.get("cu_seqlens"), shift_labels=False, **kwargs)
+                        cu_seqlens=batch.get("cu_seqlens"), shift_labels=False,
+                        position_ids=batch.get("position_ids"), **kwargs)
         n = batch["labels"].ne(IGNORE_INDEX).sum()
         # token sum of the lm loss; 0 (with zero gradients) for a micro-batch with no targets
         lm_sum = torch.where(n > 0, out.lm_loss, torch.zeros_like(out.lm_loss)) * n
