@@ -162,10 +162,13 @@ class MiniMaxForCausalLM(nn.Module):
         """Per-layer routing statistics of the last forward (list of MoEStats or None)."""
         return [layer.mlp.last_stats for layer in self.model.layers]
 
-    def save_pretrained(self, path, dialect: str = "legacy", max_shard_size: str | int = "2GB"):
+    def save_pretrained(self, path, dialect: str = "legacy", max_shard_size: str | int = "2GB",
+                        tokenizer=None):
+        """config.json + sharded safetensors in `dialect`, and the tokenizer's files if given."""
         from ..checkpoint.hf import save_pretrained
 
-        save_pretrained(self, path, dialect=dialect, max_shard_size=max_shard_size)
+        save_pretrained(self, path, dialect=dialect, max_shard_size=max_shard_size,
+                        tokenizer=tokenizer)
 
     @classmethod
     def from_pretrained(cls, path, dtype=None, device=None) -> "MiniMaxForCausalLM":

@@ -92,8 +92,10 @@ def swiglu_experts(x: torch.Tensor, counts: torch.Tensor, gate_up: torch.Tensor,
 def combine(expert_out: torch.Tensor, order: torch.Tensor, weights: torch.Tensor,
             num_tokens: int) -> torch.Tensor:
     """Weighted sum of each token's expert outputs. expert_out rows follow `order` (flat
-    token*k + choice indices); dropped assignments simply have no row."""
+    token*k + choice indices, each at most once); dropped assignments simply have no row.
+    Scatters rows back to [N, k, H] (unique indices: no atomics) and sums over k."""
     k = weights.shape[1]
     w = weights.reshape(-1)[order].to(expert_out.dtype)
-    out = expert_out.new_zeros(num_tokens, expert_out.shape[-1])
-    return out.index_add(0, order // k, expert_out * w[:, None])
+    slots = expert_out.new_zeros(num_tokens * k, expert_out.shape[-1])
+    slots = slots.index_copy(0, order, expert_out * w[:, None])
+    return slots.view(num_tokens, k, -1).sum(1)
