@@ -51,12 +51,16 @@ class DistributedWorld:
     def __init__(self, cfg: ParallelConfig, device: torch.device | str | None = None):
         _check_options(cfg)
         self.cfg = cfg
+        local_rank = int(os.environ.get("LOCAL_RANK", 0))
+        if device is None:
+            device = "cuda" if torch.cuda.is_available() and cfg.backend != "gloo" else "cpu"
+        device = torch.device(device)
+        if device.type == "cuda" and device.index is None:
+            device = torch.device("cuda", local_rank)  # one GPU per process
+        self.device = device
         backend = cfg.backend
         if backend == "auto":
-            backend = "nccl" if torch.cuda.is_available() else "gloo"
-        if device is None:
-            device = f"cuda:{int(os.environ.get('LOCAL_RANK', 0))}" if backend == "nccl" else "cpu"
-        self.device = torch.device(device)
+            backend = "nccl" if device.type == "cuda" else "gloo"
         if self.device.type == "cuda":
             torch.cuda.set_device(self.device)
         if not dist.is_initialized():
