@@ -97,15 +97,16 @@ def test_health_models_and_auth(server):
 def test_completion_streaming_and_not(server, model):
     url, _, tok, _ = server
     prompt = "To be, or not"
-    want = expected_text(model, tok, tok.encode(prompt), 12)
+    ids = tok.encode(prompt, add_bos=True)  # string prompts start with BOS, as in training
+    want = expected_text(model, tok, ids, 12)
     body = {"model": "debug", "prompt": prompt, "max_tokens": 12, "temperature": 0,
             "ignore_eos": True}
     r = httpx.post(f"{url}/v1/completions", json=body, headers=AUTH, timeout=60)
     assert r.status_code == 200, r.text
     data = r.json()
     assert data["choices"][0]["text"] == want and data["choices"][0]["finish_reason"] == "length"
-    assert data["usage"] == {"prompt_tokens": len(tok.encode(prompt)), "completion_tokens": 12,
-                             "total_tokens": len(tok.encode(prompt)) + 12}
+    assert data["usage"] == {"prompt_tokens": len(ids), "completion_tokens": 12,
+                             "total_tokens": len(ids) + 12}
     with httpx.stream("POST", f"{url}/v1/completions", headers=AUTH, timeout=60,
                       json={**body, "stream": True, "stream_options": {"include_usage": True}}) as s:
         assert s.headers["content-type"].startswith("text/event-stream")
@@ -117,7 +118,7 @@ def test_completion_streaming_and_not(server, model):
     assert chunks[-1]["usage"]["completion_tokens"] == 12
     # token ids as the prompt, and log-probs
     r = httpx.post(f"{url}/v1/completions", headers=AUTH, timeout=60,
-                   json={**body, "prompt": tok.encode(prompt), "logprobs": 2, "max_tokens": 3})
+                   json={**body, "prompt": ids, "logprobs": 2, "max_tokens": 3})
     lp = r.json()["choices"][0]["logprobs"]
     assert len(lp["token_logprobs"]) == 3 and all(len(t) <= 2 for t in lp["top_logprobs"])
     assert all(v <= 0 for v in lp["token_logprobs"])
@@ -126,7 +127,7 @@ def test_completion_streaming_and_not(server, model):
 def test_chat_streaming_and_not(server, model):
     url, _, tok, _ = server
     messages = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hi!"}]
-    prompt_ids = tok.encode(ChatTemplate(tok).render(messages))
+    prompt_ids = tok.encode(ChatTemplate(tok).render(messages), add_bos=True)
     want = expected_text(model, tok, prompt_ids, 10)
     body = {"messages": messages, "max_tokens": 10, "temperature": 0, "ignore_eos": True}
     r = httpx.post(f"{url}/v1/chat/completions", json=body, headers=AUTH, timeout=60)
@@ -146,7 +147,7 @@ def test_chat_streaming_and_not(server, model):
 def test_32_concurrent_requests(server, model):
     url, engine, tok, _ = server
     prompts = [f"request {i}: " + "abcdefgh"[: i % 8] for i in range(32)]
-    wants = [expected_text(model, tok, tok.encode(p), 8) for p in prompts]
+    wants = [expected_text(model, tok, tok.encode(p, add_bos=True), 8) for p in prompts]
 
     async def one(client, i):
         body = {"prompt": prompts[i], "max_tokens": 8, "temperature": 0, "ignore_eos": True}

@@ -161,6 +161,9 @@ class Engine:
             rows += done
         for seq, _, n in plan.prefill:
             seq.num_cached += n
+            if len(seq.prompt_ids) > 4 * self.scheduler.prefill_chunk:  # long prompt: progress
+                log.info("%s: prefilled %d / %d prompt tokens", seq.request_id, seq.num_cached,
+                         len(seq.prompt_ids))
         for seq in plan.decode:
             seq.num_cached += 1
         if rows:

@@ -294,7 +294,7 @@ def create_app(engine, tokenizer, *, model_name: str = "minimax01", api_key: str
             if tokenizer is None:
                 raise APIError(400, "prompt: this server has no tokenizer; send token ids",
                                "prompt")
-            prompt_ids = tokenizer.encode(req.prompt)
+            prompt_ids = tokenizer.encode(req.prompt, add_bos=True)  # as training and generate
         else:
             prompt_ids = req.prompt
         rid, queue = submit(prompt_ids, params_of(req, req.max_tokens, req.logprobs))
@@ -347,7 +347,9 @@ def create_app(engine, tokenizer, *, model_name: str = "minimax01", api_key: str
         max_tokens = req.max_completion_tokens if req.max_completion_tokens is not None \
             else req.max_tokens
         logprobs = (req.top_logprobs or 0) if req.logprobs else None
-        rid, queue = submit(tokenizer.encode(prompt), params_of(req, max_tokens, logprobs))
+        # a tokenizer's own template writes its special tokens; the default one gets BOS
+        ids = tokenizer.encode(prompt, add_bos=template.name == "default")
+        rid, queue = submit(ids, params_of(req, max_tokens, logprobs))
         cid, now = f"chatcmpl-{rid}", int(time.time())
 
         def chunk(out):
