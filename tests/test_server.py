@@ -239,10 +239,29 @@ def test_disconnects_free_their_slots(server):
     assert r.status_code == 200 and r.json()["usage"]["completion_tokens"] == 2
 
 
-def test_serve_command_shuts_down_cleanly_on_sigterm():
+def test_chat_template_from_the_tokenizer():
+    class Tok(ByteTokenizer):
+        chat_template = ("{% for m in messages %}{% if m.role == 'tool' %}"
+                         "{{ raise_exception('no tools here') }}{% endif %}"
+                         "[{{ m.role }}]{{ m.content }}{% endfor %}"
+                         "{% if add_generation_prompt %}[assistant]{% endif %}")
+
+    t = ChatTemplate(Tok())
+    assert t.name == "tokenizer"
+    assert t.render([{"role": "user", "content": "hi"}]) == "[user]hi[assistant]"
+    with pytest.raises(ValueError, match="no tools here"):
+        t.render([{"role": "tool", "content": "x"}])
+    assert ChatTemplate(ByteTokenizer()).render([{"role": "user", "content": "hi"}]) == \
+        "<|user|>\nhi\n<|assistant|>\n"
+
+
+def test_serve_command_shuts_down_cleanly_on_sigterm(model, tmp_path):
+    ckpt = tmp_path / "tiny-ckpt"
+    model.save_pretrained(ckpt)
+    ByteTokenizer().save(ckpt)
     port = free_port()
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}
-    proc = subprocess.Popen([sys.executable, "-m", "minimax01", "serve", "--preset", "debug",
+    proc = subprocess.Popen([sys.executable, "-m", "minimax01", "serve", "--checkpoint", str(ckpt),
                              "--port", str(port), "--max-context", "256", "--num-slots", "2",
                              "--log-level", "warning"],
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, env=env)
@@ -257,6 +276,9 @@ def test_serve_command_shuts_down_cleanly_on_sigterm():
                     break
             except httpx.TransportError:
                 time.sleep(0.2)
+        assert httpx.get(f"{url}/v1/models").json()["data"][0]["id"] == "tiny-ckpt"
+        want = expected_text(model, ByteTokenizer(), ByteTokenizer().encode("hello", add_bos=True),
+                             40)
         body = {"prompt": "hello", "max_tokens": 40, "temperature": 0, "ignore_eos": True,
                 "stream": True}
         with httpx.stream("POST", f"{url}/v1/completions", json=body, timeout=60) as s:
@@ -264,7 +286,10 @@ def test_serve_command_shuts_down_cleanly_on_sigterm():
             first = next(line for line in lines if line.startswith("data: "))
             proc.send_signal(signal.SIGTERM)  # mid-stream: the stream still completes
             rest = [line for line in lines if line.startswith("data: ")]
-        assert json.loads(first[6:])["choices"] and rest[-1] == "data: [DONE]"
+        assert rest[-1] == "data: [DONE]"
+        text = "".join(json.loads(e[6:])["choices"][0]["text"] for e in [first] + rest[:-1]
+                       if json.loads(e[6:])["choices"])
+        assert text == want  # the checkpoint's weights, served in full despite SIGTERM
         assert proc.wait(timeout=30) == 0
     finally:
         if proc.poll() is None:
