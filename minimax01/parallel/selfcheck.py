@@ -89,7 +89,8 @@ def check_ring(starts: list[int], *, per_rank: int = 8, heads: int = 4, kv_heads
     if rows > 1:
         starts = [0]
     cu = torch.tensor(sorted(set(starts) | {0}) + [t], dtype=torch.int32, device=device)
-    ref_in = [x.clone().requires_grad_() for x in (q, k, v)]
+    wide = torch.float64 if dtype == torch.float64 else torch.float32  # reference precision
+    ref_in = [x.to(wide, copy=True).requires_grad_() for x in (q, k, v)]
     ref = causal_attention(*ref_in, cu_seqlens=cu if rows == 1 else None, scale=scale)
     up = torch.randn(ref.shape, generator=torch.Generator().manual_seed(seed + 1),
                      dtype=torch.float64).to(device, dtype)
@@ -208,7 +209,7 @@ def run_all(device, dtype, tol_attn: float, tol_model: float, kernel: str = "mat
     if device.type == "cuda":  # the fused flash kernel needs bf16
         for starts in ([0, 3, 11, 12], [0, 8]):
             record(f"ring balanced/flash bf16 docs {starts}",
-                   lambda: check_ring(starts, device=device, dtype=torch.bfloat16, tol=3e-2,
+                   lambda: check_ring(starts, device=device, dtype=torch.bfloat16, tol=5e-2,
                                       kernel="flash", per_rank=64, dim=64))
     cases = [("FSDP dp_shard", ParallelConfig(dp_shard=size), None, 0),
              ("EP dropless", ParallelConfig(ep=2), None, 0),
@@ -234,7 +235,8 @@ def main() -> int:
     dist.init_process_group("nccl" if cuda else "gloo")
     device = torch.device("cuda", torch.cuda.current_device()) if cuda else torch.device("cpu")
     dtype = torch.float32 if cuda else torch.float64
-    tol_attn, tol_model = (2e-3, 5e-3) if cuda else (1e-9, 1e-6)
+    # GPU: fp32 data, but Triton dots may run in TF32; a real bug gives errors of order 1
+    tol_attn, tol_model = (5e-3, 1e-2) if cuda else (1e-9, 1e-6)
     lines, failures = run_all(device, dtype, tol_attn, tol_model)
     if dist.get_rank() == 0:
         verdict = f"{len(failures)} FAILED" if failures else "all checks passed"
