@@ -133,9 +133,11 @@ class ExpertParallel:
                                              for g, p in enumerate(parts)])
         else:
             ys = moe.experts(lambda w1, w2: self._exchange(flat, token, parts, kept, w1, w2))
-        out = flat.new_zeros(n, flat.shape[1], dtype=ys[0].dtype)
-        for p, y in zip(parts, ys):
-            out = out.index_add(0, token[p], y * weight[p][:, None].to(y.dtype))
+        # each (token, choice) has its own slot: scatter without atomics, then sum over k
+        slot = token * k + torch.arange(k, device=flat.device).repeat_interleave(n)
+        out = torch.cat(ys) * torch.cat([weight[p] for p in parts])[:, None].to(ys[0].dtype)
+        out = flat.new_zeros(n * k, flat.shape[1], dtype=out.dtype).index_copy(
+            0, slot[torch.cat(parts)], out).view(n, k, -1).sum(1)
         aux = self._aux_loss(routing.probs, counts, n_global)
         dropped = 0 if capacity is None else int((counts - capacity).clamp(min=0).sum())
         stats = MoEStats(load=(counts.float() / max(n_global * k, 1)).detach(), dropped=dropped,
