@@ -13,7 +13,7 @@ OUT=${OUT:-runs/bench_distributed}
 mkdir -p "$OUT"
 RES="$OUT/distributed.jsonl"
 export OMP_NUM_THREADS=8 TORCH_NCCL_ASYNC_ERROR_HANDLING=1
-TR="torchrun --standalone"
+TR="python -m torch.distributed.run --standalone"
 stages=${*:-all}
 has() { [[ " $stages " == *" $1 "* || " $stages " == *" all "* ]]; }
 

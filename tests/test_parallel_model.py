@@ -15,6 +15,9 @@ def _worker(rank, world, cases):
     for pcfg, cf, pre_shifted, chunk in cases:
         check_model(pcfg, capacity_factor=cf, pre_shifted=pre_shifted, loss_chunk_size=chunk,
                     tol=1e-6)
+    if world == 2:  # layers recomputed in backward repeat their collectives
+        check_model(ParallelConfig(cp=2, ep=2, ep_token_groups=2), capacity_factor=1.0,
+                    checkpointing=True, tol=1e-6)
 
 
 def test_model_two_processes():

@@ -113,7 +113,8 @@ def check_ring(starts: list[int], *, per_rank: int = 8, heads: int = 4, kv_heads
 # ---------------------------------------------------------------------- the whole model
 def check_model(pcfg, *, capacity_factor=None, pre_shifted: bool = True, loss_chunk_size: int = 0,
                 preset: str = "debug", seq: int = 24, docs=(0, 5, 14, 15), device=None,
-                dtype=torch.float64, tol: float = 1e-5, **model_overrides) -> float:
+                dtype=torch.float64, tol: float = 1e-5, checkpointing: bool = False,
+                **model_overrides) -> float:
     """The model under DistributedWorld(pcfg) vs one process on the concatenated batch: the
     loss (as the trainer forms it), the aux loss, MoE drops and every parameter's gradient."""
     from torch.distributed.tensor import DTensor
@@ -126,7 +127,9 @@ def check_model(pcfg, *, capacity_factor=None, pre_shifted: bool = True, loss_ch
         torch.manual_seed(0)
         cfg = ModelConfig.from_preset(preset, capacity_factor=capacity_factor,
                                       router_aux_loss_coef=0.01, **model_overrides)
-        return MiniMaxForCausalLM(cfg).to(dtype).train()
+        model = MiniMaxForCausalLM(cfg).to(dtype).train()
+        model.set_gradient_checkpointing(checkpointing)  # recomputation repeats the collectives
+        return model
 
     world = make_world(pcfg, device)
     dev = world.device
@@ -216,6 +219,9 @@ def run_all(device, dtype, tol_attn: float, tol_model: float, kernel: str = "mat
              ("EP token drop, 2 token groups", ParallelConfig(ep=2, ep_token_groups=2), 1.0, 0),
              ("CP (LASP+ and ring), chunked loss", ParallelConfig(cp=2), None, 8),
              ("CP + EP token drop", ParallelConfig(cp=2, ep=2), 1.0, 0)]
+    record("model: CP + EP, activation checkpointing",
+           lambda: check_model(ParallelConfig(cp=2, ep=2), device=device, dtype=dtype,
+                               tol=tol_model, checkpointing=True))
     if size == 4:
         cases.append(("dp 2 x CP 2 x EP 2 token drop",
                       ParallelConfig(dp_shard=2, cp=2, ep=2, ep_token_groups=2), 1.0, 0))
