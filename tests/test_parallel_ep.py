@@ -47,14 +47,36 @@ def _groups(world, ep):
     return mine, edp
 
 
+def _router(world, scope):
+    """Router groups: consecutive blocks of `scope` ranks (every rank creates every group)."""
+    mine = None
+    for start in range(0, world, scope):
+        g = dist.new_group(list(range(start, start + scope))) if scope < world else dist.group.WORLD
+        if start <= dist.get_rank() < start + scope:
+            mine = g
+    return mine
+
+
 def _worker(rank, world, cases):
-    for cf, ep, cp, rows, groups, tokens in cases:
-        ref = _moe(cf)
+    for cf, ep, cp, rows, groups, tokens, *rest in cases:
+        scope = rest[0] if rest else world  # router group size
+        n_groups = world // scope
         x = torch.randn(world // cp * rows, tokens * cp, HID, dtype=torch.float64,
                         generator=torch.Generator().manual_seed(1))
         upstream = torch.randn(x.shape, dtype=torch.float64, generator=torch.Generator().manual_seed(2))
+        # reference: one process per router group on that group's rows; the aux loss of a step is
+        # the mean over groups (like gradient-accumulation steps)
+        ref = _moe(cf)
         xr = x.clone().requires_grad_()
-        out_ref, aux_ref = ref(xr)
+        span = scope // cp * rows
+        outs, auxes = [], []
+        for grp in range(n_groups):
+            o, a = ref(xr[grp * span:(grp + 1) * span])
+            outs.append(o)
+            auxes.append(a)
+            if grp == rank // scope:
+                ref_stats = ref.last_stats  # this rank's group
+        out_ref, aux_ref = torch.cat(outs), torch.stack(auxes).mean()
         ((out_ref * upstream).sum() + aux_ref).backward()
 
         moe = _moe(cf)
@@ -67,8 +89,8 @@ def _worker(rank, world, cases):
         install_experts_forward(moe.experts)
         state = _State()
         state.rows = rows
-        moe.dispatcher = ExpertParallel(state, RouterGroup(dist.group.WORLD, world, cp, rank),
-                                        EPGroup(ep_group, ep, j), token_groups=groups)
+        router = RouterGroup(_router(world, scope), scope, cp, rank % scope)
+        moe.dispatcher = ExpertParallel(state, router, EPGroup(ep_group, ep, j), token_groups=groups)
         d, c = divmod(rank, cp)
         sl = (slice(d * rows, (d + 1) * rows), slice(c * tokens, (c + 1) * tokens))
         xl = x[sl].clone().requires_grad_()
@@ -77,7 +99,7 @@ def _worker(rank, world, cases):
         aux_mean = aux.detach().clone()
         dist.all_reduce(aux_mean)
         torch.testing.assert_close(aux_mean / world, aux_ref.detach(), rtol=1e-6, atol=1e-8)
-        stats, ref_stats = moe.last_stats, ref.last_stats
+        stats = moe.last_stats
         assert stats.dropped == ref_stats.dropped and stats.assignments == ref_stats.assignments
         if cf is not None and cf < 1.5:
             assert stats.dropped > 0, "the case meant to drop tokens dropped none"
@@ -86,7 +108,7 @@ def _worker(rank, world, cases):
         torch.testing.assert_close(xl.grad, xr.grad[sl], rtol=1e-6, atol=1e-8)  # router math is fp32
         gate = moe.gate.weight.grad.clone()
         dist.all_reduce(gate)
-        torch.testing.assert_close(gate, ref.gate.weight.grad, rtol=1e-6, atol=1e-8)  # router math is fp32
+        torch.testing.assert_close(gate, ref.gate.weight.grad, rtol=1e-6, atol=1e-8)
         for name in ("gate_up_proj", "down_proj"):
             g = getattr(moe.experts, name).grad.clone()
             dist.all_reduce(g, group=edp_group)
@@ -105,4 +127,6 @@ def test_expert_parallel_two_processes():
 
 def test_expert_parallel_four_processes():
     run_workers(_worker, 4, [(1.0, 2, 2, 2, 2, 5),      # 2 data ranks x CP 2, EP inside CP
-                             (0.5, 4, 1, 1, 3, 6)])     # EP over all four, heavy drop
+                             (0.5, 4, 1, 1, 3, 6),      # EP over all four, heavy drop
+                             (1.0, 2, 2, 2, 2, 5, 2),   # router scope "local": the CP pair
+                             (1.0, 2, 1, 1, 1, 9, 2)])  # router scope "ep": the EP pair
