@@ -73,10 +73,14 @@ def dispatch(experts: torch.Tensor, num_experts: int, capacity: int | None = Non
 
 def grouped_mm(x: torch.Tensor, w: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
     """x: [M, K] rows grouped by expert (counts [E]); w: [E, N, K] (nn.Linear layout).
-    Returns [M, N] with row block e multiplied by w[e]^T."""
-    if x.is_cuda and x.dtype == torch.bfloat16 and hasattr(torch, "_grouped_mm"):
+    Returns [M, N] with row block e multiplied by w[e]^T. Under CUDA autocast (fp32 weights,
+    bf16 compute: training) both operands are cast to the autocast dtype."""
+    dtype = x.dtype
+    if x.is_cuda and torch.is_autocast_enabled("cuda"):
+        dtype = torch.get_autocast_dtype("cuda")
+    if x.is_cuda and dtype == torch.bfloat16 and hasattr(torch, "_grouped_mm"):
         offs = torch.cumsum(counts, 0).to(torch.int32)
-        return torch._grouped_mm(x, w.transpose(-2, -1), offs=offs)
+        return torch._grouped_mm(x.to(dtype), w.to(dtype).transpose(-2, -1), offs=offs)
     outs = [xe @ w[e].t() for e, xe in enumerate(torch.split(x, counts.tolist())) if xe.shape[0]]
     return torch.cat(outs, 0) if outs else x.new_zeros(0, w.shape[1])
 
