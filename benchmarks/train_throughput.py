@@ -8,7 +8,7 @@ documents. MFU counts `cfg.flops_per_token(T, training=True)` (matmul FLOPs, 3x 
 recompute not counted) against the bf16 matmul rate measured in the same run, and against the
 989 TFLOP/s datasheet peak of an H100 SXM.
 
-    python benchmarks/train_throughput.py [--seqs 4096,8192,16384,32768,65536] [--steps 3]
+    python benchmarks/train_throughput.py [--plan "hybrid:4,8,16,32,64 softmax:4,32"] [--steps 3]
 """
 
 from __future__ import annotations
@@ -53,30 +53,6 @@ def variant(name: str, preset: str) -> ModelConfig:
     return cfg
 
 
-class autocast_grouped_mm:
-    """Within: the MoE expert matmuls take torch._grouped_mm under autocast too (the model's
-    residual stream is fp32 under autocast, which otherwise sends them down the per-expert loop)."""
-
-    def __enter__(self):
-        import minimax01.ops.moe as moe
-
-        self.moe, self.orig = moe, moe.grouped_mm
-        orig = self.orig
-
-        def grouped_mm(x, w, counts):
-            if x.is_cuda and torch.is_autocast_enabled("cuda"):
-                dt = torch.get_autocast_dtype("cuda")
-                with torch.autocast("cuda", enabled=False):
-                    return orig(x.to(dt), w.to(dt), counts)
-            return orig(x, w, counts)
-
-        moe.grouped_mm = grouped_mm
-        return self
-
-    def __exit__(self, *exc):
-        self.moe.grouped_mm = self.orig
-
-
 def force_lightning_backend(model, backend: str) -> None:
     from minimax01.ops import lightning_attn
 
@@ -107,6 +83,21 @@ def check_triton(model) -> str:
     except Exception as e:  # noqa: BLE001 - report and fall back
         print(f"triton lightning backend failed ({type(e).__name__}: {e}); using 'chunk'")
         return "chunk"
+
+
+def probe_cudnn_gqa() -> str:
+    """Whether cuDNN SDPA takes this model's causal GQA shapes (else flash runs them)."""
+    import torch.nn.functional as F
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    q = torch.randn(1, 16, 4096, 128, device="cuda", dtype=torch.bfloat16)
+    kv = torch.randn(1, 4, 4096, 128, device="cuda", dtype=torch.bfloat16)
+    try:
+        with sdpa_kernel([SDPBackend.CUDNN_ATTENTION]):
+            F.scaled_dot_product_attention(q, kv, kv, is_causal=True, enable_gqa=True)
+        return "cuDNN"
+    except RuntimeError as e:
+        return f"flash (cuDNN refused GQA: {str(e).splitlines()[0][:120]})"
 
 
 def train_step(model, opt, ids, labels, chunk):
@@ -143,16 +134,19 @@ def measure(model, opt, cfg, seq, tokens, steps, chunk):
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--preset", default="1b", help="model preset (debug: a CPU smoke run)")
-    ap.add_argument("--seqs", default="4096,8192,16384,32768,65536")
-    ap.add_argument("--variants", default="hybrid,softmax,lightning",
-                    help="hybrid, softmax, lightning; hybrid-gmm: hybrid with the expert "
-                         "matmuls on torch._grouped_mm under autocast")
+    ap.add_argument("--plan", default="hybrid:4,8,16,32,64 softmax:4,8,16,32,64 lightning:4,16,64",
+                    help="variant:seq,seq,... (seqs in K tokens), space-separated; variants "
+                         "hybrid, softmax, lightning")
     ap.add_argument("--tokens", type=int, default=65536, help="tokens per step")
     ap.add_argument("--steps", type=int, default=3)
     ap.add_argument("--chunk", type=int, default=8192, help="loss_chunk_size")
     ap.add_argument("--backend", default="auto", help="lightning backend: auto | triton | chunk")
     args = ap.parse_args()
-    seqs = [int(s) for s in args.seqs.split(",")]
+    plan = []
+    for item in args.plan.split():
+        name, _, ks = item.partition(":")
+        plan.append((name, [int(float(k) * 1024) for k in ks.split(",")]))
+    seqs = sorted({s for _, ss in plan for s in ss})
     cuda = torch.cuda.is_available()
     device = torch.device("cuda" if cuda else "cpu")
     card = torch.cuda.get_device_name() if cuda else "cpu"
@@ -161,7 +155,8 @@ def main():
     peak = matmul_peak() if cuda else None
     if peak:
         print(f"measured bf16 matmul peak: {peak / 1e12:.0f} TFLOP/s "
-              f"(datasheet {DATASHEET / 1e12:.0f})")
+              f"(datasheet {DATASHEET / 1e12:.0f}); softmax attention runs on "
+              f"{probe_cudnn_gqa()}", flush=True)
     import contextlib
 
     from torch.nn.attention import SDPBackend, sdpa_kernel
@@ -169,11 +164,11 @@ def main():
     rows = []
     backend = None
     start = time.perf_counter()
-    for name in args.variants.split(","):
-        cfg = variant(name.replace("-gmm", ""), args.preset)
+    for name, variant_seqs in plan:
+        cfg = variant(name, args.preset)
         torch.manual_seed(0)
         with torch.device(device):
-            model = MiniMaxForCausalLM(cfg)
+            model = MiniMaxForCausalLM(cfg).float()  # fp32 master weights, as the trainer
         model.set_gradient_checkpointing(True)
         model.train()
         if backend is None:
@@ -181,13 +176,12 @@ def main():
                        check_triton(model) if cuda else "chunk")
         force_lightning_backend(model, backend)
         opt = build_optimizer(model, OptimConfig())
-        for seq in seqs:
+        for seq in variant_seqs:
             ctx = contextlib.ExitStack()
             if cuda:  # cuDNN attention first, flash where cuDNN cannot take a shape
                 ctx.enter_context(sdpa_kernel([SDPBackend.CUDNN_ATTENTION,
-                                               SDPBackend.FLASH_ATTENTION], set_priority=True))
-            if name.endswith("-gmm"):
-                ctx.enter_context(autocast_grouped_mm())
+                                               SDPBackend.FLASH_ATTENTION,
+                                               SDPBackend.EFFICIENT_ATTENTION], set_priority=True))
             try:
                 with ctx:
                     tps, mem = measure(model, opt, cfg, seq, args.tokens, args.steps, args.chunk)

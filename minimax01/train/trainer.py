@@ -201,8 +201,8 @@ class Trainer:
         model = model.to(device)
         prompt = self.tokenizer.encode(t.sample_prompt, add_bos=self.cfg.data.add_bos)
         stops = [self.tokenizer.eos_id] if self.tokenizer.eos_id is not None else None
-        out = generate(model, [prompt], max_new_tokens=t.sample_tokens, temperature=0.8,
-                       top_k=50, seed=t.seed, stop_tokens=stops)
+        out = generate(model, [prompt], max_new_tokens=t.sample_tokens, temperature=0.7,
+                       top_k=40, seed=t.seed, stop_tokens=stops)
         return t.sample_prompt + self.tokenizer.decode(out[0, len(prompt):].tolist())
 
     # ------------------------------------------------------------------ signals
