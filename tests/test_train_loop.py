@@ -34,7 +34,8 @@ def test_run_logs_saves_prunes_and_exports(tmp_path, capsys):
     train = [r for r in records if "loss" in r]
     evals = [r for r in records if "eval_loss" in r]
     assert [r["step"] for r in train] == list(range(1, 13))
-    assert [r["step"] for r in evals] == [6, 12]
+    assert [r["step"] for r in evals] == [0, 6, 12]
+    assert evals[0]["eval_loss"] > evals[-1]["eval_loss"] + 0.5
     for key in ("step", "loss", "lr", "tokens", "tokens_per_s", "aux_loss", "grad_norm",
                 "moe_load", "moe_drop_rate"):
         assert key in train[0], key

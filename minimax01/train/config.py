@@ -345,7 +345,7 @@ PRESETS: dict[str, dict[str, dict[str, Any]]] = {
         "data": {"source": "stdlib"},
         "optim": {"lr": 3e-3, "warmup_steps": 20, "schedule": "wsd", "decay_fraction": 0.3,
                   "min_lr_ratio": 0.1},
-        "train": {"steps": 400, "batch_size": 4, "seq_len": 256, "dtype": "float32",
+        "train": {"steps": 500, "batch_size": 4, "seq_len": 256, "dtype": "float32",
                   "out_dir": "runs/demo", "save_every": 100, "log_every": 20, "eval_every": 100,
                   "eval_batches": 8, "sample_prompt": "def ", "sample_tokens": 300},
     },

@@ -270,6 +270,8 @@ class Trainer:
         evaluated_at = None
         bad = 0
         acc = _Interval(len(raw_model.model.layers), self.model_cfg.num_local_experts, dev)
+        if step == 0 and t.eval_every:  # where the loss starts from
+            result.eval_loss = self._log_eval(model, log, 0)
         clock = time.perf_counter()
 
         while step < t.steps:
