@@ -127,6 +127,9 @@ class Experts(nn.Module):
         e, h, i = config.num_local_experts, config.hidden_size, config.intermediate_size
         self.gate_up_proj = nn.Parameter(torch.empty(e, 2 * i, h))
         self.down_proj = nn.Parameter(torch.empty(e, h, i))
+        with torch.no_grad():  # like nn.Linear, never garbage; the model's init_weights overrides
+            self.gate_up_proj.normal_(0.0, h ** -0.5)
+            self.down_proj.normal_(0.0, i ** -0.5)
 
     def forward(self, x_grouped: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
         return swiglu_experts(x_grouped, counts, self.gate_up_proj, self.down_proj)
