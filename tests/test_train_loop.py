@@ -1,7 +1,6 @@
 """The trainer in-process: metrics, checkpoints, export, accumulation, faults, refusals."""
 
 import json
-from pathlib import Path
 
 import pytest
 import torch
@@ -186,3 +185,41 @@ def test_checkpoint_restores_model_optimizer_and_rng(tmp_path):
                          build_optimizer(model2, again.cfg.optim), again.world)
     for (n, a), (_, b) in zip(model.named_parameters(), model2.named_parameters()):
         assert torch.equal(a, b), n  # same seed and data: bit-identical runs
+
+
+def test_hf_tokenizer_json_trains_and_exports(tmp_path):
+    from tokenizers import Tokenizer, models, pre_tokenizers, trainers
+
+    tok = Tokenizer(models.BPE(unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel()
+    tok.train([SHAKESPEARE], trainers.BpeTrainer(vocab_size=300, special_tokens=[
+        "<unk>", "<s>", "</s>", "<pad>"]))
+    path = tmp_path / "tokenizer.json"
+    tok.save(str(path))
+    out = tmp_path / "bpe"
+    cfg = config(out, "--data.tokenizer", str(path), "--model.vocab_size", "300",
+                 "--model.bos_token_id", "1", "--model.eos_token_id", "2",
+                 "--model.pad_token_id", "3", steps=2, eval_every=0, export=True)
+    trainer = Trainer(cfg)
+    assert trainer.tokenizer.bos_id == 1 and trainer.tokenizer.eos_id == 2
+    batch = trainer.data.next_batch()
+    assert batch["input_ids"].max() < 300 and batch["input_ids"][0, 0] != trainer.tokenizer.pad_id
+    trainer.fit()
+    from minimax01.tokenizer import load_tokenizer
+
+    loaded = load_tokenizer(out / "model")
+    assert loaded.encode("ROMEO: hi") == trainer.tokenizer.encode("ROMEO: hi")
+
+
+def test_activation_checkpointing_and_token_drop_switches(tmp_path):
+    runs = {}
+    for name, extra in (("plain", {}), ("ac", {"activation_checkpointing": True})):
+        Trainer(config(tmp_path / name, steps=2, log_every=1, eval_every=0, **extra)).fit()
+        runs[name] = [r for r in read_metrics(tmp_path / name / "metrics.jsonl") if "loss" in r]
+    for a, b in zip(runs["plain"], runs["ac"]):  # recomputation changes nothing
+        assert a["loss"] == pytest.approx(b["loss"], rel=1e-6)
+        assert a["grad_norm"] == pytest.approx(b["grad_norm"], rel=1e-5)
+    Trainer(config(tmp_path / "drop", "--model.capacity_factor", "0.5", steps=2, log_every=1,
+                   eval_every=0)).fit()
+    rates = read_metrics(tmp_path / "drop" / "metrics.jsonl")[0]["moe_drop_rate"]
+    assert len(rates) == 4 and all(r >= 0.5 - 1e-6 for r in rates)  # capacity is half the load

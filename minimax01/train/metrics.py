@@ -134,3 +134,60 @@ class MetricsLogger:
         if self.tb is not None:
             self.tb.close()
             self.tb = None
+
+
+def summary(record: dict) -> dict:
+    """The few numbers the progress bar shows."""
+    out = {"loss": f"{record['loss']:.4f}", "lr": f"{record['lr']:.2e}",
+           "tok/s": f"{record['tokens_per_s']:.0f}"}
+    if "mfu" in record:
+        out["mfu"] = f"{100 * record['mfu']:.1f}%"
+    out["mem"] = f"{record['memory_gib']:.1f}G"
+    return out
+
+
+class IntervalStats:
+    """Sums over the steps between two log records, kept on the device (no host syncs)."""
+
+    def __init__(self, layers: int, experts: int, device):
+        self.lm = torch.zeros((), dtype=torch.float64, device=device)
+        self.count = torch.zeros((), dtype=torch.float64, device=device)
+        self.aux = torch.zeros((), dtype=torch.float64, device=device)
+        self.moe_load = torch.zeros(layers, experts, dtype=torch.float64, device=device)
+        self.moe_drop = torch.zeros(layers, 2, dtype=torch.float64, device=device)
+        self.grad_norm = None
+        self.steps = self.skipped = self.tokens = 0
+
+    def add_moe(self, stats) -> None:
+        for i, s in enumerate(stats):
+            if s is None:
+                continue
+            n = float(s.assignments)
+            self.moe_load[i] += s.load.to(self.moe_load) * n
+            dropped = torch.as_tensor(s.dropped, dtype=torch.float64, device=self.moe_drop.device)
+            self.moe_drop[i, 0] += dropped
+            self.moe_drop[i, 1] += n
+
+    def add_step(self, lm_sum, count, aux, grad_norm, tokens: int) -> None:
+        self.lm += lm_sum
+        self.count += count
+        self.aux += aux
+        self.grad_norm = grad_norm
+        self.steps += 1
+        self.tokens += tokens
+
+    def record(self, step, lr, tokens, elapsed, world, reduce) -> dict | None:
+        if self.steps == 0:
+            return None
+        moe = reduce(torch.cat([self.moe_load, self.moe_drop], 1))
+        e = self.moe_load.shape[1]
+        load = moe[:, :e] / moe[:, :e].sum(1, keepdim=True).clamp(min=1)
+        drop = moe[:, e] / moe[:, e + 1].clamp(min=1)
+        rec = {"step": step, "loss": float(self.lm / self.count), "lr": lr, "tokens": tokens,
+               "tokens_per_s": self.tokens / max(elapsed, 1e-9),
+               "aux_loss": float(self.aux / self.steps), "grad_norm": float(self.grad_norm),
+               "moe_load": [[round(x, 4) for x in row] for row in load.tolist()],
+               "moe_drop_rate": [round(x, 5) for x in drop.tolist()]}
+        if self.skipped:
+            rec["skipped"] = self.skipped
+        return rec

@@ -27,7 +27,8 @@ from ..tokenizer import load_tokenizer
 from . import checkpointing as ckpt
 from .config import RunConfig
 from .data import IGNORE_INDEX, TrainData
-from .metrics import MetricsLogger, datasheet_peak_flops, memory_gib, truncate_metrics
+from .metrics import (IntervalStats, MetricsLogger, datasheet_peak_flops, memory_gib, summary,
+                      truncate_metrics)
 from .optim import build_optimizer, lr_at, micro_batches_at, set_lr
 
 _DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
@@ -260,8 +261,6 @@ class Trainer:
     def _loop(self, model, raw_model, optimizer, log, step, tokens) -> TrainResult:
         cfg, world, t, dev = self.cfg, self.world, self.cfg.train, self.world.device
         params = [p for p in model.parameters() if p.requires_grad]
-        grad_avg = world.world_size  # parallelize() averages gradients over all ranks (FSDP2)
-        clip = getattr(world, "clip_grad_norm_", None) or torch.nn.utils.clip_grad_norm_
         max_norm = cfg.optim.grad_clip if cfg.optim.grad_clip > 0 else math.inf
         peak = datasheet_peak_flops(dev)
         flops_tok = self.model_cfg.flops_per_token(t.seq_len, training=True)
@@ -269,39 +268,20 @@ class Trainer:
         saved_at = step if self.resume_from is not None else None
         evaluated_at = None
         bad = 0
-        acc = _Interval(len(raw_model.model.layers), self.model_cfg.num_local_experts, dev)
+        acc = IntervalStats(len(raw_model.model.layers), self.model_cfg.num_local_experts, dev)
         if step == 0 and t.eval_every:  # where the loss starts from
             result.eval_loss = self._log_eval(model, log, 0)
         clock = time.perf_counter()
 
         while step < t.steps:
             micro = micro_batches_at(tokens, t.grad_accum, cfg.optim.batch_warmup_tokens)
-            batches = [self._batch_to_device(self.data.next_batch()) for _ in range(micro)]
-            counts = torch.stack([b["labels"].ne(IGNORE_INDEX).sum() for b in batches])
-            n_global = self._reduce(counts.sum().double()).clamp(min=1)
             lr = lr_at(step, t.steps, cfg.optim)
-            set_lr(optimizer, lr)
-            lm_total = torch.zeros((), dtype=torch.float64, device=dev)
-            aux_total = torch.zeros((), dtype=torch.float64, device=dev)
-            for batch in batches:
-                out, lm_sum, _ = self._forward(model, batch)
-                acc.add_moe(raw_model.moe_stats())
-                loss = lm_sum * (grad_avg / n_global) + out.aux_loss / micro
-                loss.backward()
-                lm_total += lm_sum.detach().double()
-                aux_total += out.aux_loss.detach().double() / micro
-            sums = self._reduce(torch.stack([lm_total, aux_total / grad_avg]))
-            grad_norm = clip(params, max_norm)
-            if hasattr(grad_norm, "full_tensor"):
-                grad_norm = grad_norm.full_tensor()
-            finite = bool(torch.isfinite(sums).all() and torch.isfinite(grad_norm))
-            if finite:
-                optimizer.step()
-                bad = 0
-            optimizer.zero_grad(set_to_none=True)
+            sums, n_global, grad_norm, finite = self._step(model, raw_model, optimizer, micro,
+                                                           lr, acc, params, max_norm)
             step += 1
             tokens += micro * t.batch_size * t.seq_len
             if finite:
+                bad = 0
                 acc.add_step(sums[0], n_global, sums[1], grad_norm, micro * t.batch_size * t.seq_len)
             else:
                 bad += 1
@@ -327,8 +307,8 @@ class Trainer:
                     record["memory_gib"] = round(memory_gib(dev), 3)
                     log.record(record)
                     result.loss = record["loss"]
-                    log.show(_summary(record), step, t.steps)
-                acc = _Interval(len(raw_model.model.layers), self.model_cfg.num_local_experts, dev)
+                    log.show(summary(record), step, t.steps)
+                acc = IntervalStats(len(raw_model.model.layers), self.model_cfg.num_local_experts, dev)
                 clock = time.perf_counter()
 
             pause = time.perf_counter()
@@ -362,65 +342,38 @@ class Trainer:
         result.step, result.tokens = step, tokens
         return result
 
+    def _step(self, model, raw_model, optimizer, micro: int, lr: float, acc, params, max_norm):
+        """One optimizer step over `micro` micro-batches. Each contributes its lm-loss token sum
+        over the global target count (times the world size: parallelize() averages gradients
+        over all ranks, as FSDP2 does) and its aux loss over `micro`. Returns the global
+        [lm sum, aux mean], the global target count, the gradient norm, and whether the step
+        was finite (else it is skipped)."""
+        world, dev = self.world, self.world.device
+        batches = [self._batch_to_device(self.data.next_batch()) for _ in range(micro)]
+        counts = torch.stack([b["labels"].ne(IGNORE_INDEX).sum() for b in batches])
+        n_global = self._reduce(counts.sum().double()).clamp(min=1)
+        set_lr(optimizer, lr)
+        totals = torch.zeros(2, dtype=torch.float64, device=dev)
+        for batch in batches:
+            out, lm_sum, _ = self._forward(model, batch)
+            acc.add_moe(raw_model.moe_stats())
+            (lm_sum * (world.world_size / n_global) + out.aux_loss / micro).backward()
+            totals += torch.stack([lm_sum.detach(), out.aux_loss.detach() / micro]).double()
+        sums = self._reduce(totals / torch.tensor([1.0, world.world_size], device=dev,
+                                                  dtype=torch.float64))
+        clip = getattr(world, "clip_grad_norm_", None) or torch.nn.utils.clip_grad_norm_
+        grad_norm = clip(params, max_norm)
+        if hasattr(grad_norm, "full_tensor"):
+            grad_norm = grad_norm.full_tensor()
+        finite = bool(torch.isfinite(sums).all() and torch.isfinite(grad_norm))
+        if finite:
+            optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        return sums, n_global, grad_norm, finite
+
     def _log_eval(self, model, log: MetricsLogger, step: int) -> float | None:
         loss = self.evaluate(model)
         if loss is not None:
             log.record({"step": step, "eval_loss": loss})
             log.print(f"step {step}: held-out loss {loss:.4f}")
         return loss
-
-
-def _summary(record: dict) -> dict:
-    out = {"loss": f"{record['loss']:.4f}", "lr": f"{record['lr']:.2e}",
-           "tok/s": f"{record['tokens_per_s']:.0f}"}
-    if "mfu" in record:
-        out["mfu"] = f"{100 * record['mfu']:.1f}%"
-    out["mem"] = f"{record['memory_gib']:.1f}G"
-    return out
-
-
-class _Interval:
-    """Sums over the steps between two log records, kept on the device (no host syncs)."""
-
-    def __init__(self, layers: int, experts: int, device):
-        self.lm = torch.zeros((), dtype=torch.float64, device=device)
-        self.count = torch.zeros((), dtype=torch.float64, device=device)
-        self.aux = torch.zeros((), dtype=torch.float64, device=device)
-        self.moe_load = torch.zeros(layers, experts, dtype=torch.float64, device=device)
-        self.moe_drop = torch.zeros(layers, 2, dtype=torch.float64, device=device)
-        self.grad_norm = None
-        self.steps = self.skipped = self.tokens = 0
-
-    def add_moe(self, stats) -> None:
-        for i, s in enumerate(stats):
-            if s is None:
-                continue
-            n = float(s.assignments)
-            self.moe_load[i] += s.load.to(self.moe_load) * n
-            dropped = torch.as_tensor(s.dropped, dtype=torch.float64, device=self.moe_drop.device)
-            self.moe_drop[i, 0] += dropped
-            self.moe_drop[i, 1] += n
-
-    def add_step(self, lm_sum, count, aux, grad_norm, tokens: int) -> None:
-        self.lm += lm_sum
-        self.count += count
-        self.aux += aux
-        self.grad_norm = grad_norm
-        self.steps += 1
-        self.tokens += tokens
-
-    def record(self, step, lr, tokens, elapsed, world, reduce) -> dict | None:
-        if self.steps == 0:
-            return None
-        moe = reduce(torch.cat([self.moe_load, self.moe_drop], 1))
-        e = self.moe_load.shape[1]
-        load = moe[:, :e] / moe[:, :e].sum(1, keepdim=True).clamp(min=1)
-        drop = moe[:, e] / moe[:, e + 1].clamp(min=1)
-        rec = {"step": step, "loss": float(self.lm / self.count), "lr": lr, "tokens": tokens,
-               "tokens_per_s": self.tokens / max(elapsed, 1e-9),
-               "aux_loss": float(self.aux / self.steps), "grad_norm": float(self.grad_norm),
-               "moe_load": [[round(x, 4) for x in row] for row in load.tolist()],
-               "moe_drop_rate": [round(x, 5) for x in drop.tolist()]}
-        if self.skipped:
-            rec["skipped"] = self.skipped
-        return rec
