@@ -23,15 +23,23 @@ from ..ops.norm import rms_norm
 from ..ops.rope import apply_rope
 
 
-@dataclass
 class AttnContext:
-    """What every layer of one forward pass shares."""
+    """What every layer of one forward pass shares.
 
-    cu_seqlens: torch.Tensor | None = None  # packed documents (B == 1)
-    cos: torch.Tensor | None = None         # RoPE tables [B, T, rotary_dim] or [T, rotary_dim]
-    sin: torch.Tensor | None = None
-    valid: torch.Tensor | None = None       # [B, T] bool, False at padding; None: no padding
-    cache: object | None = None             # a cache with the HybridCache interface
+    Deliberately not a dataclass: FSDP2's mixed precision casts floating tensors inside dataclass
+    arguments to the parameter dtype, and the RoPE tables must stay fp32 (SPEC §4) and identical
+    when activation checkpointing recomputes a layer."""
+
+    __slots__ = ("cu_seqlens", "cos", "sin", "valid", "cache")
+
+    def __init__(self, cu_seqlens: torch.Tensor | None = None, cos: torch.Tensor | None = None,
+                 sin: torch.Tensor | None = None, valid: torch.Tensor | None = None,
+                 cache: object | None = None):
+        self.cu_seqlens = cu_seqlens  # packed documents (B == 1)
+        self.cos = cos                # RoPE tables [B, T, rotary_dim] or [T, rotary_dim], fp32
+        self.sin = sin
+        self.valid = valid            # [B, T] bool, False at padding; None: no padding
+        self.cache = cache            # a cache with the HybridCache interface
 
 
 class RMSNorm(nn.Module):

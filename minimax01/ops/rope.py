@@ -22,7 +22,7 @@ def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.T
         return x
     if cos.dim() == 2:
         cos, sin = cos[None], sin[None]
-    cos, sin = cos[:, :, None, :], sin[:, :, None, :]
+    cos, sin = cos.float()[:, :, None, :], sin.float()[:, :, None, :]
     rot = x[..., :r].float()
     half = r // 2
     rotated = torch.cat([-rot[..., half:], rot[..., :half]], dim=-1)

@@ -15,10 +15,24 @@ _all_gather = getattr(fc, "all_gather_single_autograd", None) or fc.all_gather_t
 _all_gather_plain = getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor
 
 
+class _ContiguousGrad(torch.autograd.Function):
+    """Identity whose backward hands on a contiguous gradient: NCCL's reduce-scatter (the
+    backward of all-gather) rejects the strided gradients that slicing the gathered tensor
+    produces (gloo accepts them, so only GPUs showed it)."""
+
+    @staticmethod
+    def forward(ctx, x):
+        return x.view_as(x)
+
+    @staticmethod
+    def backward(ctx, grad):
+        return grad.contiguous()
+
+
 def all_gather(x: torch.Tensor, group) -> torch.Tensor:
     """Concatenate every rank's `x` along a new leading dim: [G, *x.shape]. Backward is a
     reduce-scatter (each rank gets the sum over ranks of the gradient of its own piece)."""
-    return _all_gather(x.contiguous().unsqueeze(0), 0, group)
+    return _ContiguousGrad.apply(_all_gather(x.contiguous().unsqueeze(0), 0, group))
 
 
 def all_to_all(x: torch.Tensor, out_splits: list[int], in_splits: list[int], group) -> torch.Tensor:
