@@ -116,13 +116,12 @@ class MetricsLogger:
             self.bar.update(steps)
 
     def show(self, summary: dict, step: int, total: int) -> None:
-        """The progress bar's postfix, or a plain line when there is no bar."""
+        """A log line (above the progress bar, which also shows the numbers)."""
         if not self.enabled:
             return
         if self.bar is not None:
             self.bar.set_postfix(summary, refresh=False)
-        else:
-            self.print(f"step {step}/{total} " + " ".join(f"{k} {v}" for k, v in summary.items()))
+        self.print(f"step {step}/{total} " + " ".join(f"{k} {v}" for k, v in summary.items()))
 
     def close(self) -> None:
         if self.bar is not None:
