@@ -16,13 +16,17 @@ _all_gather_plain = getattr(dist, "all_gather_single", None) or dist.all_gather_
 
 
 class _ContiguousGrad(torch.autograd.Function):
-    """Identity whose backward hands on a contiguous gradient: NCCL's reduce-scatter (the
-    backward of all-gather) rejects the strided gradients that slicing the gathered tensor
-    produces (gloo accepts them, so only GPUs showed it)."""
+    """Materialise a gathered tensor, and hand a contiguous gradient back to the collective.
+
+    Forward: a copy, which waits for the functional collective and returns a plain tensor.
+    Without it, view ops on the AsyncCollectiveTensor (e.g. `states[j]`) stay unwaited
+    wrappers with no storage of their own, and a Triton kernel given one reads a bad pointer
+    (illegal memory access on GPU). Backward: NCCL's reduce-scatter (all-gather's adjoint)
+    rejects the strided gradients that slicing produces (gloo accepts them)."""
 
     @staticmethod
     def forward(ctx, x):
-        return x.view_as(x)
+        return x.clone(memory_format=torch.contiguous_format)
 
     @staticmethod
     def backward(ctx, grad):
