@@ -11,10 +11,12 @@ import sys
 import threading
 import time
 
-import httpx
 import pytest
 import torch
-import uvicorn
+
+httpx = pytest.importorskip("httpx")
+uvicorn = pytest.importorskip("uvicorn")
+pytest.importorskip("fastapi")
 
 from minimax01 import ModelConfig, MiniMaxForCausalLM, generate
 from minimax01.infer.chat import ChatTemplate
