@@ -28,17 +28,22 @@ def _dcp():
     return dcp, sd
 
 
-def save(path: str | Path, model, optimizer=None) -> None:
-    """Every rank writes its own shards under `path`."""
-    dcp, sd = _dcp()
+def _state(model, optimizer):
+    """The {"model": ..., "optim": ...} dict DCP saves into and loads into."""
+    _, sd = _dcp()
     if optimizer is None:
-        state = {"model": sd.get_model_state_dict(model)}
-    else:
-        model_sd, optim_sd = sd.get_state_dict(model, optimizer)
-        state = {"model": model_sd, "optim": optim_sd}
+        return {"model": sd.get_model_state_dict(model)}
+    model_sd, optim_sd = sd.get_state_dict(model, optimizer)
+    return {"model": model_sd, "optim": optim_sd}
+
+
+def save(path: str | Path, model, optimizer=None, sync_files: bool = False) -> None:
+    """Every rank writes its own shards under `path` (fsynced with `sync_files`)."""
+    dcp, _ = _dcp()
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", message=".*torch.distributed is disabled.*")
-        dcp.save(state, storage_writer=dcp.FileSystemWriter(str(path)))
+        dcp.save(_state(model, optimizer),
+                 storage_writer=dcp.FileSystemWriter(str(path), sync_files=sync_files))
 
 
 def load(path: str | Path, model, optimizer=None) -> None:
@@ -46,11 +51,7 @@ def load(path: str | Path, model, optimizer=None) -> None:
     dcp, sd = _dcp()
     if not Path(path).is_dir():
         raise FileNotFoundError(f"no DCP checkpoint folder at {path}")
-    if optimizer is None:
-        state = {"model": sd.get_model_state_dict(model)}
-    else:
-        model_sd, optim_sd = sd.get_state_dict(model, optimizer)
-        state = {"model": model_sd, "optim": optim_sd}
+    state = _state(model, optimizer)
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", message=".*torch.distributed is disabled.*")
         dcp.load(state, storage_reader=dcp.FileSystemReader(str(path)))

@@ -14,10 +14,11 @@ import os
 import random
 import re
 import shutil
-import warnings
 from pathlib import Path
 
 import torch
+
+from ..parallel import checkpoint as dcp_checkpoint
 
 STATE_FILE = "trainer_state.json"
 _NAME = re.compile(r"^step_(\d{8,})$")
@@ -69,13 +70,6 @@ def _write_json(path: Path, data: dict) -> None:
         os.fsync(f.fileno())
 
 
-def _dcp():
-    import torch.distributed.checkpoint as dcp
-    from torch.distributed.checkpoint import state_dict as sd
-
-    return dcp, sd
-
-
 def rng_state(device: torch.device) -> dict:
     state = {"python": _jsonable(random.getstate()),
              "torch": base64.b64encode(torch.get_rng_state().numpy().tobytes()).decode()}
@@ -107,7 +101,6 @@ def _tuples(x):
 def save_checkpoint(out_dir: str | Path, step: int, model, optimizer, state: dict, world,
                     keep_last: int) -> Path:
     """Write checkpoint `step` (every rank calls this) and keep the newest `keep_last`."""
-    dcp, sd = _dcp()
     root = checkpoint_root(out_dir)
     final = root / f"step_{step:08d}"
     tmp = root / f".tmp-step_{step:08d}"
@@ -116,11 +109,7 @@ def save_checkpoint(out_dir: str | Path, step: int, model, optimizer, state: dic
         if tmp.exists():
             shutil.rmtree(tmp)
     world.barrier()
-    model_sd, optim_sd = sd.get_state_dict(model, optimizer)
-    with warnings.catch_warnings():
-        warnings.filterwarnings("ignore", message=".*torch.distributed is disabled.*")
-        dcp.save({"model": model_sd, "optim": optim_sd},
-                 storage_writer=dcp.FileSystemWriter(str(tmp), sync_files=True))
+    dcp_checkpoint.save(tmp, model, optimizer, sync_files=True)
     _write_json(tmp / f"rng_rank{world.rank}.json", rng_state(world.device))
     world.barrier()
     if world.is_main:
@@ -164,26 +153,11 @@ def clean_partial(out_dir: str | Path) -> list[Path]:
 
 def load_checkpoint(path: Path, model, optimizer, world) -> dict:
     """Restore model, optimizer and this rank's RNG from `path`; returns trainer_state.json."""
-    dcp, sd = _dcp()
-    model_sd, optim_sd = sd.get_state_dict(model, optimizer)
-    state = {"model": model_sd, "optim": optim_sd}
-    with warnings.catch_warnings():
-        warnings.filterwarnings("ignore", message=".*torch.distributed is disabled.*")
-        dcp.load(state, storage_reader=dcp.FileSystemReader(str(path)))
-    sd.set_state_dict(model, optimizer, model_state_dict=state["model"],
-                      optim_state_dict=state["optim"])
+    dcp_checkpoint.load(path, model, optimizer)
     rng_file = path / f"rng_rank{world.rank}.json"
     if rng_file.is_file():
         set_rng_state(json.loads(rng_file.read_text()), world.device)
     return read_state(path)
-
-
-def full_model_state(model) -> dict:
-    """The whole model's state dict on CPU (gathered from every rank when sharded); every rank
-    must call it."""
-    _, sd = _dcp()
-    return sd.get_model_state_dict(model, options=sd.StateDictOptions(full_state_dict=True,
-                                                                      cpu_offload=True))
 
 
 # ---------------------------------------------------------------------- compatibility

@@ -23,6 +23,7 @@ import torch
 
 from .. import __version__
 from ..model import MiniMaxForCausalLM
+from ..parallel import checkpoint as dcp_checkpoint
 from ..tokenizer import load_tokenizer
 from . import checkpointing as ckpt
 from .config import RunConfig
@@ -161,7 +162,7 @@ class Trainer:
         t = self.cfg.train
         if not (t.export or t.sample_tokens):
             return None, None
-        state = ckpt.full_model_state(model)  # every rank takes part; gathered on CPU
+        state = dcp_checkpoint.full_state_dict(model)  # every rank takes part; gathered on CPU
         path = sample = None
         if self.world.is_main:
             dtype = _DTYPES[self.model_cfg.dtype]
