@@ -207,6 +207,17 @@ def create_app(engine, tokenizer, *, model_name: str = "minimax01", api_key: str
                     log.info("client gone: aborted %s", rid)
                     return []
 
+    async def respond(rid, queue, request: Request, body):
+        """The non-streaming answer `body(outputs, last)` once the request has finished; 499 if
+        the client went away, 500 with the engine's error."""
+        outs = await collect(rid, queue, request)
+        if not outs:
+            return JSONResponse(status_code=499, content={})
+        last = outs[-1]
+        if last.finish_reason == "error":
+            return JSONResponse(status_code=500, content=error_body(last))
+        return body(outs, last)
+
     def usage(out: StepOutput) -> dict:
         return {"prompt_tokens": out.prompt_tokens, "completion_tokens": out.completion_tokens,
                 "total_tokens": out.prompt_tokens + out.completion_tokens}
@@ -312,17 +323,12 @@ def create_app(engine, tokenizer, *, model_name: str = "minimax01", api_key: str
                                        "model": model_name, "choices": [], "usage": usage(out)}
             return StreamingResponse(stream(rid, queue, None, chunk, include, usage_chunk),
                                      media_type="text/event-stream")
-        outs = await collect(rid, queue, request)
-        if not outs:
-            return JSONResponse(status_code=499, content={})
-        last = outs[-1]
-        if last.finish_reason == "error":
-            return JSONResponse(status_code=500, content=error_body(last))
-        return {"id": cid, "object": "text_completion", "created": now, "model": model_name,
-                "choices": [{"index": 0, "text": "".join(o.text for o in outs),
-                             "logprobs": completion_logprobs(outs),
-                             "finish_reason": finish_reason(last)}],
-                "usage": usage(last)}
+        return await respond(rid, queue, request, lambda outs, last: {
+            "id": cid, "object": "text_completion", "created": now, "model": model_name,
+            "choices": [{"index": 0, "text": "".join(o.text for o in outs),
+                         "logprobs": completion_logprobs(outs),
+                         "finish_reason": finish_reason(last)}],
+            "usage": usage(last)})
 
     @app.post("/v1/chat/completions", dependencies=v1)
     async def chat_completions(req: ChatRequest, request: Request):
@@ -371,18 +377,13 @@ def create_app(engine, tokenizer, *, model_name: str = "minimax01", api_key: str
                                        "usage": usage(out)}
             return StreamingResponse(stream(rid, queue, first, chunk, include, usage_chunk),
                                      media_type="text/event-stream")
-        outs = await collect(rid, queue, request)
-        if not outs:
-            return JSONResponse(status_code=499, content={})
-        last = outs[-1]
-        if last.finish_reason == "error":
-            return JSONResponse(status_code=500, content=error_body(last))
-        return {"id": cid, "object": "chat.completion", "created": now, "model": model_name,
-                "choices": [{"index": 0, "message": {"role": "assistant",
-                                                     "content": "".join(o.text for o in outs)},
-                             "logprobs": chat_logprobs(outs) if req.logprobs else None,
-                             "finish_reason": finish_reason(last)}],
-                "usage": usage(last)}
+        return await respond(rid, queue, request, lambda outs, last: {
+            "id": cid, "object": "chat.completion", "created": now, "model": model_name,
+            "choices": [{"index": 0, "message": {"role": "assistant",
+                                                 "content": "".join(o.text for o in outs)},
+                         "logprobs": chat_logprobs(outs) if req.logprobs else None,
+                         "finish_reason": finish_reason(last)}],
+            "usage": usage(last)})
 
     return app
 
