@@ -34,7 +34,7 @@ class RetrievalResult:
         for n in self.lengths:
             cells = [f"{self.accuracy(n, d):.2f}" for d in self.depths]
             rows.append(f"{n} | " + " | ".join(cells) + f" | {self.accuracy(n):.2f}")
-        rows.append(f"all | " + " | ".join(f"{self.accuracy(None, d):.2f}" for d in self.depths)
+        rows.append("all | " + " | ".join(f"{self.accuracy(None, d):.2f}" for d in self.depths)
                     + f" | {self.accuracy():.2f}")
         return "\n".join(rows)
 

@@ -22,7 +22,7 @@ import torch
 from . import moe_dispatch
 from .batch_sampling import sample_rows, token_logprobs
 from .detok import TextStream
-from .planner import DTYPE_BYTES, plan_memory
+from .planner import plan_memory
 from .request import Completion, SamplingParams, StepOutput
 from .scheduler import Scheduler, Sequence
 from .slot_cache import SlotCache, SlotPool
