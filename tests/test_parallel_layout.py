@@ -8,7 +8,7 @@ import torch
 
 from minimax01.model.model import MiniMaxForCausalLM
 from minimax01.parallel.batch import cp_slice, local_cu_seqlens, next_token_targets
-from minimax01.parallel.distributed import _check_options
+from minimax01.parallel.config import check_options as _check_options
 from minimax01.parallel.mesh import resolve_layout
 from minimax01.parallel.world import LocalWorld, ParallelConfig, make_world
 
