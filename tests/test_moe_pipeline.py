@@ -27,7 +27,8 @@ CONFIGS = {
     "training": TRAINING,
     "expert-parallel (1 rank, 3 token groups)": MoEPipeline(router=RouterGroup(), token_groups=3),
     "serving (dense)": SERVING,
-    "serving (grouped_mm)": MoEPipeline(sync_free=True, matmul="grouped"),
+    "serving (grouped_mm)": MoEPipeline(sync_free=True, aux_loss=False, matmul="grouped"),
+    "sync-free with the aux loss": MoEPipeline(sync_free=True),
 }
 
 
@@ -74,7 +75,10 @@ def test_every_configuration_computes_the_reference(name):
         out, aux = moe(x)
     tol = 1e-5 if dtype == torch.float32 else 1e-12
     torch.testing.assert_close(out.double(), want, rtol=tol, atol=tol)
-    torch.testing.assert_close(aux.double(), want_aux, rtol=1e-6, atol=0)  # fp32 router math
+    if pipeline.aux_loss:
+        torch.testing.assert_close(aux.double(), want_aux, rtol=1e-6, atol=0)  # fp32 router
+    else:
+        assert float(aux) == 0.0  # serving: no load-balancing loss
     if pipeline.sync_free:
         assert moe.last_stats is None  # statistics would need the host
     else:
@@ -132,9 +136,13 @@ def test_serving_configuration_is_sync_free():
     with pytest.raises(NotImplementedError):
         moe(x)
     moe.train()  # a capacity needs the host: refused, not silently ignored
-    moe.pipeline, moe.capacity_factor = SERVING, 1.0
+    moe.pipeline, moe.capacity_factor = MoEPipeline(sync_free=True), 1.0
     with pytest.raises(ValueError, match="sync-free"):
         moe(x)
+    moe.capacity_factor = None  # training through the serving pipeline: no aux loss, refused
+    moe.pipeline = SERVING
+    with pytest.raises(ValueError, match="not for training"):
+        moe(x.requires_grad_())
 
 
 class _Int8Experts(nn.Module):

@@ -19,9 +19,9 @@ code is the same under all of them:
                                                         aux loss; routing stats (host syncs)
     expert parallel MoEPipeline(router=RouterGroup(size, cp, rank, gather), exchange=<all-to-all>,
                                token_groups=G)          parallel/expert_parallel.py
-    serving        MoEPipeline(sync_free=True)          dropless, no stats and no host syncs, so a
-                                                        decode step is CUDA-graph capturable
-                                                        (infer/prepare.py)
+    serving        MoEPipeline(sync_free=True,          dropless, no stats, no aux loss and no
+                               aux_loss=False)          host syncs, so a decode step is CUDA-graph
+                                                        capturable (infer/prepare.py)
 
 Seams, and what plugs into them without touching the model:
 
@@ -116,10 +116,11 @@ class Plan:
     num_tokens: int        # tokens over the router group
     capacity: int | None   # None: dropless
 
-    def dropped(self) -> torch.Tensor:
-        """Assignments over capacity in the router group (0-dim int64 tensor)."""
+    def dropped(self) -> torch.Tensor | int:
+        """Assignments over capacity in the router group (a 0-dim tensor; 0 when dropless, so
+        reading it costs no host sync)."""
         if self.capacity is None:
-            return self.load.new_zeros(())
+            return 0
         return (self.load - self.capacity).clamp(min=0).sum()
 
 
@@ -248,6 +249,8 @@ class MoEPipeline:
     exchange: object = LOCAL            # .run(compute, x, counts) -> y
     token_groups: int = 1               # > 1: overlap groups for an exchange that communicates
     sync_free: bool = False             # no host syncs: dropless, no stats
+    aux_loss: bool = True               # False: no load-balancing loss (serving: fewer kernels
+                                        # per decode step), and no training through it
     matmul: str | None = None           # grouped matmul of swiglu_experts; None: per device
     reduce: Callable[[torch.Tensor], torch.Tensor] | None = None  # on the combined output
 
@@ -258,7 +261,7 @@ class MoEPipeline:
 
 
 TRAINING = MoEPipeline()
-SERVING = MoEPipeline(sync_free=True)
+SERVING = MoEPipeline(sync_free=True, aux_loss=False)
 
 
 # ---------------------------------------------------------------------------------- combine
@@ -298,8 +301,13 @@ def moe_pipeline(x: torch.Tensor, routing: Routing, experts, pipeline: MoEPipeli
                  capacity_factor: float | None = None, rows: int = 1):
     """route (done by the caller) -> plan -> run -> combine for tokens x [N, H]. `experts` is
     the experts module: `experts(rows, counts, pipeline) -> outputs`. Returns (out [N, H] in x's
-    dtype, this rank's aux-loss share, MoEStats or None when sync-free)."""
+    dtype, this rank's aux-loss share (0 without `pipeline.aux_loss`), MoEStats or None when
+    sync-free)."""
     n, k = routing.experts.shape
+    if not pipeline.aux_loss and torch.is_grad_enabled() and x.requires_grad:
+        raise ValueError("this MoE pipeline computes no aux loss (the serving configuration): "
+                         "it is not for training; restore the training pipeline first "
+                         "(the function prepare_for_serving returned, or Engine.close())")
     p = plan(routing.experts, routing.probs.shape[-1], rows=rows, capacity_factor=capacity_factor,
              router=pipeline.router, token_groups=pipeline.token_groups,
              sync_free=pipeline.sync_free)
@@ -307,7 +315,10 @@ def moe_pipeline(x: torch.Tensor, routing: Routing, experts, pipeline: MoEPipeli
     out = combine(y, p.order, routing.weights, n)
     if pipeline.reduce is not None:
         out = pipeline.reduce(out)
-    aux = load_balancing_loss(routing.probs, p.load, p.num_tokens)
+    if pipeline.aux_loss:
+        aux = load_balancing_loss(routing.probs, p.load, p.num_tokens)
+    else:
+        aux = routing.probs.new_zeros(())
     stats = None
     if not pipeline.sync_free:
         stats = MoEStats(load=(p.load.float() / max(p.num_tokens * k, 1)).detach(),
