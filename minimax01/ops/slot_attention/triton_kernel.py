@@ -1,5 +1,5 @@
-"""The Triton slot-attention kernel (the reference is reference.py; the entry point and the
-program-list helpers are in __init__.py).
+"""The Triton slot-attention kernel (the reference is reference.py, the entry point __init__.py,
+the program list work.py).
 
 One program: BLOCK_M queries of one document x the G query heads of one KV head, over one of
 NUM_SPLITS key ranges; flash-style online softmax in fp32 (exp2 with the log2 e folded into the
@@ -14,7 +14,7 @@ import triton
 import triton.language as tl
 
 from ..triton_jit import kernel
-from . import work_list
+from .work import work_list
 
 
 @kernel
