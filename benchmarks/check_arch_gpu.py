@@ -9,9 +9,11 @@ they touch, re-measured. One invocation, about 6 minutes on one H100/H200:
    kernels vs a cache-free forward; slot attention bf16 vs its torch twin; the lightning kernels
    through the shared launcher).
 2. The MoE pipeline on CUDA at the `1b` MoE shapes (H 2048, I 768, 8 experts, top-2), bf16:
-   training (torch._grouped_mm), the loop matmul, serving (sync-free, grouped and dense) all
-   against an fp32 reference; training forward+backward under autocast (grouped_mm) vs the
-   fp32 loop; the serving pipeline eager under torch.cuda.set_sync_debug_mode("error") (any
+   training (torch._grouped_mm), serving (sync-free, grouped and dense) against the loop matmul
+   on the same bf16 routing (a bf16 router may pick other experts than an fp32 one at near
+   ties, so every comparison shares its routing); fp32 serving (dense, with the aux loss) vs the
+   fp32 loop; training forward+backward under autocast, grouped_mm vs the loop; the serving
+   pipeline eager under torch.cuda.set_sync_debug_mode("error") (any
    host sync raises), captured in a CUDA graph and replayed on new tokens vs eager; a whole
    decode step of the `debug` model (Triton slot attention, lightning decode, serving MoE) under
    the same sync check.
@@ -106,33 +108,36 @@ def moe_checks() -> None:
         bf.load_state_dict(moe.state_dict())
         bf.to(torch.bfloat16)
         xb = x.bfloat16()
+        bf.pipeline = MoEPipeline(matmul="loop")
+        bf_ref, _ = bf(xb)
+        check("MoE bf16 loop vs fp32 loop (routing may differ at near ties)", rel(bf_ref, ref),
+              2e-1)
         for name, p in (("training (grouped_mm)", TRAINING),
-                        ("loop matmul", MoEPipeline(matmul="loop")),
                         ("serving (sync-free, grouped_mm)", SERVING),
                         ("serving (sync-free, dense)", MoEPipeline(sync_free=True,
                                                                    matmul="dense"))):
             bf.pipeline = p
             out, _ = bf(xb)
-            check(f"MoE bf16 {name} vs fp32 loop", rel(out, ref), 2e-2)
+            check(f"MoE bf16 {name} vs bf16 loop", rel(out, bf_ref), 1e-2)
         bf.pipeline = MoEPipeline(sync_free=True, matmul="dense")
         moe.pipeline = MoEPipeline(sync_free=True)
         out, aux = moe(x)
         check("MoE fp32 serving dense (+aux) vs fp32 loop", rel(out, ref), 1e-5)
         check("MoE fp32 aux loss, sync-free vs training", rel(aux, ref_aux), 1e-6)
 
-    # training: forward + backward under autocast through _grouped_mm vs the fp32 loop
+    # training: forward + backward under autocast (the trainer's), _grouped_mm vs the loop
     moe.train()
     grads = []
-    for pipeline, autocast in ((MoEPipeline(matmul="loop"), False), (TRAINING, True)):
+    for pipeline in (MoEPipeline(matmul="loop"), TRAINING):
         moe.zero_grad()
         moe.pipeline = pipeline
         xi = x.clone().requires_grad_()
-        with torch.autocast("cuda", dtype=torch.bfloat16, enabled=autocast):
+        with torch.autocast("cuda", dtype=torch.bfloat16):
             out, aux = moe(xi)
         (out.float().square().mean() + aux).backward()
         grads.append([xi.grad] + [p.grad.clone() for p in moe.parameters()])
     err = max(rel(a, b) for a, b in zip(grads[1], grads[0]))
-    check("MoE training fwd+bwd, autocast grouped_mm vs fp32 loop (grads)", err, 3e-2)
+    check("MoE training fwd+bwd under autocast, grouped_mm vs loop (grads)", err, 2e-2)
     moe.eval()
 
     # serving: no host syncs, and a CUDA graph replays it
