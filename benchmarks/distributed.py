@@ -15,7 +15,7 @@ the same code under `torchrun --nproc_per_node 1` (a one-rank mesh). Each run pr
 Layouts: single (1 GPU), dp<N> (FSDP over N), ep<N> (experts over N ranks), cp<N> (LASP+ and
 ring attention over N ranks); a suffix g<K> splits MoE tokens into K overlap groups (ep2g2),
 `+` combines (cp2+ep2). The equivalence checks on the same GPUs are
-`torchrun --nproc_per_node 2 -m minimax01.parallel.selfcheck`."""
+`torchrun --nproc_per_node 2 tests/parallel_checks.py`."""
 
 from __future__ import annotations
 
@@ -86,6 +86,7 @@ def run_one(args, layout: str, seq: int) -> dict:
     from minimax01.config import ModelConfig
     from minimax01.model.model import MiniMaxForCausalLM
     from minimax01.parallel.distributed import DistributedWorld
+    from minimax01.parallel.parallelize import parallelize
 
     pcfg = parse_layout(layout, dist.get_world_size())
     world = DistributedWorld(pcfg)
@@ -96,7 +97,7 @@ def run_one(args, layout: str, seq: int) -> dict:
         model = MiniMaxForCausalLM(cfg)
     model.float()
     model.set_gradient_checkpointing(args.checkpointing)
-    model = world.parallelize(model)
+    model = parallelize(model, world, pcfg)
     opt = torch.optim.AdamW(model.parameters(), lr=1e-4, foreach=True)
     if torch.cuda.is_available():
         torch.cuda.reset_peak_memory_stats()
@@ -110,7 +111,7 @@ def run_one(args, layout: str, seq: int) -> dict:
                     loss_chunk_size=args.loss_chunk)
         n = batch["labels"].ne(-100).sum()
         n_global = world.all_reduce(n, "sum")
-        loss = out.lm_loss * n * (world.world_size / n_global) + out.aux_loss
+        loss = world.loss_scale.rank_loss(out.lm_loss * n, n_global, out.aux_loss)
         loss.backward()
         opt.step()
         opt.zero_grad(set_to_none=True)

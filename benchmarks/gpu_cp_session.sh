@@ -6,7 +6,7 @@ OUT=${OUT:-runs/gpu_cp}; mkdir -p "$OUT"; RES="$OUT/distributed.jsonl"
 export OMP_NUM_THREADS=8 NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1 NVSHMEM_DISABLE_NVLS=1
 TR="python -m torch.distributed.run --standalone"
 B="benchmarks/distributed.py train --preset 1b --rows 1 --steps 2 --warmup 1 --checkpointing"
-timeout ${T_CHECK:-120} $TR --nproc_per_node 2 -m minimax01.parallel.selfcheck > "$OUT/selfcheck.log" 2>&1
+timeout ${T_CHECK:-120} $TR --nproc_per_node 2 tests/parallel_checks.py > "$OUT/selfcheck.log" 2>&1
 echo "selfcheck rc=$?"; grep -E "selfcheck:|rel err|FAILED|Error|File \"/work" "$OUT/selfcheck.log" | grep -v Warn | tail -24
 [ "${SKIP_SMOKE:-0}" = 1 ] && smoke=0 || {
 CUDA_LAUNCH_BLOCKING=1 timeout ${T_SMOKE:-80} $TR --nproc_per_node 2 $B --layouts cp2 --seq-len 16384 \

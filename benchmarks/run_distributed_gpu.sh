@@ -23,7 +23,7 @@ python -c "import torch; print('torch', torch.__version__, 'cuda', torch.version
 
 if has check; then
   echo "== NCCL equivalence checks (2 ranks): distributed == single process"
-  timeout ${T_CHECK:-240} $TR --nproc_per_node 2 -m minimax01.parallel.selfcheck 2>&1 | tee "$OUT/selfcheck.log" \
+  timeout ${T_CHECK:-240} $TR --nproc_per_node 2 tests/parallel_checks.py 2>&1 | tee "$OUT/selfcheck.log" \
     | grep -v "Warning\|warn(" | tail -25
 fi
 

@@ -49,9 +49,8 @@ def main():
         import minimax01.ops.lightning as lt
         orig = lt.lightning_attn
 
-        def forced(*a, **k):
-            k["backend"] = backend
-            return orig(*a, **k)
+        def forced(q, k, v, slope, ctx):  # an attn_fn (no cache: training forwards only)
+            return orig(q, k, v, slope, cu_seqlens=ctx.cu_seqlens, backend=backend)[0]
 
         for layer in model.model.layers:
             if hasattr(layer.self_attn, "qkv_proj"):
@@ -69,6 +68,8 @@ def main():
         except Exception as e:  # report and continue: this is a smoke test
             print(f"[{backend}] packed fwd+bwd FAILED: {type(e).__name__}: {e}")
     model.eval()
+    for layer in model.model.layers:  # generate() uses a cache: back to the model's own path
+        layer.self_attn.attn_fn = None
     prompts = [[1, 2, 3], list(range(10, 60))]
     t = time.perf_counter()
     toks = generate(model, prompts, max_new_tokens=32)

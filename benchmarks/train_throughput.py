@@ -56,9 +56,8 @@ def variant(name: str, preset: str) -> ModelConfig:
 def force_lightning_backend(model, backend: str) -> None:
     from minimax01.ops import lightning_attn
 
-    def fn(*args, **kwargs):
-        kwargs["backend"] = backend
-        return lightning_attn(*args, **kwargs)
+    def fn(q, k, v, slope, ctx):  # an attn_fn: computes every call, given the AttnContext
+        return lightning_attn(q, k, v, slope, cu_seqlens=ctx.cu_seqlens, backend=backend)[0]
 
     for layer in model.model.layers:
         if hasattr(layer.self_attn, "qkv_proj"):

@@ -1,6 +1,7 @@
 """The serving engine against generate(): mixed batches, chunked prefill, slots reused, sampling
-options, stop conditions, log-probs; the slot attention kernel against its reference; the
-memory planner."""
+options, stop conditions, log-probs; preparing a model for serving and undoing it; the memory
+planner. (The slot attention kernel: test_slot_attention.py; the MoE pipeline's serving
+configuration: test_moe_pipeline.py.)"""
 
 import math
 
@@ -14,7 +15,6 @@ from minimax01.infer.engine import Engine
 from minimax01.infer.planner import GiB, plan_memory
 from minimax01.infer.request import SamplingParams
 from minimax01.infer.sampling import filter_logits
-from minimax01.infer.slot_attention import torch_slot_attention, triton_slot_attention
 from minimax01.tokenizer import ByteTokenizer
 
 GREEDY = dict(temperature=0.0, ignore_eos=True)
@@ -178,30 +178,6 @@ def test_stop_string_in_engine(model):
     assert out.text == text[:text.find(stop)] and out.finish_reason == "stop"
 
 
-@pytest.mark.parametrize("splits", [1, 3])
-def test_triton_slot_attention_matches_reference(splits):
-    g = torch.Generator().manual_seed(0)
-    s, hkv, length, d, h = 4, 2, 48, 16, 4
-    keys, values = torch.randn(s, hkv, length, d, generator=g), torch.randn(s, hkv, length, d, generator=g)
-    # prefill: three documents, two continuing from a cached prefix
-    slot = torch.tensor([3, 0, 2], dtype=torch.int32)
-    ctx = torch.tensor([0, 17, 30], dtype=torch.int32)
-    qlen = torch.tensor([9, 1, 18], dtype=torch.int32)
-    q = torch.randn(int(qlen.sum()), h, d, generator=g)
-    ref = torch_slot_attention(q, keys, values, slot, ctx, qlen, 0.25)
-    out = triton_slot_attention(q, keys, values, slot, ctx, qlen, 0.25, num_splits=splits)
-    torch.testing.assert_close(out, ref, atol=1e-5, rtol=1e-5)
-    # decode: one query per slot, program list given (the CUDA-graph form)
-    ones = torch.ones(3, dtype=torch.int32)
-    q1 = torch.randn(3, h, d, generator=g)
-    ctx1 = torch.tensor([5, 47, 0], dtype=torch.int32)
-    work = (torch.arange(3, dtype=torch.int32), torch.zeros(3, dtype=torch.int32))
-    ref = torch_slot_attention(q1, keys, values, slot, ctx1, ones, 0.25)
-    out = triton_slot_attention(q1, keys, values, slot, ctx1, ones, 0.25, work=work, block_m=1,
-                                num_splits=splits)
-    torch.testing.assert_close(out, ref, atol=1e-5, rtol=1e-5)
-
-
 def test_planner():
     cfg = ModelConfig.from_preset("1b")
     plan = plan_memory(cfg, 78 * GiB, 1 << 20, prefill_chunk=16384)
@@ -219,18 +195,30 @@ def test_planner():
     assert math.isclose(text01.lightning_state_bytes() / 1e6, 293.6, rel_tol=1e-3)
 
 
-def test_sync_free_moe_dispatch_matches_local_forward(model):
-    from minimax01.infer.moe_dispatch import sync_free_dispatch
-    from minimax01.ops.moe import route
+def test_prepare_for_serving_is_explicit_and_undone_by_close():
+    from minimax01.infer.prepare import prepare_for_serving
+    from minimax01.ops.moe import SERVING, TRAINING
 
-    moe = model.model.layers[0].mlp
-    x = torch.randn(7, model.config.hidden_size, generator=torch.Generator().manual_seed(0))
-    with torch.no_grad():
-        routing = route(moe.gate(x), moe.top_k)
-        want, _, _ = moe.local_forward(x, routing)
-        got, aux, stats = sync_free_dispatch(moe, x, routing)
-    torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
-    assert stats is None and float(aux) == 0.0
+    torch.manual_seed(0)
+    m = MiniMaxForCausalLM(ModelConfig.from_preset("debug")).train()
+    prompts = random_prompts([6, 30, 2], seed=7)
+    ref = generate(m.eval(), prompts, max_new_tokens=5)[:, -5:].tolist()
+    m.train()
+    # the serving pipeline (sync-free: what CUDA graphs capture) on the CPU gives the same tokens
+    restore = prepare_for_serving(m, sync_free=True)
+    assert not m.training and all(l.mlp.pipeline is SERVING for l in m.model.layers)
+    eng = Engine(m, num_slots=2, max_context=64, prefill_chunk=16)
+    assert [o.token_ids for o in eng.generate(prompts, SamplingParams(max_tokens=5, **GREEDY))] \
+        == ref
+    eng.close()  # the engine's own preparation undone: still the caller's serving form
+    assert all(l.mlp.pipeline is SERVING for l in m.model.layers) and not m.training
+    restore()
+    assert m.training and all(l.mlp.pipeline is TRAINING for l in m.model.layers)
+    # on the CPU the engine alone keeps the default pipeline (faster there) and restores the mode
+    eng = Engine(m, num_slots=1, max_context=32)
+    assert not m.training and all(l.mlp.pipeline is TRAINING for l in m.model.layers)
+    eng.close()
+    assert m.training
 
 
 def test_decode_buckets():
@@ -268,20 +256,3 @@ def test_cuda_engine_logprobs_match_a_full_forward():
         got = [t.logprob for t in o.logprobs]
         assert max(abs(a - b) for a, b in zip(got, want)) < 0.05, (got, want)
     assert eng.pool.free_slots == 4
-
-
-@pytest.mark.gpu
-@cuda
-@pytest.mark.parametrize("splits", [1, 8])
-def test_cuda_slot_attention_bf16(splits):
-    g = torch.Generator(device="cuda").manual_seed(0)
-    s, hkv, length, d, h = 3, 4, 4096, 128, 16
-    kw = dict(device="cuda", dtype=torch.bfloat16, generator=g)
-    keys, values = torch.randn(s, hkv, length, d, **kw), torch.randn(s, hkv, length, d, **kw)
-    slot = torch.tensor([2, 0], dtype=torch.int32, device="cuda")
-    ctx = torch.tensor([0, 3000], dtype=torch.int32, device="cuda")
-    qlen = torch.tensor([700, 96], dtype=torch.int32, device="cuda")
-    q = torch.randn(796, h, d, **kw)
-    ref = torch_slot_attention(q, keys, values, slot, ctx, qlen, d ** -0.5)
-    out = triton_slot_attention(q, keys, values, slot, ctx, qlen, d ** -0.5, num_splits=splits)
-    torch.testing.assert_close(out, ref, atol=2e-2, rtol=2e-2)

@@ -1,5 +1,6 @@
-"""Expert-parallel MoE (global router, token drop, all-to-all, token groups) == one process
-running the MoE block on the concatenated batch: outputs, aux loss, stats and gradients."""
+"""Expert-parallel MoE (global router, token drop, all-to-all, token groups: the expert-parallel
+configuration of the MoE pipeline) == one process running the MoE block on the concatenated
+batch: outputs, aux loss, stats and gradients."""
 
 from __future__ import annotations
 
@@ -8,17 +9,12 @@ import torch.distributed as dist
 
 from minimax01.config import ModelConfig
 from minimax01.model.layers import MoE
-from minimax01.parallel.expert_parallel import (EPGroup, ExpertParallel, RouterGroup,
-                                                install_experts_forward)
+from minimax01.parallel.expert_parallel import EPGroup, expert_parallel_pipeline, router_group
+from minimax01.parallel.scaling import LossScale
 
 from dist_utils import run_workers
 
 E, HID, INTER = 4, 8, 6
-
-
-class _State:
-    rows = None
-    cp = None
 
 
 def _moe(cf, seed=0):
@@ -86,25 +82,23 @@ def _worker(rank, world, cases):
         with torch.no_grad():
             moe.experts.gate_up_proj = torch.nn.Parameter(moe.experts.gate_up_proj[j * per:(j + 1) * per].clone())
             moe.experts.down_proj = torch.nn.Parameter(moe.experts.down_proj[j * per:(j + 1) * per].clone())
-        install_experts_forward(moe.experts)
-        state = _State()
-        state.rows = rows
-        router = RouterGroup(_router(world, scope), scope, cp, rank % scope)
-        moe.dispatcher = ExpertParallel(state, router, EPGroup(ep_group, ep, j), token_groups=groups)
+        router = router_group(_router(world, scope), scope, cp, rank % scope)
+        moe.pipeline = expert_parallel_pipeline(router, EPGroup(ep_group, ep, j), groups)
+        scale = LossScale(world, scope)
         d, c = divmod(rank, cp)
         sl = (slice(d * rows, (d + 1) * rows), slice(c * tokens, (c + 1) * tokens))
         xl = x[sl].clone().requires_grad_()
         out, aux = moe(xl)
         torch.testing.assert_close(out, out_ref[sl].detach(), rtol=1e-10, atol=1e-10)
-        aux_mean = aux.detach().clone()
-        dist.all_reduce(aux_mean)
-        torch.testing.assert_close(aux_mean / world, aux_ref.detach(), rtol=1e-6, atol=1e-8)
+        aux_sum = aux.detach().clone()
+        dist.all_reduce(aux_sum)  # the ranks' shares of their router groups' losses
+        torch.testing.assert_close(scale.mean_aux(aux_sum), aux_ref.detach(), rtol=1e-6, atol=1e-8)
         stats = moe.last_stats
         assert stats.dropped == ref_stats.dropped and stats.assignments == ref_stats.assignments
         if cf is not None and cf < 1.5:
             assert stats.dropped > 0, "the case meant to drop tokens dropped none"
         torch.testing.assert_close(stats.load, ref_stats.load.to(stats.load.dtype))
-        ((out * upstream[sl]).sum() + aux / world).backward()
+        ((out * upstream[sl]).sum() + scale.rank_loss(0, 1, aux) / world).backward()
         torch.testing.assert_close(xl.grad, xr.grad[sl], rtol=1e-6, atol=1e-8)  # router math is fp32
         gate = moe.gate.weight.grad.clone()
         dist.all_reduce(gate)

@@ -10,7 +10,7 @@ import torch.distributed as dist
 from minimax01.ops import lightning_attn
 from minimax01.parallel.context import CPContext
 from minimax01.parallel.lasp import incoming_state, lasp_lightning_attn, lasp_plan, slice_state
-from minimax01.parallel.selfcheck import check_lasp
+from parallel_checks import check_lasp
 
 from dist_utils import run_workers
 

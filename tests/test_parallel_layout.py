@@ -1,14 +1,17 @@
 """Single-process pieces of parallel/: degree resolution and its errors, the mesh shape, the
-world factory, and cutting a batch into context-parallel slices."""
+world factory and the one interface of LocalWorld and DistributedWorld, and cutting a batch
+into context-parallel slices."""
 
 from __future__ import annotations
+
+import math
 
 import pytest
 import torch
 
 from minimax01.model.model import MiniMaxForCausalLM
 from minimax01.parallel.batch import cp_slice, local_cu_seqlens, next_token_targets
-from minimax01.parallel.distributed import _check_options
+from minimax01.parallel.config import check_options as _check_options
 from minimax01.parallel.mesh import resolve_layout
 from minimax01.parallel.world import LocalWorld, ParallelConfig, make_world
 
@@ -75,3 +78,44 @@ def test_cp_slice_errors():
     mask[0, -1] = 0
     with pytest.raises(ValueError, match="pack documents"):
         cp_slice(dict(input_ids=ids, attention_mask=mask), 0, 2)
+
+
+def _world_members():
+    from minimax01.parallel.world import World
+
+    names = set(World.__annotations__) | {n for n in vars(World) if not n.startswith("_")}
+    return names - {"_is_protocol"}
+
+
+def _check_world(world):
+    missing = [n for n in sorted(_world_members()) if not hasattr(world, n)]
+    assert not missing, f"{type(world).__name__} lacks {missing}"
+    t = torch.tensor([3, 4])
+    mean = world.all_reduce(t, "mean")
+    assert mean.dtype == torch.float64 and mean.tolist() == [3.0, 4.0] and t.tolist() == [3, 4]
+    assert world.all_reduce(t, "max").tolist() == [3, 4]
+    with pytest.raises(ValueError, match="unknown reduce op"):
+        world.all_reduce(t, "prod")
+    lin = torch.nn.Linear(2, 1)
+    lin.weight.grad, lin.bias.grad = torch.full((1, 2), 3.0), torch.full((1,), 4.0)
+    norm = world.clip_grad_norm_(lin.parameters(), 1.0)
+    assert type(norm) is torch.Tensor and float(norm) == pytest.approx(math.sqrt(34))
+    assert float(lin.weight.grad.norm() ** 2 + lin.bias.grad.norm() ** 2) == pytest.approx(1.0)
+    scale = world.loss_scale
+    assert scale.gradient_divide_factor == world.world_size
+    assert float(scale.rank_loss(torch.tensor(6.0), 3.0, torch.tensor(0.5), micro=2)) == \
+        pytest.approx(6.0 * world.world_size / 3 + 0.5 * scale.router_size / 2)
+
+
+def _world_worker(rank, size):
+    world = make_world(ParallelConfig(), "cpu")
+    assert type(world).__name__ == "DistributedWorld" and world.world_size == size
+    _check_world(world)
+    assert world.loss_scale.router_size == size  # router_scope "global"
+
+
+def test_local_and_distributed_worlds_have_one_interface():
+    from dist_utils import run_workers
+
+    _check_world(LocalWorld("cpu"))
+    run_workers(_world_worker, 2)

@@ -1,11 +1,11 @@
 """The whole model under DistributedWorld (FSDP2, EP with and without token drop, LASP+ and ring
 attention under CP, and their combination) == one process on the concatenated batch: loss,
 aux loss, MoE drops and every parameter's gradient, with packed documents crossing rank
-boundaries (selfcheck.check_model, here on gloo in float64)."""
+boundaries (parallel_checks.check_model, here on gloo in float64)."""
 
 from __future__ import annotations
 
-from minimax01.parallel.selfcheck import check_model
+from parallel_checks import check_model
 from minimax01.parallel.world import ParallelConfig
 
 from dist_utils import run_workers

@@ -10,7 +10,7 @@ from minimax01.ops.attention import causal_attention
 from minimax01.parallel.block_attention import CpuFlashKernel, MathKernel
 from minimax01.parallel.context import CPContext
 from minimax01.parallel.ring_attention import _merge, ring_plan
-from minimax01.parallel.selfcheck import check_ring
+from parallel_checks import check_ring
 
 from dist_utils import run_workers
 

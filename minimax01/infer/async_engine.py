@@ -129,6 +129,5 @@ class AsyncEngine:
             sched.pool.release(seq.slot)
             seq.slot = None
         sched.running.clear()
-        sched.waiting.clear()
-        self.engine.cache.mode = None
+        sched.waiting.clear()  # (a failed step leaves no cache state: steps are records)
         return outs

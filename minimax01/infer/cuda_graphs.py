@@ -37,6 +37,7 @@ class DecodeGraphs:
         self.active = torch.zeros(max_batch, dtype=torch.bool, device=dev)
         self.graphs: dict[int, torch.cuda.CUDAGraph] = {}
         self.logits: dict[int, torch.Tensor] = {}
+        self.steps: dict[int, object] = {}
         self.mempool = torch.cuda.graph_pool_handle()
 
     def bucket(self, n: int) -> int:
@@ -49,19 +50,19 @@ class DecodeGraphs:
         log.info("capturing the decode CUDA graph for batch %d", b)
         self.slot_idx[:b].fill_(self.cache.pool.scratch)
         self.active[:b].fill_(False)
-        self.cache.begin_decode(self.slot_idx[:b], self.active[:b])
         side = torch.cuda.Stream()
         side.wait_stream(torch.cuda.current_stream())
         with torch.cuda.stream(side):  # warm-up: compiles kernels, sets up library workspaces
             for _ in range(2):
-                self.cache.begin_decode(self.slot_idx[:b], self.active[:b])
-                self.model(self.input_ids[:b], cache=self.cache)
+                self.model(self.input_ids[:b],
+                           cache=self.cache.begin_decode(self.slot_idx[:b], self.active[:b]))
         torch.cuda.current_stream().wait_stream(side)
         graph = torch.cuda.CUDAGraph()
-        self.cache.begin_decode(self.slot_idx[:b], self.active[:b])
+        step = self.cache.begin_decode(self.slot_idx[:b], self.active[:b])
         with torch.cuda.graph(graph, pool=self.mempool):
-            logits = self.model(self.input_ids[:b], cache=self.cache).logits[:, -1]
-        self.graphs[b], self.logits[b] = graph, logits
+            logits = self.model(self.input_ids[:b], cache=step).logits[:, -1]
+        # the step record's tensors (positions) live in the graph's pool: keep them with it
+        self.graphs[b], self.logits[b], self.steps[b] = graph, logits, step
 
     def run(self, tokens: torch.Tensor, slots: list[int]) -> torch.Tensor:
         """tokens [n] long on the device, slots: their cache slots. Returns logits [n, V]."""

@@ -19,10 +19,10 @@ from collections.abc import Sequence as Seq
 
 import torch
 
-from . import moe_dispatch
 from .batch_sampling import sample_rows, token_logprobs
 from .detok import TextStream
 from .planner import plan_memory
+from .prepare import cast_model, prepare_for_serving  # noqa: F401  (cast_model: its old home)
 from .request import Completion, SamplingParams, StepOutput
 from .scheduler import Scheduler, Sequence
 from .slot_cache import SlotCache, SlotPool
@@ -32,31 +32,24 @@ log = logging.getLogger(__name__)
 _DTYPE_NAMES = {torch.float32: "float32", torch.bfloat16: "bfloat16", torch.float16: "float16"}
 
 
-def cast_model(model, device=None, dtype: torch.dtype | None = None):
-    """Move `model` to `device` and cast its parameters to `dtype`, leaving buffers (the fp32
-    lightning decay slopes) in their own dtype, unlike `model.to(dtype)`."""
-    if device is not None:
-        model.to(device)
-    if dtype is not None:
-        for p in model.parameters():
-            p.data = p.data.to(dtype)
-    return model
-
-
 class Engine:
     """`Engine(model, tokenizer)`; `add_request(prompt_ids, params)`, `step()` until
     `has_work()` is False, or `generate(prompts, params)` for a whole batch offline.
 
     max_context: tokens per sequence (prompt + output). num_slots: concurrent sequences; None sizes
     the pool from free GPU memory (planner) or uses 8 on CPU. prefill_chunk: prompt tokens per
-    packed prefill pass. cuda_graphs / overlap: default on for CUDA."""
+    packed prefill pass. cuda_graphs / overlap: default on for CUDA.
+
+    The engine prepares `model` in place with `prepare_for_serving` (infer/prepare.py: eval mode;
+    on CUDA the sync-free MoE pipeline); `close()` gives it back as it was."""
 
     def __init__(self, model, tokenizer=None, *, max_context: int | None = None,
                  num_slots: int | None = None, prefill_chunk: int | None = None,
                  max_batch: int | None = None, cuda_graphs: bool | None = None,
                  overlap: bool | None = None, gpu_memory_utilization: float = 0.9,
                  seed: int = 0):
-        self.model = model.eval()
+        self._restore_model = prepare_for_serving(model)
+        self.model = model
         self.config = cfg = model.config
         self.tokenizer = tokenizer
         param = next(model.parameters())
@@ -81,8 +74,6 @@ class Engine:
         self.eos_id = getattr(tokenizer, "eos_id", None) if tokenizer else cfg.eos_token_id
         self.shared_gen = torch.Generator(device=self.device).manual_seed(seed)
         self.graphs = None
-        if cuda:
-            moe_dispatch.install(model)  # no host syncs inside a decode step
         if cuda and (cuda_graphs is None or cuda_graphs):
             from .cuda_graphs import DecodeGraphs
 
@@ -91,6 +82,12 @@ class Engine:
         log.info("engine: %d slots x %d tokens, cache %.2f GiB, prefill chunk %d, cuda graphs %s",
                  num_slots, max_context, self.pool.memory_bytes() / 2 ** 30, prefill_chunk,
                  self.graphs is not None)
+
+    def close(self) -> None:
+        """Give the model back as it was before the engine prepared it (mode, MoE pipelines)
+        and drop the captured graphs; the engine is not usable afterwards."""
+        self.graphs = None
+        self._restore_model()
 
     # ------------------------------------------------------------------ requests
     def add_request(self, prompt_ids: Seq[int], params: SamplingParams | None = None,
@@ -181,8 +178,8 @@ class Engine:
                 self.graphs = None
         slot_idx = torch.tensor(slots, dtype=torch.long, device=self.device)
         active = torch.ones(len(seqs), dtype=torch.bool, device=self.device)
-        self.cache.begin_decode(slot_idx, active, [s.num_cached for s in seqs])
-        return self.model(tokens[:, None], cache=self.cache).logits[:, -1]
+        step = self.cache.begin_decode(slot_idx, active, [s.num_cached for s in seqs])
+        return self.model(tokens[:, None], cache=step).logits[:, -1]
 
     def _prefill(self, items) -> tuple[torch.Tensor, list[Sequence]]:
         stream = self.prefill_stream
@@ -196,10 +193,10 @@ class Engine:
                 if start + n == len(seq.prompt_ids):
                     ends.append(len(ids) - 1)
                     done.append(seq)
-            cu = self.cache.begin_prefill(slots, starts, lens)
+            step = self.cache.begin_prefill(slots, starts, lens)
             input_ids = torch.tensor([ids], device=self.device)
             keep = torch.tensor(ends, dtype=torch.long, device=self.device)
-            logits = self.model(input_ids, cu_seqlens=cu, cache=self.cache,
+            logits = self.model(input_ids, cu_seqlens=step.cu_seqlens, cache=step,
                                 logits_to_keep=keep).logits[0]
         if stream is not None:
             torch.cuda.current_stream(self.device).wait_stream(stream)

@@ -1,36 +1,36 @@
-"""The serving engine's cache: a fixed pool of slots, allocated once, and the cache object the
-model talks to (`prepare`, `lightning`, `attend`, `commit`; see model/cache.py).
+"""The serving engine's cache: a fixed pool of slots, allocated once, and the per-step records
+the model talks to (`prepare`, `lightning`, `attend`, `commit`; see model/cache.py).
 
 A slot holds one sequence: an fp32 lightning state [H, D, D] per lightning layer (constant size,
 whatever the context) and post-RoPE K/V [Hkv, max_context, D] per softmax layer. One extra
 scratch slot (index `num_slots`) absorbs the padding rows of a padded decode batch.
 
-`SlotCache` runs in one of two modes, set before each forward:
-  * prefill: B == 1 packed input with `cu_seqlens`; document n is the next chunk of the prompt of
-    the sequence in `slots[n]`, continuing from what that slot holds (lightning: the slot's state
-    as `initial_state` of one varlen call; softmax: the chunk's queries see the slot's cached keys
-    and their own);
-  * decode: [B, 1] input, one token per sequence, rows of the pools picked by `slot_idx`. Every
-    tensor it touches is device-resident and fixed in shape, so the step can be captured in a CUDA
-    graph."""
+`SlotCache` picks the kernels once; each forward gets a small step record, which is the cache
+the model is called with:
+  * `begin_prefill(...) -> PrefillStep`: B == 1 packed input with `cu_seqlens`; document n is the
+    next chunk of the prompt of the sequence in `slots[n]`, continuing from what that slot holds
+    (lightning: the slot's state as `initial_state` of one varlen call; softmax: the chunk's
+    queries see the slot's cached keys and their own);
+  * `begin_decode(...) -> DecodeStep`: [B, 1] input, one token per sequence, rows of the pools
+    picked by `slot_idx`. Every tensor it touches is device-resident and fixed in shape, so the
+    step can be captured in a CUDA graph (the record of a captured step lives on with its graph).
+Each record holds only what its mode needs."""
 
 from __future__ import annotations
 
-import importlib.util
+from dataclasses import dataclass
 
 import torch
 
 from ..config import LINEAR, ModelConfig
 from ..ops import lightning_attn, lightning_decode
-from .slot_attention import (decode_splits, torch_slot_attention, triton_slot_attention,
-                             triton_supported)
+from ..ops.lightning import triton_available
+from ..ops.slot_attention import decode_splits, slot_attention, triton_supported, work_list
 
 
 def lightning_backend(device: torch.device) -> str:
-    """The Triton lightning kernels on CUDA when they are built, the torch forms otherwise."""
-    if device.type == "cuda" and importlib.util.find_spec("minimax01.ops.lightning.triton_ops"):
-        return "triton"
-    return "chunk"
+    """The Triton lightning kernels on CUDA when Triton is installed, the torch forms otherwise."""
+    return "triton" if device.type == "cuda" and triton_available(device) else "chunk"
 
 
 class SlotPool:
@@ -84,7 +84,8 @@ class SlotPool:
 
 
 class SlotCache:
-    """The model-facing view of a SlotPool for one forward (prefill or decode)."""
+    """The kernels for a SlotPool (softmax: "triton" or "torch"; lightning: "triton" or "chunk")
+    and the factory of the per-forward step records."""
 
     def __init__(self, pool: SlotPool, attention: str | None = None, lightning: str | None = None):
         self.pool = pool
@@ -97,43 +98,32 @@ class SlotCache:
         self.attention = attention
         self.lightning_backend = lightning or lightning_backend(dev)
         self.decode_backend = "triton" if self.lightning_backend == "triton" else "torch"
-        self.mode: str | None = None
         self._decode_aux: dict[int, tuple] = {}
 
-    # ------------------------------------------------------------------ step setup
-    def begin_prefill(self, slots: list[int], starts: list[int], lengths: list[int]) -> torch.Tensor:
-        """Packed chunk lengths[n] for slot slots[n], which already caches starts[n] tokens.
-        Returns cu_seqlens (int32) for the forward."""
+    def begin_prefill(self, slots: list[int], starts: list[int],
+                      lengths: list[int]) -> "PrefillStep":
+        """Packed chunk lengths[n] for slot slots[n], which already caches starts[n] tokens. The
+        record's `cu_seqlens` (int32) goes to the forward with `cache=record`."""
         dev = self.pool.device
         if any(s + n > self.pool.max_context for s, n in zip(starts, lengths)):
             raise ValueError(f"a prefill chunk would pass max_context={self.pool.max_context}")
-        self.mode = "prefill"
-        self.slots_list, self.starts_list, self.lengths_list = list(slots), list(starts), list(lengths)
-        self.slots = torch.tensor(slots, dtype=torch.long, device=dev)
-        self.starts = torch.tensor(starts, dtype=torch.int32, device=dev)
-        self.lengths = torch.tensor(lengths, dtype=torch.int32, device=dev)
         offsets = [0]
         for n in lengths:
             offsets.append(offsets[-1] + n)
-        self.cu_seqlens = torch.tensor(offsets, dtype=torch.int32, device=dev)
-        total = offsets[-1]
-        lens_long = self.lengths.long()
+        slots_t = torch.tensor(slots, dtype=torch.long, device=dev)
+        starts_t = torch.tensor(starts, dtype=torch.int32, device=dev)
+        lengths_t = torch.tensor(lengths, dtype=torch.int32, device=dev)
+        cu_seqlens = torch.tensor(offsets, dtype=torch.int32, device=dev)
+        total, lens_long = offsets[-1], lengths_t.long()
         # absolute position of each packed token inside its sequence, and its slot
-        doc_start = torch.repeat_interleave(self.cu_seqlens[:-1].long(), lens_long, output_size=total)
-        base = torch.repeat_interleave(self.starts.long(), lens_long, output_size=total)
-        self.token_pos = base + torch.arange(total, device=dev) - doc_start
-        self.token_slot = torch.repeat_interleave(self.slots, lens_long, output_size=total)
-        self.work = None
-        if self.attention == "triton":
-            bm = self._prefill_block_m()
-            docs, firsts = [], []
-            for n, length in enumerate(lengths):
-                for q0 in range(0, length, bm):
-                    docs.append(n)
-                    firsts.append(q0)
-            self.work = (torch.tensor(docs, dtype=torch.int32, device=dev),
-                         torch.tensor(firsts, dtype=torch.int32, device=dev))
-        return self.cu_seqlens
+        doc_start = torch.repeat_interleave(cu_seqlens[:-1].long(), lens_long, output_size=total)
+        base = torch.repeat_interleave(starts_t.long(), lens_long, output_size=total)
+        token_pos = base + torch.arange(total, device=dev) - doc_start
+        token_slot = torch.repeat_interleave(slots_t, lens_long, output_size=total)
+        block_m = self._prefill_block_m()
+        work = work_list(lengths, block_m, dev) if self.attention == "triton" else None
+        return PrefillStep(self, list(slots), list(starts), list(lengths), slots_t, starts_t,
+                           lengths_t, cu_seqlens, token_pos, token_slot, work, block_m)
 
     def _prefill_block_m(self) -> int:
         g = self.pool.config.num_attention_heads // self.pool.config.num_key_value_heads
@@ -141,14 +131,11 @@ class SlotCache:
         return max(1, rows // g)
 
     def begin_decode(self, slot_idx: torch.Tensor, active: torch.Tensor,
-                     host_lengths: list[int] | None = None) -> None:
+                     host_lengths: list[int] | None = None) -> "DecodeStep":
         """slot_idx [B] long and active [B] bool on the pool's device (padding rows point at the
         scratch slot with active False). `host_lengths`: cached tokens per row, for the torch
         attention path (the Triton path reads lengths on the device). The small index tensors
         made here are kept per batch size, so CUDA graphs captured with them stay valid."""
-        self.mode = "decode"
-        self.slot_idx, self.active = slot_idx, active
-        self.host_lengths = host_lengths
         b = slot_idx.shape[0]
         if b not in self._decode_aux:
             dev = slot_idx.device
@@ -157,67 +144,102 @@ class SlotCache:
                                     torch.zeros(b, dtype=torch.int32, device=dev)),
                                    torch.ones(b, dtype=torch.int32, device=dev),
                                    decode_splits(b, hkv, self.pool.max_context))
-        self.decode_work, self.decode_ones, self.num_splits = self._decode_aux[b]
+        work, ones, splits = self._decode_aux[b]
+        return DecodeStep(self, slot_idx, active, host_lengths, work, ones, splits)
 
-    # ------------------------------------------------------------------ model interface
+
+@dataclass
+class PrefillStep:
+    """One packed prefill forward (the model's cache for it)."""
+
+    cache: SlotCache
+    slots_list: list[int]
+    starts_list: list[int]
+    lengths_list: list[int]
+    slots: torch.Tensor        # [N] long
+    starts: torch.Tensor       # [N] int32: tokens each slot holds before this step
+    lengths: torch.Tensor      # [N] int32: this step's tokens per document
+    cu_seqlens: torch.Tensor   # [N + 1] int32
+    token_pos: torch.Tensor    # [T] absolute position of each packed token
+    token_slot: torch.Tensor   # [T] its slot
+    work: tuple | None         # the Triton kernel's program list
+    block_m: int
+
     def prepare(self, valid: torch.Tensor, cu_seqlens=None) -> torch.Tensor:
-        if self.mode == "prefill":
-            if cu_seqlens is None or valid.shape != (1, int(self.token_pos.shape[0])):
-                raise ValueError("prefill expects the packed [1, T] input built by begin_prefill")
-            return self.token_pos[None]
-        if self.mode == "decode":
-            if valid.shape != (self.slot_idx.shape[0], 1):
-                raise ValueError(f"decode expects [{self.slot_idx.shape[0]}, 1] input, got "
-                                 f"{list(valid.shape)}")
-            lengths = self.pool.lengths[self.slot_idx]
-            # padding rows restart at 0 so the scratch slot never overflows
-            self.pos = torch.where(self.active, lengths, torch.zeros_like(lengths))
-            return self.pos.long()[:, None]
-        raise RuntimeError("SlotCache: call begin_prefill or begin_decode before the forward")
+        if cu_seqlens is None or valid.shape != (1, int(self.token_pos.shape[0])):
+            raise ValueError("prefill expects the packed [1, T] input built by begin_prefill")
+        return self.token_pos[None]
 
     def lightning(self, layer_idx, q, k, v, slope, ctx):
-        states = self.pool.states[layer_idx]
-        if self.mode == "decode":
-            o = lightning_decode(q[:, 0], k[:, 0], v[:, 0], states, slope, slot_idx=self.slot_idx,
-                                 backend=self.decode_backend)
-            return o[:, None]
+        states = self.cache.pool.states[layer_idx]
         o, final = lightning_attn(q, k, v, slope, initial_state=states[self.slots],
                                   output_final_state=True, cu_seqlens=self.cu_seqlens,
-                                  backend=self.lightning_backend)
+                                  backend=self.cache.lightning_backend)
         states.index_copy_(0, self.slots, final.to(states.dtype))
         return o
 
     def attend(self, layer_idx, q, k, v, scale, ctx):
-        keys, values = self.pool.keys[layer_idx], self.pool.values[layer_idx]
-        if self.mode == "decode":
-            slot, pos = self.slot_idx, self.pos.long()
-            keys[slot, :, pos] = k[:, 0].to(keys.dtype)
-            values[slot, :, pos] = v[:, 0].to(values.dtype)
-            if self.attention == "triton":
-                o = triton_slot_attention(q[:, 0], keys, values, slot.to(torch.int32), self.pos,
-                                          self.decode_ones, scale, work=self.decode_work,
-                                          block_m=1, num_splits=self.num_splits)
-            else:
-                slots = self.slot_idx.tolist()
-                ctx_list = [n if a else 0 for n, a in zip(self.host_lengths, self.active.tolist())]
-                o = torch_slot_attention(q[:, 0], keys, values, slots, ctx_list,
-                                         [1] * len(slots), scale)
-            return o[:, None]
+        pool = self.cache.pool
+        keys, values = pool.keys[layer_idx], pool.values[layer_idx]
         keys[self.token_slot, :, self.token_pos] = k[0].to(keys.dtype)
         values[self.token_slot, :, self.token_pos] = v[0].to(values.dtype)
-        if self.attention == "triton":
-            o = triton_slot_attention(q[0], keys, values, self.slots.to(torch.int32), self.starts,
-                                      self.lengths, scale, work=self.work,
-                                      block_m=self._prefill_block_m())
+        if self.cache.attention == "triton":
+            o = slot_attention(q[0], keys, values, self.slots.to(torch.int32), self.starts,
+                               self.lengths, scale, backend="triton", work=self.work,
+                               block_m=self.block_m)
         else:
-            o = torch_slot_attention(q[0], keys, values, self.slots_list, self.starts_list,
-                                     self.lengths_list, scale)
+            o = slot_attention(q[0], keys, values, self.slots_list, self.starts_list,
+                               self.lengths_list, scale, backend="torch")
         return o[None]
 
     def commit(self) -> None:
-        lengths = self.pool.lengths
-        if self.mode == "decode":
-            lengths.index_put_((self.slot_idx,), (self.pos + 1).to(lengths.dtype))
-        elif self.mode == "prefill":
-            lengths.index_put_((self.slots,), self.starts + self.lengths)
-        self.mode = None
+        self.cache.pool.lengths.index_put_((self.slots,), self.starts + self.lengths)
+
+
+@dataclass
+class DecodeStep:
+    """One batched decode forward (the model's cache for it)."""
+
+    cache: SlotCache
+    slot_idx: torch.Tensor             # [B] long: pool row of each batch row
+    active: torch.Tensor               # [B] bool: False for padding rows (scratch slot)
+    host_lengths: list[int] | None     # cached tokens per row (torch attention only)
+    work: tuple                        # the Triton kernel's program list: one query per row
+    ones: torch.Tensor                 # [B] int32 query lengths
+    num_splits: int
+    pos: torch.Tensor | None = None    # [B] int32 position of this token, set by prepare
+
+    def prepare(self, valid: torch.Tensor, cu_seqlens=None) -> torch.Tensor:
+        if valid.shape != (self.slot_idx.shape[0], 1):
+            raise ValueError(f"decode expects [{self.slot_idx.shape[0]}, 1] input, got "
+                             f"{list(valid.shape)}")
+        lengths = self.cache.pool.lengths[self.slot_idx]
+        # padding rows restart at 0 so the scratch slot never overflows
+        self.pos = torch.where(self.active, lengths, torch.zeros_like(lengths))
+        return self.pos.long()[:, None]
+
+    def lightning(self, layer_idx, q, k, v, slope, ctx):
+        states = self.cache.pool.states[layer_idx]
+        o = lightning_decode(q[:, 0], k[:, 0], v[:, 0], states, slope, slot_idx=self.slot_idx,
+                             backend=self.cache.decode_backend)
+        return o[:, None]
+
+    def attend(self, layer_idx, q, k, v, scale, ctx):
+        pool = self.cache.pool
+        keys, values = pool.keys[layer_idx], pool.values[layer_idx]
+        slot, pos = self.slot_idx, self.pos.long()
+        keys[slot, :, pos] = k[:, 0].to(keys.dtype)
+        values[slot, :, pos] = v[:, 0].to(values.dtype)
+        if self.cache.attention == "triton":
+            o = slot_attention(q[:, 0], keys, values, slot.to(torch.int32), self.pos, self.ones,
+                               scale, backend="triton", work=self.work, block_m=1,
+                               num_splits=self.num_splits)
+        else:
+            ctx_list = [n if a else 0 for n, a in zip(self.host_lengths, self.active.tolist())]
+            o = slot_attention(q[:, 0], keys, values, slot.tolist(), ctx_list,
+                               [1] * len(ctx_list), scale, backend="torch")
+        return o[:, None]
+
+    def commit(self) -> None:
+        lengths = self.cache.pool.lengths
+        lengths.index_put_((self.slot_idx,), (self.pos + 1).to(lengths.dtype))

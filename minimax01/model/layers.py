@@ -1,13 +1,14 @@
 """The layers of a MiniMax-01 decoder (SPEC §2-§5), single device.
 
 Attention math is delegated to `minimax01.ops`; each attention module has an `attn_fn` slot that
-parallel code (LASP+, ring attention) may fill from outside, and the MoE block has a `dispatcher`
-slot for expert parallelism. The model code never imports `minimax01.parallel`."""
+parallel code (LASP+, ring attention) may fill from outside: it then computes every call, given
+the forward's `AttnContext`. The MoE block runs the one MoE pipeline of `ops/moe.py` in the
+configuration `moe.pipeline` names (training, expert parallel, serving). The model code never
+imports `minimax01.parallel`."""
 
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
 
 import torch
 import torch.nn as nn
@@ -17,8 +18,7 @@ from ..config import LINEAR, ModelConfig
 from ..ops import lightning_attn
 from ..ops.attention import causal_attention, cached_attention
 from ..ops.lightning import lightning_slopes
-from ..ops.moe import (combine, dispatch, expert_capacity, expert_counts, load_balancing_loss,
-                       route, swiglu_experts)
+from ..ops.moe import TRAINING, MoEPipeline, MoEStats, moe_pipeline, route
 from ..ops.norm import rms_norm
 from ..ops.rope import apply_rope
 
@@ -30,16 +30,19 @@ class AttnContext:
     arguments to the parameter dtype, and the RoPE tables must stay fp32 (SPEC §4) and identical
     when activation checkpointing recomputes a layer."""
 
-    __slots__ = ("cu_seqlens", "cos", "sin", "valid", "cache")
+    __slots__ = ("cu_seqlens", "cos", "sin", "valid", "cache", "position_ids", "plans")
 
     def __init__(self, cu_seqlens: torch.Tensor | None = None, cos: torch.Tensor | None = None,
                  sin: torch.Tensor | None = None, valid: torch.Tensor | None = None,
-                 cache: object | None = None):
+                 cache: object | None = None, position_ids: torch.Tensor | None = None):
         self.cu_seqlens = cu_seqlens  # packed documents (B == 1)
         self.cos = cos                # RoPE tables [B, T, rotary_dim] or [T, rotary_dim], fp32
         self.sin = sin
         self.valid = valid            # [B, T] bool, False at padding; None: no padding
         self.cache = cache            # a cache with the HybridCache interface
+        self.position_ids = position_ids  # as the caller gave them (None: the model derived them)
+        self.plans: dict = {}         # what plug-ins compute once per forward and share across
+                                      # layers (the context-parallel document structure)
 
 
 class RMSNorm(nn.Module):
@@ -67,7 +70,7 @@ class LightningAttention(nn.Module):
         self.layer_idx = layer_idx
         self.register_buffer("slope", lightning_slopes(self.num_heads, layer_idx,
                                                        config.num_hidden_layers), persistent=False)
-        self.attn_fn = None  # replaced by sequence-parallel code (LASP+)
+        self.attn_fn = None  # sequence-parallel code (LASP+): attn_fn(q, k, v, slope, ctx) -> o
 
     def forward(self, x: torch.Tensor, ctx: AttnContext) -> torch.Tensor:
         b, t, _ = x.shape
@@ -76,11 +79,12 @@ class LightningAttention(nn.Module):
         if ctx.valid is not None:
             v = v * ctx.valid[:, :, None, None].to(v.dtype)
         slope = self.slope.float()
-        if ctx.cache is not None:
+        if self.attn_fn is not None:  # computes every call (and refuses what it cannot do)
+            o = self.attn_fn(q, k, v, slope, ctx)
+        elif ctx.cache is not None:
             o = ctx.cache.lightning(self.layer_idx, q, k, v, slope, ctx)
         else:
-            fn = self.attn_fn or lightning_attn
-            o, _ = fn(q, k, v, slope, cu_seqlens=ctx.cu_seqlens)
+            o, _ = lightning_attn(q, k, v, slope, cu_seqlens=ctx.cu_seqlens)
         u = self.norm(o.reshape(b, t, -1))
         return self.out_proj(torch.sigmoid(self.output_gate(x)) * u)
 
@@ -98,7 +102,7 @@ class SoftmaxAttention(nn.Module):
         self.o_proj = nn.Linear(config.attn_width, config.hidden_size, bias=False)
         self.scale = 1.0 / math.sqrt(self.head_dim)
         self.layer_idx = layer_idx
-        self.attn_fn = None  # replaced by context-parallel code (ring attention)
+        self.attn_fn = None  # context-parallel code (ring): attn_fn(q, k, v, ctx, scale) -> o
 
     def forward(self, x: torch.Tensor, ctx: AttnContext) -> torch.Tensor:
         b, t, _ = x.shape
@@ -106,29 +110,31 @@ class SoftmaxAttention(nn.Module):
         k = self.k_proj(x).view(b, t, self.num_kv_heads, self.head_dim)
         v = self.v_proj(x).view(b, t, self.num_kv_heads, self.head_dim)
         q, k = apply_rope(q, ctx.cos, ctx.sin), apply_rope(k, ctx.cos, ctx.sin)
-        if ctx.cache is not None:
+        if self.attn_fn is not None:  # computes every call (and refuses what it cannot do)
+            o = self.attn_fn(q, k, v, ctx, self.scale)
+        elif ctx.cache is not None:
             o = ctx.cache.attend(self.layer_idx, q, k, v, self.scale, ctx)
         elif ctx.valid is not None:
             valid = ctx.valid
             o = cached_attention(q, k.transpose(1, 2), v.transpose(1, 2), valid, scale=self.scale)
         else:
-            fn = self.attn_fn or causal_attention
-            o = fn(q, k, v, cu_seqlens=ctx.cu_seqlens, scale=self.scale)
+            o = causal_attention(q, k, v, cu_seqlens=ctx.cu_seqlens, scale=self.scale)
         return self.o_proj(o.reshape(b, t, -1))
 
 
-@dataclass
-class MoEStats:
-    """Detached per-layer routing statistics of the last forward (for training logs)."""
-
-    load: torch.Tensor  # [E] fraction of assignments per expert (sums to 1)
-    dropped: int        # assignments dropped by the capacity limit
-    assignments: int    # tokens * top_k
+def _local(w: torch.Tensor) -> torch.Tensor:
+    """The part of a parameter this rank computes with (under expert or tensor parallelism the
+    parameters are DTensors with global shapes; in one process, the tensor itself)."""
+    return w.to_local() if hasattr(w, "to_local") else w
 
 
 class Experts(nn.Module):
     """Expert weights stacked for grouped matmuls: gate_up_proj [E, 2I, H] (w1 rows then w3
-    rows) and down_proj [E, H, I], the transformers >= 5 layout."""
+    rows) and down_proj [E, H, I], the transformers >= 5 layout.
+
+    The run stage of the MoE pipeline: one call per MoE forward computes every kept row (so FSDP
+    unshards the weights once), through the pipeline's exchange. A module with the same call
+    (e.g. quantised weights and a quantised grouped matmul) can take this one's place."""
 
     def __init__(self, config: ModelConfig):
         super().__init__()
@@ -139,8 +145,13 @@ class Experts(nn.Module):
             self.gate_up_proj.normal_(0.0, h ** -0.5)
             self.down_proj.normal_(0.0, i ** -0.5)
 
-    def forward(self, x_grouped: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
-        return swiglu_experts(x_grouped, counts, self.gate_up_proj, self.down_proj)
+    def forward(self, x: torch.Tensor, counts: torch.Tensor,
+                pipeline: MoEPipeline = TRAINING) -> torch.Tensor:
+        """x [M, H] rows grouped by (token group, expert); counts [G, E] (or [E]) rows per
+        block. Returns [M, H] in x's row order."""
+        counts = counts[None] if counts.dim() == 1 else counts
+        compute = pipeline.compute(_local(self.gate_up_proj), _local(self.down_proj))
+        return pipeline.exchange.run(compute, x, counts)
 
 
 class MoE(nn.Module):
@@ -152,35 +163,20 @@ class MoE(nn.Module):
         self.capacity_factor = config.capacity_factor
         self.gate = nn.Linear(config.hidden_size, self.num_experts, bias=False)
         self.experts = Experts(config)
-        self.dispatcher = None  # replaced by expert-parallel code
+        self.pipeline = TRAINING  # the MoE pipeline's configuration; parallel/ and infer/ set it
         self.last_stats: MoEStats | None = None
 
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Returns (output like x, aux loss E * sum f_e P_e without the coefficient)."""
+        """Returns (output like x, aux loss E * sum f_e P_e without the coefficient: this rank's
+        share of its router group's, see ops/moe.py). Tokens are dropped over capacity in
+        training mode only."""
         shape = x.shape
         flat = x.reshape(-1, shape[-1])
         routing = route(self.gate(flat), self.top_k)
-        if self.dispatcher is not None:
-            out, aux, stats = self.dispatcher(self, flat, routing)
-        else:
-            out, aux, stats = self.local_forward(flat, routing)
-        self.last_stats = stats
+        out, aux, self.last_stats = moe_pipeline(
+            flat, routing, self.experts, self.pipeline, rows=shape[0] if x.dim() == 3 else 1,
+            capacity_factor=self.capacity_factor if self.training else None)
         return out.reshape(shape), aux
-
-    def local_forward(self, flat: torch.Tensor, routing):
-        n = flat.shape[0]
-        counts = expert_counts(routing.experts, self.num_experts)
-        capacity = None
-        if self.capacity_factor is not None and self.training:
-            capacity = expert_capacity(n, self.top_k, self.num_experts, self.capacity_factor)
-        plan = dispatch(routing.experts, self.num_experts, capacity)
-        x_grouped = flat[plan.order // self.top_k]
-        y = self.experts(x_grouped, plan.counts)
-        out = combine(y, plan.order, routing.weights, n)
-        aux = load_balancing_loss(routing.probs, counts, n)
-        stats = MoEStats(load=(counts.float() / (n * self.top_k)).detach(),
-                         dropped=plan.dropped, assignments=n * self.top_k)
-        return out.to(flat.dtype), aux, stats
 
 
 class DecoderLayer(nn.Module):

@@ -100,6 +100,7 @@ class MiniMaxForCausalLM(nn.Module):
             valid = attention_mask.bool()
             if cache is None and bool(valid.all()):
                 valid = None
+        given_positions = position_ids  # what context parallelism reads (global positions)
         if cache is not None:
             position_ids = cache.prepare(valid if valid is not None else
                                          torch.ones_like(input_ids, dtype=torch.bool), cu_seqlens)
@@ -111,7 +112,8 @@ class MiniMaxForCausalLM(nn.Module):
             else:
                 position_ids = torch.arange(t, device=input_ids.device)
         cos, sin = rope_cos_sin(position_ids, self.config.rotary_dim, self.config.rope_theta)
-        ctx = AttnContext(cu_seqlens=cu_seqlens, cos=cos, sin=sin, valid=valid, cache=cache)
+        ctx = AttnContext(cu_seqlens=cu_seqlens, cos=cos, sin=sin, valid=valid, cache=cache,
+                          position_ids=given_positions)
         h, aux = self.model(input_ids, ctx)
         if cache is not None:
             cache.commit()

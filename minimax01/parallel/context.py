@@ -4,8 +4,9 @@ Under context parallelism (CP) every rank of a CP group holds one contiguous sli
 rows: rank c holds tokens [c*T_l, (c+1)*T_l) of every row. Documents may cross slice
 boundaries. The model gets *global* position ids (position inside each document), so the
 document structure of the whole sequence follows from them: a document starts where the position
-does not continue the previous token's. `CPContext.gather` all-gathers the position ids once per
-forward; LASP+ and ring attention read the structure from here instead of from the model."""
+does not continue the previous token's. `cp_context` all-gathers the position ids the model's
+`AttnContext` carries, once per forward (the result is kept in the context's `plans`, which every
+layer of that forward shares); LASP+ and ring attention read the structure from it."""
 
 from __future__ import annotations
 
@@ -15,6 +16,34 @@ from dataclasses import dataclass, field
 import torch
 
 from .collectives import all_gather_nograd
+
+
+@dataclass(frozen=True)
+class CPGroup:
+    """The CP process group and this rank's place in it (fixed for a run)."""
+
+    group: object
+    rank: int
+    size: int
+
+
+def cp_context(ctx, cp: CPGroup) -> "CPContext":
+    """The CPContext of the forward whose model-level `AttnContext` is `ctx`: gathered on the
+    first call (every CP rank runs the same layers in the same order, so every rank of the group
+    makes this collective at the same point), then read from `ctx.plans`. Refuses what context
+    parallelism cannot compute instead of computing something else."""
+    plan = ctx.plans.get("cp")
+    if plan is None:
+        if ctx.cache is not None:
+            raise ValueError("cached generation is not supported under context parallelism")
+        if ctx.valid is not None:
+            raise ValueError("padding is not supported under context parallelism")
+        if ctx.position_ids is None:
+            raise ValueError("under context parallelism the model needs the global position_ids "
+                             "of its slice: pass the batch through world.shard_batch and give all "
+                             "its keys to the model")
+        plan = ctx.plans["cp"] = CPContext.gather(cp.group, cp.rank, cp.size, ctx.position_ids)
+    return plan
 
 
 @dataclass

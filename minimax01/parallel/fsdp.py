@@ -6,9 +6,8 @@ experts over the expert-data-parallel mesh, everything else over dp_shard x cp. 
 DTensors with global shapes, which is what lets torch.distributed.checkpoint reshard a
 checkpoint onto any other layout.
 
-Gradients: each rank's loss is its share of the global loss times the world size (see world.py),
-so every group divides its reduced gradient by the world size, the experts included (their EDP
-mesh is smaller than the world, but the all-to-all already summed the EP ranks' parts)."""
+Gradients: every group divides its reduced gradient by the same factor, the world size, the
+experts included (their EDP mesh is smaller than the world); why: parallel/scaling.py."""
 
 from __future__ import annotations
 
@@ -55,8 +54,11 @@ def _divide_by(module, factor: float, reduce_size: int) -> None:
 
 def apply_fsdp(model: nn.Module, mesh: ParallelMesh, *, param_dtype: torch.dtype | None = None,
                reduce_dtype: torch.dtype | None = torch.float32,
-               reshard_after_forward: bool = True) -> nn.Module:
-    """fully_shard bottom-up: experts (EP only), each decoder layer, embeddings, root."""
+               reshard_after_forward: bool = True,
+               gradient_divide_factor: float | None = None) -> nn.Module:
+    """fully_shard bottom-up: experts (EP only), each decoder layer, embeddings, root. The
+    expert groups divide their gradients by `gradient_divide_factor` (default: the world size,
+    which is also what the dense groups divide by)."""
     mp = MixedPrecisionPolicy(param_dtype=param_dtype, reduce_dtype=reduce_dtype)
     dense = dict(mesh=mesh.dense, mp_policy=mp, reshard_after_forward=reshard_after_forward)
     layout = mesh.layout
@@ -67,7 +69,8 @@ def apply_fsdp(model: nn.Module, mesh: ParallelMesh, *, param_dtype: torch.dtype
             placement = (lambda p: Shard(1)) if layout.edp > per else None
             fully_shard(experts, mesh=mesh.experts, mp_policy=mp,
                         reshard_after_forward=reshard_after_forward, shard_placement_fn=placement)
-            _divide_by(experts, float(layout.world), mesh.experts.size())
+            _divide_by(experts, gradient_divide_factor or float(layout.world),
+                       mesh.experts.size())
         fully_shard(layer, **dense)
     if not model.config.tie_word_embeddings:
         fully_shard(model.model.embed_tokens, **dense)

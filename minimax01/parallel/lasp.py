@@ -22,7 +22,7 @@ import torch
 from ..ops import lightning_attn
 from ..ops.lightning.common import compute_dtype
 from .collectives import all_gather
-from .context import CPContext
+from .context import CPContext, CPGroup, cp_context
 
 
 def lasp_plan(ctx: CPContext):
@@ -80,15 +80,13 @@ def lasp_lightning_attn(q, k, v, slope, *, cu_seqlens=None, ctx: CPContext, back
 
 
 class LaspAttention:
-    """The callable placed in `LightningAttention.attn_fn`; reads the forward's CPContext from
-    `state.cp` (set by the world's pre-forward hook)."""
+    """`LightningAttention.attn_fn` under CP: LASP+ over the CP group, the document structure
+    read from the forward's AttnContext (`cp_context`)."""
 
-    def __init__(self, state, backend=None):
-        self.state, self.backend = state, backend
+    def __init__(self, cp: CPGroup, backend=None):
+        self.cp, self.backend = cp, backend
 
-    def __call__(self, q, k, v, slope, cu_seqlens=None):
-        ctx = self.state.cp
-        if ctx is None:
-            raise RuntimeError("LASP+ attention called outside a context-parallel forward")
-        return lasp_lightning_attn(q, k, v, slope, cu_seqlens=cu_seqlens, ctx=ctx,
-                                   backend=self.backend)
+    def __call__(self, q, k, v, slope, ctx):
+        o, _ = lasp_lightning_attn(q, k, v, slope, cu_seqlens=ctx.cu_seqlens,
+                                   ctx=cp_context(ctx, self.cp), backend=self.backend)
+        return o

@@ -25,7 +25,7 @@ import torch.nn.functional as F
 
 from .block_attention import make_kernel
 from .collectives import all_gather, all_to_all, ring_exchange, wait_all
-from .context import CPContext
+from .context import CPContext, CPGroup, cp_context
 
 
 # ---------------------------------------------------------------------- plan
@@ -216,20 +216,18 @@ def allgather_attention(q, k, v, *, ctx: CPContext, scale: float) -> torch.Tenso
 
 
 class RingAttention:
-    """The callable placed in `SoftmaxAttention.attn_fn`; reads the forward's CPContext from
-    `state.cp`. `mode` "ring" (default) or "allgather"."""
+    """`SoftmaxAttention.attn_fn` under CP; the document structure comes from the forward's
+    AttnContext (`cp_context`). `mode` "ring" (default) or "allgather"."""
 
-    def __init__(self, state, mode: str = "ring", kernel: str = "auto", balance: bool = True):
+    def __init__(self, cp: CPGroup, mode: str = "ring", kernel: str = "auto", balance: bool = True):
         if mode not in ("ring", "allgather"):
             raise ValueError(f"unknown context-parallel attention {mode!r}; use ring or allgather")
-        self.state, self.mode, self.kernel, self.balance = state, mode, kernel, balance
+        self.cp, self.mode, self.kernel, self.balance = cp, mode, kernel, balance
 
-    def __call__(self, q, k, v, cu_seqlens=None, scale=None):
-        ctx = self.state.cp
-        if ctx is None:
-            raise RuntimeError("ring attention called outside a context-parallel forward")
+    def __call__(self, q, k, v, ctx, scale=None):
+        plan = cp_context(ctx, self.cp)
         scale = scale if scale is not None else q.shape[-1] ** -0.5
         if self.mode == "allgather":
-            return allgather_attention(q, k, v, ctx=ctx, scale=scale)
-        return ring_attention(q, k, v, ctx=ctx, scale=scale, kernel=self.kernel,
+            return allgather_attention(q, k, v, ctx=plan, scale=scale)
+        return ring_attention(q, k, v, ctx=plan, scale=scale, kernel=self.kernel,
                               balance=self.balance)

@@ -1,73 +1,90 @@
-"""The seam between the trainer and parallelism.
+"""The seam between a training loop and parallelism: the `World`.
 
-The trainer only talks to a `World`: where this process sits (data-parallel and context-parallel
-rank), how to wrap the model, how to cut a batch, how to reduce a number. `LocalWorld` is the
-single-process world; `DistributedWorld` (FSDP2 x expert parallel x context parallel on one
-DeviceMesh) implements the same methods; `make_world` picks one from the environment
-(torchrun sets WORLD_SIZE)."""
+A world says where this process sits (ranks, data-parallel and context-parallel index, the
+mesh), cuts a data-parallel rank's batch into this rank's slice, reduces numbers and gradient
+norms over ranks, and knows how losses are scaled (`loss_scale`, parallel/scaling.py). It does
+not change a model: `parallelize(model, world, cfg)` (parallelize.py) does that, from outside.
+
+`LocalWorld` (one process) and `DistributedWorld` (distributed.py: a process group and one
+DeviceMesh) have the same interface, `World`, so a loop never asks which one it has.
+`make_world` picks one from the environment (torchrun sets WORLD_SIZE)."""
 
 from __future__ import annotations
 
 import os
-from dataclasses import dataclass
+from typing import Protocol
 
 import torch
 
-ROUTER_SCOPES = ("global", "ep", "local")
+from .config import ROUTER_SCOPES, ParallelConfig, check_reduce_op  # noqa: F401  (old home)
+from .scaling import LossScale
 
 
-@dataclass
-class ParallelConfig:
-    """Parallel degrees. Their product with `dp_replicate` must equal the world size;
-    `dp_shard = -1` takes whatever is left. The global batch and the math do not depend on the
-    layout."""
+class World(Protocol):
+    """What every world provides (tests/test_parallel_layout.py checks both worlds have it)."""
 
-    dp_shard: int = -1       # FSDP2 sharding degree of the dense parameters
-    dp_replicate: int = 1    # plain replication on top of sharding (HSDP)
-    ep: int = 1              # expert parallel degree (experts split over `ep` ranks)
-    cp: int = 1              # context (sequence) parallel degree: LASP+ and ring attention
-    ep_token_groups: int = 1  # split tokens into groups to overlap all-to-all with expert compute
-    backend: str = "auto"    # "nccl" on CUDA, "gloo" on CPU
-    # Ranks whose tokens share MoE capacity, router statistics and the loss mean: "global" (all
-    # ranks: a distributed micro-step computes what one process computes on the concatenated
-    # micro-batches), "ep" (the expert-parallel group, as in the paper), "local" (each
-    # data-parallel rank's rows alone, like gradient-accumulation steps).
-    router_scope: str = "global"
-    cp_attention: str = "ring"   # softmax layers under CP: "ring" or "allgather" (reference)
-    cp_balance: bool = True      # zigzag layout for ring attention (equal causal work per rank)
-    cp_kernel: str = "auto"      # per-block attention: auto (flash on CUDA) | math | flash
-    param_dtype: str = "none"    # FSDP2 compute dtype of the parameters ("none": keep)
-    reshard_after_forward: bool = True  # free gathered parameters after each layer's forward
-    sync_init: bool = True       # broadcast rank 0's initial weights before sharding
+    cfg: ParallelConfig
+    device: torch.device
+    rank: int
+    world_size: int
+    dp_rank: int            # which rows this rank reads (ranks of a CP group share rows)
+    dp_size: int
+    cp_rank: int
+    cp_size: int
+    is_main: bool
+    mesh: object | None     # the ParallelMesh (None in one process)
+    loss_scale: LossScale
 
-    def degrees_are_one(self) -> bool:
-        return (self.dp_shard in (-1, 1) and self.dp_replicate == 1 and self.ep == 1
-                and self.cp == 1)
+    def parallelize(self, model: torch.nn.Module) -> torch.nn.Module:
+        """`parallelize(model, self, self.cfg)`."""
+
+    def shard_batch(self, batch: dict) -> dict:
+        """This rank's slice of a data-parallel rank's batch (identity without CP)."""
+
+    def all_reduce(self, value: torch.Tensor, op: str = "sum") -> torch.Tensor:
+        """A new tensor on value's device, reduced over every rank ("sum", "mean", "max",
+        "min"; "mean" of integers is float64)."""
+
+    def clip_grad_norm_(self, parameters, max_norm: float, norm_type: float = 2.0) -> torch.Tensor:
+        """The global gradient norm (a plain tensor), after clipping in place."""
+
+    def barrier(self) -> None: ...
+
+    def shutdown(self) -> None: ...
 
 
 class LocalWorld:
-    """One process, one device: every hook is the identity."""
+    """One process, one device: reductions over one rank, no mesh."""
 
     rank = 0
     world_size = 1
     dp_rank, dp_size = 0, 1
     cp_rank, cp_size = 0, 1
     is_main = True
+    mesh = None
+    loss_scale = LossScale()
 
-    def __init__(self, device: torch.device | str | None = None):
+    def __init__(self, device: torch.device | str | None = None, cfg: ParallelConfig | None = None):
         if device is None:
             device = "cuda" if torch.cuda.is_available() else "cpu"
         self.device = torch.device(device)
+        self.cfg = cfg or ParallelConfig()
 
     def parallelize(self, model: torch.nn.Module) -> torch.nn.Module:
-        return model
+        from .parallelize import parallelize
+
+        return parallelize(model, self, self.cfg)
 
     def shard_batch(self, batch: dict) -> dict:
-        """Cut a data-parallel rank's batch for context parallelism (identity here)."""
         return batch
 
     def all_reduce(self, value: torch.Tensor, op: str = "sum") -> torch.Tensor:
-        return value
+        check_reduce_op(op)
+        t = torch.as_tensor(value).detach().clone()
+        return t.double() if op == "mean" and not t.is_floating_point() else t
+
+    def clip_grad_norm_(self, parameters, max_norm: float, norm_type: float = 2.0) -> torch.Tensor:
+        return torch.nn.utils.clip_grad_norm_(list(parameters), max_norm, norm_type)
 
     def barrier(self) -> None:
         pass
@@ -92,7 +109,7 @@ def make_world(cfg: ParallelConfig | None = None, device: torch.device | str | N
         raise ValueError(f"parallel degrees dp_shard={cfg.dp_shard} dp_replicate="
                          f"{cfg.dp_replicate} ep={cfg.ep} cp={cfg.cp} need several processes; "
                          f"launch with torchrun --nproc_per_node N -m minimax01 train ...")
-    return LocalWorld(device)
+    return LocalWorld(device, cfg)
 
 
 def __getattr__(name):

@@ -24,6 +24,7 @@ import torch
 from .. import __version__
 from ..model import MiniMaxForCausalLM
 from ..parallel import checkpoint as dcp_checkpoint
+from ..parallel.parallelize import parallelize
 from ..tokenizer import load_tokenizer
 from . import checkpointing as ckpt
 from .config import RunConfig
@@ -228,7 +229,7 @@ class Trainer:
         world.barrier()
         model = self.build_model()
         raw_model = model
-        model = world.parallelize(model)
+        model = parallelize(model, world, cfg.parallel)
         optimizer = build_optimizer(model, cfg.optim)
         step = tokens = 0
         if self.resume_from is not None:
@@ -344,9 +345,9 @@ class Trainer:
         return result
 
     def _step(self, model, raw_model, optimizer, micro: int, lr: float, acc, params, max_norm):
-        """One optimizer step over `micro` micro-batches. Each contributes its lm-loss token sum
-        over the global target count (times the world size: parallelize() averages gradients
-        over all ranks, as FSDP2 does) and its aux loss over `micro`. Returns the global
+        """One optimizer step over `micro` micro-batches. Each backpropagates the world's
+        `loss_scale.rank_loss` (its lm-loss token sum over the global target count, its aux
+        loss over `micro`, scaled as parallel/scaling.py says). Returns the global
         [lm sum, aux mean], the global target count, the gradient norm, and whether the step
         was finite (else it is skipped)."""
         world, dev = self.world, self.world.device
@@ -354,18 +355,16 @@ class Trainer:
         counts = torch.stack([b["labels"].ne(IGNORE_INDEX).sum() for b in batches])
         n_global = self._reduce(counts.sum().double()).clamp(min=1)
         set_lr(optimizer, lr)
+        scale = world.loss_scale
         totals = torch.zeros(2, dtype=torch.float64, device=dev)
         for batch in batches:
             out, lm_sum, _ = self._forward(model, batch)
             acc.add_moe(raw_model.moe_stats())
-            (lm_sum * (world.world_size / n_global) + out.aux_loss / micro).backward()
+            scale.rank_loss(lm_sum, n_global, out.aux_loss, micro).backward()
             totals += torch.stack([lm_sum.detach(), out.aux_loss.detach() / micro]).double()
-        sums = self._reduce(totals / torch.tensor([1.0, world.world_size], device=dev,
-                                                  dtype=torch.float64))
-        clip = getattr(world, "clip_grad_norm_", None) or torch.nn.utils.clip_grad_norm_
-        grad_norm = clip(params, max_norm)
-        if hasattr(grad_norm, "full_tensor"):
-            grad_norm = grad_norm.full_tensor()
+        sums = world.all_reduce(totals, "sum")
+        sums[1] = scale.mean_aux(sums[1])
+        grad_norm = world.clip_grad_norm_(params, max_norm)
         finite = bool(torch.isfinite(sums).all() and torch.isfinite(grad_norm))
         if finite:
             optimizer.step()

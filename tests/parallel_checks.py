@@ -1,27 +1,32 @@
-"""Distributed == single process, checked on the machine at hand.
+"""Distributed == single process, checked on the machine at hand (test code: tests/test_parallel_*
+run these on gloo; on GPUs run this file with torchrun).
 
 Each check runs inside an initialised process group (every rank calls it), computes the
 single-process reference on its own device, and raises AssertionError when the distributed
 result differs by more than `tol` (relative to the reference's size). The CPU tests run them on
-gloo in float64; `benchmarks/distributed.py --check` runs them on GPUs with NCCL.
+gloo in float64; on GPUs they run with NCCL:
 
-    torchrun --nproc_per_node 2 -m minimax01.parallel.selfcheck      # all checks, 2 ranks
+    torchrun --nproc_per_node 2 tests/parallel_checks.py      # all checks, 2 (or 4) ranks
 """
 
 from __future__ import annotations
 
+import os
 import sys
 import time
 
 import torch
 import torch.distributed as dist
 
-from ..ops import lightning_attn
-from ..ops.attention import causal_attention
-from .batch import local_cu_seqlens, next_token_targets
-from .context import CPContext
-from .lasp import lasp_lightning_attn
-from .ring_attention import allgather_attention, ring_attention
+if __name__ == "__main__":  # run as a script from a checkout: import this checkout's package
+    sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
+
+from minimax01.ops import lightning_attn
+from minimax01.ops.attention import causal_attention
+from minimax01.parallel.batch import local_cu_seqlens, next_token_targets
+from minimax01.parallel.context import CPContext
+from minimax01.parallel.lasp import lasp_lightning_attn
+from minimax01.parallel.ring_attention import allgather_attention, ring_attention
 
 
 def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
@@ -119,9 +124,10 @@ def check_model(pcfg, *, capacity_factor=None, pre_shifted: bool = True, loss_ch
     loss (as the trainer forms it), the aux loss, MoE drops and every parameter's gradient."""
     from torch.distributed.tensor import DTensor
 
-    from ..config import ModelConfig
-    from ..model.model import MiniMaxForCausalLM
-    from .world import make_world
+    from minimax01.config import ModelConfig
+    from minimax01.model.model import MiniMaxForCausalLM
+    from minimax01.parallel.parallelize import parallelize
+    from minimax01.parallel.world import make_world
 
     def build():
         torch.manual_seed(0)
@@ -148,7 +154,7 @@ def check_model(pcfg, *, capacity_factor=None, pre_shifted: bool = True, loss_ch
     ref_grads = {n: p.grad for n, p in ref_model.named_parameters()}
     ref_dropped = [s.dropped for s in ref_model.moe_stats()]
 
-    model = world.parallelize(build())
+    model = parallelize(build(), world, pcfg)
     mine = slice(world.dp_rank, world.dp_rank + 1)
     batch = dict(input_ids=ids[mine], labels=labels[mine], cu_seqlens=cu)
     if pre_shifted:  # the trainer's convention: labels are next-token targets already
@@ -161,10 +167,11 @@ def check_model(pcfg, *, capacity_factor=None, pre_shifted: bool = True, loss_ch
     n = targets.ne(-100).sum()
     n_global = world.all_reduce(n, "sum")
     lm = torch.where(n > 0, out.lm_loss, torch.zeros_like(out.lm_loss))
-    loss = lm * n * (world.world_size / n_global) + out.aux_loss
+    loss = world.loss_scale.rank_loss(lm * n, n_global, out.aux_loss)  # as the trainer does
     loss.backward()
     err = rel_err(world.all_reduce(loss.detach(), "mean"), ref.loss)
-    err = max(err, rel_err(world.all_reduce(out.aux_loss.detach(), "mean"), ref.aux_loss))
+    aux = world.loss_scale.mean_aux(world.all_reduce(out.aux_loss.detach(), "sum"))
+    err = max(err, rel_err(aux, ref.aux_loss))
     dropped = [s.dropped for s in model.moe_stats()]
     ref_norm = torch.linalg.vector_norm(torch.stack([g.double().norm() for g in ref_grads.values()]))
     norm = world.clip_grad_norm_(list(model.parameters()), float("inf"))
@@ -186,7 +193,7 @@ def check_model(pcfg, *, capacity_factor=None, pre_shifted: bool = True, loss_ch
 # ---------------------------------------------------------------------- command line
 def run_all(device, dtype, tol_attn: float, tol_model: float, kernel: str = "math"):
     """Every check that fits the world size (2 or 4 ranks). Returns (report lines, failures)."""
-    from .world import ParallelConfig
+    from minimax01.parallel.config import ParallelConfig
 
     size = dist.get_world_size()
     lines, failures = [], []
@@ -233,8 +240,6 @@ def run_all(device, dtype, tol_attn: float, tol_model: float, kernel: str = "mat
 
 
 def main() -> int:
-    import os
-
     cuda = torch.cuda.is_available()
     if cuda:
         torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", 0)))
