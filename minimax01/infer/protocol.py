@@ -1,6 +1,7 @@
 """The OpenAI API's request bodies as strict pydantic models, and the one way a body becomes one:
-`parse_body` reads the raw bytes (size-limited), decodes strict UTF-8 and strict JSON (no NaN, no
-Infinity, no 1e999, no lone surrogate anywhere), and validates. Every failure is an APIError
+`parse_body` decodes strict UTF-8 and strict JSON (no NaN, no Infinity, no 1e999, no integer of
+more than 40 digits, no lone surrogate, at most 64 levels deep: each refused naming where it is),
+and validates; `read_body` reads the raw bytes up to a size limit. Every failure is an APIError
 (HTTP status, message, the offending `param`, a `code`) that the server turns into OpenAI's
 error body {"error": {"message", "type", "param", "code"}}."""
 
@@ -163,14 +164,14 @@ def parse_body(raw: bytes, model: type[BaseModel]) -> BaseModel:
     if not text.strip():
         raise APIError(400, "the request body is empty: send a JSON object", None,
                        "invalid_json")
-    try:
-        body = json.loads(text, parse_constant=_no_constant, parse_float=_finite_float)
+    try:  # odd numbers become markers that _check_tree reports with their place
+        body = json.loads(text, parse_constant=_BadNumber, parse_int=_int)
     except json.JSONDecodeError as e:
         raise APIError(400, f"the request body is not valid JSON: {e.msg} (line {e.lineno}, "
                             f"column {e.colno})", None, "invalid_json") from None
-    except (ValueError, RecursionError) as e:  # NaN / 1e999 / ints of > 4300 digits / nesting
-        raise APIError(400, f"the request body is not valid JSON: "
-                            f"{_one_line(e) or type(e).__name__}", None, "invalid_json") from None
+    except RecursionError:
+        raise APIError(400, f"the request body is nested deeper than {MAX_DEPTH} levels", None,
+                       "invalid_json") from None
     if not isinstance(body, dict):
         raise APIError(400, f"the request body must be a JSON object, got a "
                             f"{type(body).__name__}", None, "invalid_json")
@@ -181,24 +182,20 @@ def parse_body(raw: bytes, model: type[BaseModel]) -> BaseModel:
         raise _validation_error(e) from None
 
 
-def _no_constant(name: str):
-    raise ValueError(f"{name} is not a JSON number")
+class _BadNumber:
+    """NaN / Infinity (not JSON) or an integer too long to be meant, kept for _check_tree."""
+
+    def __init__(self, text: str):
+        self.text = text if len(text) <= 40 else f"an integer of {len(text)} digits"
 
 
-def _finite_float(text: str) -> float:
-    value = float(text)
-    if not math.isfinite(value):
-        raise ValueError(f"the number {text[:40]} is out of range")
-    return value
-
-
-def _one_line(e: Exception) -> str:
-    return str(e).splitlines()[0][:200] if str(e) else ""
+def _int(text: str):
+    return int(text) if len(text.lstrip("-")) <= 40 else _BadNumber(text)
 
 
 def _check_tree(body: dict) -> None:
-    """No lone surrogate in any string (key or value), nesting at most MAX_DEPTH deep;
-    iterative, so a hostile body cannot exhaust the stack here."""
+    """No lone surrogate in any string (key or value), no NaN/inf/huge number, nesting at most
+    MAX_DEPTH deep; iterative, so a hostile body cannot exhaust the stack here."""
     stack = [(body, "", 0)]
     while stack:
         node, path, depth = stack.pop()
@@ -215,6 +212,11 @@ def _check_tree(body: dict) -> None:
                 stack.append((v, p, depth + 1))
         elif isinstance(node, list):
             stack.extend((v, f"{path}[{i}]", depth + 1) for i, v in enumerate(node))
+        elif isinstance(node, _BadNumber) or (isinstance(node, float)
+                                              and not math.isfinite(node)):
+            text = node.text if isinstance(node, _BadNumber) else "a number out of range"
+            raise APIError(400, f"{path}: {text} is not a valid number here", path,
+                           "invalid_value")
         elif isinstance(node, str) and _surrogate(node):
             i = next(j for j, ch in enumerate(node) if "\ud800" <= ch <= "\udfff")
             raise APIError(400, f"{path}: lone UTF-16 surrogate {node[i]!r} at character {i} "
@@ -246,17 +248,22 @@ def _param(loc) -> str | None:
 
 def _validation_error(e: ValidationError) -> APIError:
     errors = e.errors(include_url=False)
-    first = errors[0]
+    # a union reports one error per member; the deepest is the member the value was meant for
+    # (stop: [1] -> "stop[0]", not "stop" for the string member)
+    depth = [sum(1 for part in err["loc"] if isinstance(part, int) or (
+        _FIELD.match(part) and part not in _TYPE_TAGS)) for err in errors]
+    first = errors[depth.index(max(depth))]
     param = _param(first["loc"])
-    if first["type"] == "extra_forbidden":
+    if first["type"] == "extra_forbidden":  # the key itself, whatever its spelling
+        head, key = _param(first["loc"][:-1]), str(first["loc"][-1])
+        param = f"{head}.{key}" if head else key
         return APIError(400, f"{param}: unknown field (not a parameter of this endpoint)",
                         param, "unknown_parameter")
     if first["type"] == "missing":
         return APIError(400, f"{param}: this field is required", param,
                         "missing_required_parameter")
-    msgs = []
-    for err in errors:
-        if _param(err["loc"]) == param and err["msg"] not in msgs:
-            msgs.append(err["msg"])
-    return APIError(400, f"{param}: {'; or '.join(msgs[:3])}", param, "invalid_type"
-                    if any(err["type"].endswith("_type") for err in errors) else "invalid_value")
+    same = [err for err in errors if _param(err["loc"]) == param]
+    msgs = list(dict.fromkeys(err["msg"] for err in same))
+    kind = "invalid_type" if any(err["type"].endswith("_type") for err in same) \
+        else "invalid_value"
+    return APIError(400, f"{param}: {'; or '.join(msgs[:3])}", param, kind)
