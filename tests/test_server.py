@@ -70,8 +70,9 @@ def test_completion_streaming_and_not(server, model):
     assert data["choices"][0]["text"] == want and data["choices"][0]["finish_reason"] == "length"
     assert data["usage"] == {"prompt_tokens": len(ids), "completion_tokens": 12,
                              "total_tokens": len(ids) + 12}
+    usage = {"stream": True, "stream_options": {"include_usage": True}}
     with httpx.stream("POST", f"{url}/v1/completions", headers=AUTH, timeout=60,
-                      json={**body, "stream": True, "stream_options": {"include_usage": True}}) as s:
+                      json={**body, **usage}) as s:
         assert s.headers["content-type"].startswith("text/event-stream")
         chunks = chunks_of(sse_data(s.iter_lines()))
     assert "".join(c["choices"][0]["text"] for c in chunks if c["choices"]) == want
@@ -163,8 +164,8 @@ def test_serve_command_finishes_a_short_stream_on_sigterm(model, tmp_path):
     ckpt = tmp_path / "tiny-ckpt"
     model.save_pretrained(ckpt)
     ByteTokenizer().save(ckpt)
-    with serve_process(ckpt, "--max-context", "256", "--num-slots", "2",
-                       "--log-level", "warning") as (proc, url):
+    with serve_process(ckpt, "--max-context", "256", "--num-slots", "2", "--graceful-timeout",
+                       "60", "--log-level", "warning") as (proc, url):  # ample on a busy CPU
         assert httpx.get(f"{url}/v1/models").json()["data"][0]["id"] == "tiny-ckpt"
         tok = ByteTokenizer()
         want = expected_text(model, tok, tok.encode("hello", add_bos=True), 40)
@@ -176,5 +177,6 @@ def test_serve_command_finishes_a_short_stream_on_sigterm(model, tmp_path):
             proc.send_signal(signal.SIGTERM)  # mid-stream: within the grace period it completes
             rest = [line for line in lines if line.startswith("data: ")]
         chunks = chunks_of(sse_data([first] + rest))
+        assert all("choices" in c for c in chunks), chunks[-1]
         assert "".join(c["choices"][0]["text"] for c in chunks) == want  # served in full
         assert proc.wait(timeout=30) == 0

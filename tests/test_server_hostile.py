@@ -197,6 +197,9 @@ def test_context_length_code_on_both_endpoints(server):
                  "max_tokens", "context_length_exceeded")
     assert_error(post(url, "/v1/completions", {**C, "prompt": list(range(256))}), 400,
                  "prompt", "context_length_exceeded")
+    # big enough to be parsed and tokenized off the event loop
+    assert_error(post(url, "/v1/completions", {**C, "prompt": "x" * 300_000}), 400,
+                 "prompt", "context_length_exceeded")
 
 
 @pytest.mark.parametrize("raw,param,fragment", [
@@ -378,7 +381,8 @@ def test_a_broken_row_ends_alone(server, model):
     async def run_all():
         async with httpx.AsyncClient(base_url=url, headers=AUTH, timeout=120) as client:
             async def stream(b):
-                async with client.stream("POST", "/v1/completions", json={**b, "stream": True}) as r:
+                body = {**b, "stream": True}
+                async with client.stream("POST", "/v1/completions", json=body) as r:
                     return [line async for line in r.aiter_lines()]
             return await asyncio.gather(
                 stream(body), client.post("/v1/completions", json={**body, "seed": POISON_SEED}),

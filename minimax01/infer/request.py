@@ -76,7 +76,8 @@ class SamplingParams:
             bad("top_k", "must be an integer in [-1, 2^63-1] (0 or -1 = off)")
         if not _is_real(self.top_p) or not 0 < self.top_p <= 1:
             bad("top_p", "must be in (0, 1]")
-        if self.seed is not None and (not _is_int(self.seed) or not INT64[0] <= self.seed <= INT64[1]):
+        if self.seed is not None and not (_is_int(self.seed)
+                                          and INT64[0] <= self.seed <= INT64[1]):
             bad("seed", "must be an integer in [-2^63, 2^63-1]")
         if isinstance(self.stop, str):
             self.stop = [self.stop]

@@ -40,6 +40,7 @@ from .tools import CALL_PREFIX, ToolCallStream, parse_tool_calls
 log = logging.getLogger(__name__)
 
 MAX_BODY_BYTES = 64 * 2 ** 20
+_BIG = 256 * 1024              # bytes / characters: parse and tokenize off the event loop
 MAX_TEMPERATURE = 2.0          # OpenAI's range: 0 to 2
 _TOOL_NAME = re.compile(r"^[A-Za-z0-9_-]{1,64}$")
 _STATUS_OF = {"server_shutdown": 503, "engine_unavailable": 503}  # other engine codes: 500
@@ -131,15 +132,17 @@ def create_app(engine, tokenizer, *, model_name: str = "minimax01", api_key: str
         handler.check_model(model_id, param=None)
         return handler.model_card()
 
+    async def parse(request: Request, schema):
+        raw = await read_body(request, max_body_bytes)
+        return await _off_loop(len(raw), parse_body, raw, schema)
+
     @app.post("/v1/completions", openapi_extra=_body_doc("CompletionRequest"))
     async def completions(request: Request):
-        req = parse_body(await read_body(request, max_body_bytes), CompletionRequest)
-        return await handler.completion(req, request)
+        return await handler.completion(await parse(request, CompletionRequest), request)
 
     @app.post("/v1/chat/completions", openapi_extra=_body_doc("ChatRequest"))
     async def chat_completions(request: Request):
-        req = parse_body(await read_body(request, max_body_bytes), ChatRequest)
-        return await handler.chat(req, request)
+        return await handler.chat(await parse(request, ChatRequest), request)
 
     def openapi():  # the hand-parsed bodies' schemas, for /docs
         if app.openapi_schema is None:
@@ -154,6 +157,14 @@ def create_app(engine, tokenizer, *, model_name: str = "minimax01", api_key: str
 
     app.openapi = openapi
     return app
+
+
+async def _off_loop(size: int, fn, *args):
+    """fn(*args), in a worker thread when the input is large, so that parsing or tokenizing a
+    big prompt does not hold up the event loop (and every open stream) meanwhile."""
+    if size < _BIG:
+        return fn(*args)
+    return await asyncio.get_running_loop().run_in_executor(None, fn, *args)
 
 
 def _body_doc(name: str) -> dict:
@@ -235,11 +246,11 @@ class _Handler:
             raise APIError(_STATUS_OF.get(e.code, 500), e.message, None, e.code,
                            "server_error") from None
 
-    def encode(self, text: str, add_bos: bool) -> list[int]:
+    async def encode(self, text: str, add_bos: bool) -> list[int]:
         if self.tok is None:
             raise APIError(400, "prompt: this server has no tokenizer; send token ids",
                            "prompt", "unsupported_value")
-        return self.tok.encode(text, add_bos=add_bos)
+        return await _off_loop(len(text), self.tok.encode, text, add_bos)
 
     def token_str(self, tid: int) -> str:
         return self.tok.decode([tid]) if self.tok is not None else str(tid)
@@ -263,7 +274,7 @@ class _Handler:
                                "unsupported_value")
             prompt = prompt[0]
         if isinstance(prompt, str):
-            ids = self.encode(prompt, add_bos=True)  # as training and generate
+            ids = await self.encode(prompt, add_bos=True)  # as training and generate
             echo_text = prompt
         else:
             ids = prompt
@@ -333,7 +344,7 @@ class _Handler:
         except RequestError as e:
             raise APIError(400, e.message, e.param, e.code) from None
         # a tokenizer's own template writes its special tokens; the default one gets BOS
-        ids = self.tok.encode(prompt, add_bos=self.template.name == "default")
+        ids = await self.encode(prompt, add_bos=self.template.name == "default")
         use_max = "max_completion_tokens" if req.max_completion_tokens is not None \
             else "max_tokens"
         max_tokens = getattr(req, use_max)
