@@ -46,11 +46,19 @@ def test_sigterm_ends_every_open_stream_with_a_final_event(tmp_path):
             results[i] = httpx.post(f"{url}/v1/completions", json=body, timeout=60)
 
         threads = [threading.Thread(target=stream, args=(i,)) for i in range(2)]
-        threads += [threading.Thread(target=plain, args=(i,)) for i in (2, 3)]  # 3: queued
         for t in threads:
             t.start()
-        started.wait(timeout=60)
-        time.sleep(0.3)  # the plain requests are in
+        started.wait(timeout=60)  # both streams are running (so they hold 2 of the 3 slots)
+        threads += [threading.Thread(target=plain, args=(i,)) for i in (2, 3)]  # 3: queued
+        for t in threads[2:]:
+            t.start()
+        deadline = time.time() + 60
+        while True:  # until the plain requests are in: one running, one queued
+            h = httpx.get(f"{url}/health", timeout=10).json()
+            if h["running"] + h["waiting"] == 4:
+                break
+            assert time.time() < deadline, h
+            time.sleep(0.05)
         t0 = time.monotonic()
         proc.send_signal(signal.SIGTERM)
         for t in threads:
