@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from minimax01 import ModelConfig, MiniMaxForCausalLM, generate
-from minimax01.infer.batch_sampling import filter_rows
+from minimax01.infer.sampling import filter_rows
 from minimax01.infer.detok import TextStream
 from minimax01.infer.engine import Engine
 from minimax01.infer.planner import GiB, plan_memory

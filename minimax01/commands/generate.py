@@ -1,8 +1,10 @@
 """`python -m minimax01 generate --checkpoint DIR --prompt TEXT [sampling options]`: load a
-checkpoint and its tokenizer, continue the prompt, print the continuation (stats on stderr)."""
+checkpoint and its tokenizer, continue the prompt, print the continuation to stdout as it is
+generated (each piece flushed; stats on stderr)."""
 
 from __future__ import annotations
 
+import math
 import sys
 import time
 from pathlib import Path
@@ -33,11 +35,11 @@ def add_arguments(parser) -> None:
 def _check(args) -> None:
     if args.max_new_tokens < 0:
         raise CLIError(f"--max-new-tokens must be >= 0, got {args.max_new_tokens}")
-    if args.temperature < 0:
+    if not (math.isfinite(args.temperature) and args.temperature >= 0):
         raise CLIError(f"--temperature must be >= 0, got {args.temperature}")
     if args.top_k is not None and args.top_k < 1:
         raise CLIError(f"--top-k must be >= 1, got {args.top_k}")
-    if args.top_p is not None and not 0.0 < args.top_p <= 1.0:
+    if args.top_p is not None and not (0.0 < args.top_p <= 1.0):
         raise CLIError(f"--top-p must be in (0, 1], got {args.top_p}")
     if not Path(args.checkpoint).exists():
         raise CLIError(f"no checkpoint at {args.checkpoint}")
@@ -45,24 +47,10 @@ def _check(args) -> None:
         raise CLIError("--prompt is empty")
 
 
-def stop_tokens(tokenizer, stops: list[str]) -> list[int]:
-    """End of sequence, plus every stop text that is a single token."""
-    ids = [tokenizer.eos_id] if tokenizer.eos_id is not None else []
-    for text in stops:
-        encoded = tokenizer.encode(text)
-        if len(encoded) == 1:
-            ids.append(encoded[0])
-    return ids
-
-
-def cut_at_stop(text: str, stops: list[str]) -> str:
-    cuts = [text.find(s) for s in stops if s and s in text]
-    return text[:min(cuts)] if cuts else text
-
-
 def run(args) -> int:
     import torch
 
+    from ..infer.detok import TextStream
     from ..infer.generate import generate
     from ..model import MiniMaxForCausalLM
     from ..tokenizer import load_tokenizer
@@ -83,15 +71,29 @@ def run(args) -> int:
     if max(ids) >= vocab:
         raise CLIError(f"the tokenizer gives token id {max(ids)} but the model's vocabulary has "
                        f"{vocab} entries: tokenizer and checkpoint do not belong together")
-    out = generate(model, torch.tensor([ids], device=device), max_new_tokens=args.max_new_tokens,
-                   temperature=args.temperature, top_k=args.top_k, top_p=args.top_p,
-                   seed=args.seed, stop_tokens=stop_tokens(tokenizer, args.stop))
-    new = out[0, len(ids):].tolist()
-    if tokenizer.eos_id is not None and tokenizer.eos_id in new:
-        new = new[:new.index(tokenizer.eos_id)]
-    text = cut_at_stop(tokenizer.decode(new), args.stop)
+    stream = TextStream(tokenizer, args.stop)  # stop texts are cut, and end generation
+    eos = tokenizer.eos_id
+    new: list[int] = []
+
+    def write(text: str) -> None:
+        if text:
+            sys.stdout.write(text)
+            sys.stdout.flush()
+
+    def on_token(tokens) -> bool:
+        token = int(tokens[0])
+        if token == eos:
+            return True
+        new.append(token)
+        write(stream.push(token))
+        return stream.stopped
+
+    write(args.prompt if args.echo else "")
+    generate(model, torch.tensor([ids], device=device), max_new_tokens=args.max_new_tokens,
+             temperature=args.temperature, top_k=args.top_k, top_p=args.top_p, seed=args.seed,
+             stop_tokens=[eos] if eos is not None else None, on_token=on_token)
+    write(stream.finish() + "\n")
     done = time.perf_counter()
-    print((args.prompt if args.echo else "") + text)
     print(f"[{len(ids)} prompt + {len(new)} new tokens; load {loaded - start:.1f}s, generate "
           f"{done - loaded:.2f}s, {len(new) / max(done - loaded, 1e-9):.1f} tok/s]", file=sys.stderr)
     return 0

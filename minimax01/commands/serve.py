@@ -40,6 +40,9 @@ def add_arguments(parser) -> None:
     parser.add_argument("--chat-template", default=None, metavar="FILE",
                         help="a Jinja chat template file (default: the tokenizer's, else a plain "
                              "<|role|> format)")
+    parser.add_argument("--graceful-timeout", type=float, default=10.0, metavar="S",
+                        help="on SIGTERM, seconds running requests may go on before each gets a "
+                             "final error event (default 10)")
     parser.add_argument("--seed", type=int, default=0, help="seed of unseeded sampling (and of "
                                                             "--preset weights)")
     parser.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
@@ -62,6 +65,9 @@ def run(args) -> int:
     if not 0 < args.gpu_memory_utilization <= 1:
         raise CLIError(f"--gpu-memory-utilization must be in (0, 1], got "
                        f"{args.gpu_memory_utilization}")
+    if not 0 <= args.graceful_timeout <= 3600:
+        raise CLIError(f"--graceful-timeout must be in [0, 3600] seconds, got "
+                       f"{args.graceful_timeout}")
     if not 0 < args.port < 65536:
         raise CLIError(f"--port must be in 1..65535, got {args.port}")
     logging.basicConfig(level=args.log_level.upper(),
@@ -103,5 +109,6 @@ def run(args) -> int:
                     gpu_memory_utilization=args.gpu_memory_utilization, seed=args.seed)
     app = create_app(engine, tokenizer, model_name=name, api_key=args.api_key,
                      chat_template=template)
-    serve(app, args.host, args.port, log_level=args.log_level)
+    serve(app, args.host, args.port, graceful_timeout=args.graceful_timeout,
+          log_level=args.log_level)
     return 0

@@ -3,16 +3,21 @@
 The engine thread owns the engine: requests and aborts reach it through a locked inbox and are
 applied between steps; outputs go back through `loop.call_soon_threadsafe` into one asyncio
 queue per request. A failing step (out of memory, say) ends the requests in it with an error and
-the thread carries on serving."""
+the thread carries on serving. `drain(grace)` (safe in a signal handler) refuses new requests
+and, `grace` seconds later, ends whatever still runs with a "server_shutdown" error, so every
+open stream gets a final event before the server goes down."""
 
 from __future__ import annotations
 
 import asyncio
 import logging
 import threading
+import time
 
 from .engine import Engine
-from .request import SamplingParams, StepOutput
+from .request import EngineError, SamplingParams, StepOutput
+
+SHUTDOWN = "the server is shutting down"
 
 log = logging.getLogger(__name__)
 
@@ -25,6 +30,7 @@ class AsyncEngine:
         self._wake = threading.Event()
         self._queues: dict[str, tuple[asyncio.AbstractEventLoop, asyncio.Queue]] = {}
         self._stop = False
+        self._drain_at: float | None = None   # monotonic time at which running requests end
         self._thread: threading.Thread | None = None
         self.counts = {"submitted": 0, "finished": 0, "aborted": 0}
 
@@ -42,7 +48,18 @@ class AsyncEngine:
             self._thread.join(timeout)
             self._thread = None
         for rid in list(self._queues):
-            self._deliver(StepOutput(rid, [], "", None, True, "abort"))
+            self._deliver(StepOutput(rid, [], "", None, True, "error", error=SHUTDOWN,
+                                     error_code="server_shutdown"))
+
+    def drain(self, grace: float) -> None:
+        """Refuse new requests now; end the running ones `grace` seconds from now. Only sets an
+        attribute, so it is safe to call from a signal handler."""
+        if self._drain_at is None:
+            self._drain_at = time.monotonic() + max(grace, 0.0)
+
+    @property
+    def draining(self) -> bool:
+        return self._drain_at is not None
 
     @property
     def alive(self) -> bool:
@@ -51,10 +68,13 @@ class AsyncEngine:
     # ------------------------------------------------------------------ requests
     def submit(self, prompt_ids: list[int], params: SamplingParams,
                request_id: str | None = None) -> tuple[str, asyncio.Queue]:
-        """Validate (ValueError on a bad request) and queue; returns the id and the queue that
-        receives its StepOutputs, the last one with finished=True. Call from the event loop."""
+        """Validate (RequestError on a bad request) and queue; returns the id and the queue that
+        receives its StepOutputs, the last one with finished=True. Call from the event loop.
+        EngineError "engine_unavailable" / "server_shutdown" when it cannot take requests."""
+        if self._drain_at is not None:
+            raise EngineError(SHUTDOWN, "server_shutdown")
         if not self.alive:
-            raise RuntimeError("the engine is not running")
+            raise EngineError("the engine is not running", "engine_unavailable")
         seq = self.engine.make_sequence(prompt_ids, params, request_id)
         queue: asyncio.Queue = asyncio.Queue()
         with self._lock:
@@ -95,6 +115,8 @@ class AsyncEngine:
     def _run(self) -> None:
         engine = self.engine
         while not self._stop:
+            if self._drain_at is not None and time.monotonic() >= self._drain_at:
+                self._end_all()
             with self._lock:
                 inbox, self._inbox = self._inbox, []
             for kind, item in inbox:
@@ -117,6 +139,22 @@ class AsyncEngine:
             engine.abort(seq.request_id)
         engine.scheduler.reap()
 
+    def _end_all(self) -> None:
+        """The drain deadline passed: end every request still in the engine with an error."""
+        engine = self.engine
+        for seq in list(engine.scheduler.running) + list(engine.scheduler.waiting):
+            if engine.abort(seq.request_id):
+                self._deliver(StepOutput(seq.request_id, [], "", None, True, "error",
+                                         len(seq.prompt_ids), len(seq.output_ids),
+                                         error=SHUTDOWN, error_code="server_shutdown"))
+        with self._lock:  # requests submitted since: never started
+            inbox, self._inbox = self._inbox, []
+        for kind, item in inbox:
+            if kind == "add":
+                self._deliver(StepOutput(item.request_id, [], "", None, True, "error",
+                                         len(item.prompt_ids), 0, error=SHUTDOWN,
+                                         error_code="server_shutdown"))
+
     def _fail_all(self, message: str) -> list[StepOutput]:
         sched = self.engine.scheduler
         outs = []
@@ -124,7 +162,8 @@ class AsyncEngine:
             if not seq.finished:
                 seq.finish_reason = "error"
             outs.append(StepOutput(seq.request_id, [], "", None, True, "error",
-                                   len(seq.prompt_ids), len(seq.output_ids), error=message))
+                                   len(seq.prompt_ids), len(seq.output_ids), error=message,
+                                   error_code="generation_failed"))
         for seq in list(sched.running):
             sched.pool.release(seq.slot)
             seq.slot = None

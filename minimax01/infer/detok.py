@@ -2,9 +2,13 @@
 
 Text is released only once it is final: not while the last tokens decode to an incomplete
 character (U+FFFD at the end), and not while its tail could still grow into a stop string. A stop
-string ends the request and is cut from the text, like OpenAI's API."""
+string ends the request and is cut from the text, like OpenAI's API; the tokens that made only
+the cut text are not counted as returned (`returned_tokens`). `starts[i]` is where token i's text
+begins in `text` (the `text_offset` of OpenAI's log-probs)."""
 
 from __future__ import annotations
+
+from bisect import bisect_left
 
 
 class TextStream:
@@ -13,11 +17,17 @@ class TextStream:
         self.stop = [s for s in (stop or []) if s]
         self.hold = max((len(s) for s in self.stop), default=1) - 1
         self.ids: list[int] = []
+        self.starts: list[int] = []
         self._prefix = 0   # ids[_prefix:_read] decode to text already in self.text's source
         self._read = 0
         self.text = ""     # decoded text so far (cut at a stop string once one is found)
         self.sent = 0      # characters of self.text already released
         self.stopped = False
+
+    @property
+    def returned_tokens(self) -> int:
+        """Tokens whose text (some of it) is in the output: all, or those before a stop."""
+        return bisect_left(self.starts, len(self.text)) if self.stopped else len(self.ids)
 
     def push(self, token_id: int) -> str:
         """Add one token; returns the newly final text (maybe empty). Sets `stopped` when a stop
@@ -25,6 +35,7 @@ class TextStream:
         if self.stopped:
             return ""
         self.ids.append(token_id)
+        self.starts.append(len(self.text))
         before = self.tok.decode(self.ids[self._prefix:self._read])
         after = self.tok.decode(self.ids[self._prefix:])
         if len(after) > len(before) and not after.endswith("\ufffd"):
@@ -55,14 +66,18 @@ class TextStream:
         return self._release(len(self.text))
 
     def _safe_end(self) -> int:
-        """End of the text that no stop string can still claim: hold back the longest tail that
-        is the start of a stop string."""
-        n = len(self.text)
-        for k in range(min(self.hold, n), 0, -1):
-            tail = self.text[n - k:]
-            if any(s.startswith(tail) for s in self.stop):
-                return n - k
-        return n
+        """End of the text that no stop string can still claim: hold back from the first place
+        where the rest of the text is the start of a stop string (cost: the occurrences of each
+        stop string's first character in its last len-1 characters, not len^2)."""
+        n, end = len(self.text), len(self.text)
+        for s in self.stop:
+            i = self.text.find(s[0], max(self.sent, n - len(s) + 1))
+            while i != -1 and i < end:
+                if s.startswith(self.text[i:]):
+                    end = i
+                    break
+                i = self.text.find(s[0], i + 1)
+        return end
 
     def _find_stop(self, start: int) -> int | None:
         hits = [i for i in (self.text.find(s, start) for s in self.stop) if i >= 0]

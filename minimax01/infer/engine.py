@@ -13,17 +13,18 @@ Greedy output equals `generate()` token for token (tests/test_engine.py)."""
 from __future__ import annotations
 
 import contextlib
-import uuid
 import logging
+import operator
+import uuid
 from collections.abc import Sequence as Seq
 
 import torch
 
-from .batch_sampling import sample_rows, token_logprobs
 from .detok import TextStream
 from .planner import plan_memory
 from .prepare import cast_model, prepare_for_serving  # noqa: F401  (cast_model: its old home)
-from .request import Completion, SamplingParams, StepOutput
+from .request import Completion, RequestError, SamplingParams, StepOutput
+from .sampling import BROKEN, sample_rows, token_logprobs
 from .scheduler import Scheduler, Sequence
 from .slot_cache import SlotCache, SlotPool
 
@@ -102,22 +103,33 @@ class Engine:
                       request_id: str | None = None) -> Sequence:
         """Validate a request and build its Sequence without queueing it (thread-safe: touches
         no engine state, so a server thread can reject bad requests before the engine sees
-        them). Queue it with `scheduler.add` on the engine's thread."""
+        them). Queue it with `scheduler.add` on the engine's thread. Raises RequestError (a
+        ValueError) with `code` and `param`: "context_length_exceeded" when prompt + max_tokens
+        pass max_context, "invalid_value" otherwise."""
         params = (params or SamplingParams()).validate(self.config.vocab_size)
-        prompt = [int(t) for t in prompt_ids]
+        vocab = self.config.vocab_size
+        try:
+            if isinstance(prompt_ids, (str, bytes)) or any(isinstance(t, bool) for t in prompt_ids):
+                raise TypeError
+            prompt = [operator.index(t) for t in prompt_ids]
+        except TypeError:
+            raise RequestError("prompt: must be a list of integer token ids",
+                               param="prompt") from None
         if not prompt:
-            raise ValueError("the prompt is empty: it needs at least one token")
-        bad = [t for t in prompt if not 0 <= t < self.config.vocab_size]
-        if bad:
-            raise ValueError(f"prompt token id {bad[0]} is outside the vocabulary "
-                             f"[0, {self.config.vocab_size})")
+            raise RequestError("prompt: the prompt is empty: it needs at least one token",
+                               param="prompt")
+        bad = next((t for t in prompt if not 0 <= t < vocab), None)
+        if bad is not None:
+            raise RequestError(f"prompt: token id {bad!r} is outside the vocabulary "
+                               f"[0, {vocab})", param="prompt")
         room = self.max_context - len(prompt)
         if room < 1 or (params.max_tokens is not None and params.max_tokens > room):
             want = params.max_tokens or 1
-            raise ValueError(f"prompt of {len(prompt)} tokens + max_tokens {want} exceeds the "
-                             f"context limit of {self.max_context} tokens")
+            raise RequestError(f"prompt of {len(prompt)} tokens + max_tokens {want} exceeds the "
+                               f"context limit of {self.max_context} tokens",
+                               "context_length_exceeded", "prompt" if room < 1 else "max_tokens")
         if params.stop and self.tokenizer is None:
-            raise ValueError("stop strings need a tokenizer")
+            raise RequestError("stop: stop strings need a tokenizer", param="stop")
         stops = set(params.stop_token_ids)
         if self.eos_id is not None and not params.ignore_eos:
             stops.add(self.eos_id)
@@ -203,15 +215,48 @@ class Engine:
         return logits, done
 
     def _sample(self, rows: list[Sequence], logits: torch.Tensor) -> list[StepOutput]:
+        """Sample every row at once; a row that cannot be sampled (NaN/inf logits, or a failure
+        of its own) ends that request with an error and the other rows carry on."""
         params = [s.params for s in rows]
-        tokens = sample_rows(logits, params, [s.generator for s in rows], self.shared_gen)
-        lps = token_logprobs(logits, tokens, [p.logprobs for p in params])
+        try:
+            tokens = sample_rows(logits, params, [s.generator for s in rows], self.shared_gen)
+        except Exception:  # find the row at fault: sample one by one
+            log.exception("batched sampling failed; sampling row by row")
+            tokens = torch.stack([self._sample_one(logits[i:i + 1], seq)
+                                  for i, seq in enumerate(rows)])
+        token_list = tokens.tolist()
+        lps = token_logprobs(logits, tokens, [p.logprobs for p in params], token_list)
         outputs = []
-        for seq, token, lp in zip(rows, tokens.tolist(), lps):
+        for seq, token, lp in zip(rows, token_list, lps):
             if seq.finished:  # aborted during this step
                 continue
-            outputs.append(self._append(seq, token, lp))
+            if token == BROKEN:
+                outputs.append(self._fail(seq, "the model produced NaN or inf logits",
+                                          "nonfinite_logits"))
+                continue
+            try:
+                outputs.append(self._append(seq, token, lp))
+            except Exception as e:  # e.g. the tokenizer failed on this sequence
+                log.exception("%s: failed after sampling", seq.request_id)
+                outputs.append(self._fail(seq, f"{type(e).__name__}: {e}", "generation_failed"))
         return outputs
+
+    def _sample_one(self, logits: torch.Tensor, seq: Sequence) -> torch.Tensor:
+        try:
+            return sample_rows(logits, [seq.params], [seq.generator], self.shared_gen)[0]
+        except Exception:
+            log.exception("%s: sampling failed", seq.request_id)
+            return torch.tensor(BROKEN, device=logits.device)
+
+    def _fail(self, seq: Sequence, message: str, code: str) -> StepOutput:
+        """End one request with an error; its slot is freed at the next step."""
+        seq.finish_reason = "error"
+        return StepOutput(seq.request_id, [], "", None, True, "error", len(seq.prompt_ids),
+                          self._returned(seq), error=message, error_code=code)
+
+    @staticmethod
+    def _returned(seq: Sequence) -> int:
+        return seq.stream.returned_tokens if seq.stream is not None else len(seq.output_ids)
 
     def _append(self, seq: Sequence, token: int, lp) -> StepOutput:
         text = ""
@@ -221,12 +266,14 @@ class Engine:
         else:
             seq.output_ids.append(token)
             new_ids, lps = [token], ([lp] if lp is not None else [])
-            if lp is not None:
-                seq.logprobs.append(lp)
             if seq.stream is not None:
                 text = seq.stream.push(token)
+                if lp is not None:
+                    lp.text_offset = seq.stream.starts[-1]
                 if seq.stream.stopped:
                     seq.finish_reason = "stop"
+            if lp is not None:
+                seq.logprobs.append(lp)
             if not seq.finished and (len(seq.output_ids) >= seq.max_tokens
                                      or seq.num_cached >= self.max_context):
                 seq.finish_reason = "length"
@@ -234,7 +281,7 @@ class Engine:
             text += seq.stream.finish()
         return StepOutput(seq.request_id, new_ids, text,
                           lps if seq.params.logprobs is not None else None, seq.finished,
-                          seq.finish_reason, len(seq.prompt_ids), len(seq.output_ids))
+                          seq.finish_reason, len(seq.prompt_ids), self._returned(seq))
 
     def _final(self, seq: Sequence) -> StepOutput:
         return StepOutput(seq.request_id, [], "", None, True, seq.finish_reason,
@@ -256,13 +303,15 @@ class Engine:
                 prompt = self.tokenizer.encode(prompt)
             ids.append(self.add_request(prompt, p))
         seqs = {s.request_id: s for s in self.scheduler.waiting if s.request_id in ids}
+        errors = {}
         while any(not seqs[r].finished for r in ids):
-            self.step()
+            errors.update((o.request_id, o.error) for o in self.step() if o.error is not None)
         self.scheduler.reap()
         out = []
         for rid in ids:
             s = seqs[rid]
             text = s.stream.text if s.stream is not None else ""
             out.append(Completion(rid, s.prompt_ids, list(s.output_ids), text, s.finish_reason,
-                                  list(s.logprobs) if s.params.logprobs is not None else None))
+                                  list(s.logprobs) if s.params.logprobs is not None else None,
+                                  errors.get(rid)))
         return out

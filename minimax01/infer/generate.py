@@ -2,11 +2,12 @@
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 import torch
 
 from ..model.cache import HybridCache
+from .request import SamplingParams
 from .sampling import sample
 
 
@@ -27,14 +28,20 @@ def left_pad(prompts: Sequence[Sequence[int]], pad_id: int, device=None):
 def generate(model, input_ids, max_new_tokens: int = 32, temperature: float = 0.0,
              top_k: int | None = None, top_p: float | None = None, seed: int | None = None,
              stop_tokens: Sequence[int] | None = None, attention_mask: torch.Tensor | None = None,
-             pad_token_id: int | None = None) -> torch.Tensor:
+             pad_token_id: int | None = None, logit_bias: dict[int, float] | None = None,
+             on_token: Callable[[torch.Tensor], bool | None] | None = None) -> torch.Tensor:
     """Continue each prompt by up to `max_new_tokens` tokens.
 
     `input_ids`: [B, T] tensor (left-padded, with `attention_mask`) or a list of token lists.
     Returns [B, T + n] (n <= max_new_tokens: the loop ends once every row has hit a stop token);
-    after its stop token a row is filled with the pad id."""
+    after its stop token a row is filled with the pad id. Sampling is `sampling.sample` (the
+    engine's sampler). `on_token(tokens [B])` is called after every step (to stream the text);
+    when it returns True the loop ends there."""
     if max_new_tokens < 0:
         raise ValueError(f"max_new_tokens must be >= 0, got {max_new_tokens}")
+    SamplingParams(max_tokens=None, temperature=temperature, top_k=top_k or 0,
+                   top_p=1.0 if top_p is None else top_p, seed=seed,
+                   logit_bias=logit_bias).validate(model.config.vocab_size)  # before any work
     cfg = model.config
     pad = pad_token_id if pad_token_id is not None else (cfg.pad_token_id or cfg.eos_token_id or 0)
     device = next(model.parameters()).device
@@ -60,11 +67,13 @@ def generate(model, input_ids, max_new_tokens: int = 32, temperature: float = 0.
         out = [input_ids]
         done = torch.zeros(b, dtype=torch.bool, device=device)
         for step in range(max_new_tokens):
-            token = sample(logits[:, -1], temperature, top_k, top_p, generator)
+            token = sample(logits[:, -1], temperature, top_k, top_p, generator, logit_bias)
             token = torch.where(done, torch.full_like(token, pad), token)
             out.append(token[:, None])
             if stops.numel():
                 done |= torch.isin(token, stops)
+            if on_token is not None and on_token(token):
+                break
             if step == max_new_tokens - 1 or bool(done.all()):
                 break
             logits = model(token[:, None], cache=cache).logits
