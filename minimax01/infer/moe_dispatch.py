@@ -39,6 +39,7 @@ def sync_free_dispatch(moe, flat: torch.Tensor, routing):
 
 
 def install(model) -> None:
-    """Route every MoE layer of `model` through `sync_free_dispatch`."""
+    """Route every MoE layer of `model` through `sync_free_dispatch` (or the dispatcher its
+    experts name, e.g. quantised experts)."""
     for layer in model.model.layers:
-        layer.mlp.dispatcher = sync_free_dispatch
+        layer.mlp.dispatcher = getattr(layer.mlp.experts, "inference_dispatcher", sync_free_dispatch)
