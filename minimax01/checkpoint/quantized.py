@@ -251,6 +251,26 @@ def load_quantized(cls, path, qc: QuantConfig, dtype=None, device=None):
 
 
 # ---------------------------------------------------------------------- on disk
+def read_index(sr, param: str, index: tuple) -> torch.Tensor:
+    """`param`[index] for an index of leading ints and slices, read through a SlicedReader (only
+    those bytes, whichever dialect holds them)."""
+    from .sliced import Slice
+
+    shape = sr.param_shapes[param]
+    slices, drop = [], []
+    for d, ix in enumerate(index):
+        if isinstance(ix, int):
+            slices.append(Slice.range(d, ix, ix + 1))
+            drop.append(d)
+        else:
+            a, b, _ = ix.indices(shape[d])
+            slices.append(Slice.range(d, a, b))
+    t = sr.read(param, tuple(slices))
+    for d in reversed(drop):
+        t = t.squeeze(d)
+    return t
+
+
 def quantize_checkpoint(src: str | Path, dst: str | Path, quantization="int8",
                         dialect: str | None = None, max_shard_size: str | int = "2GB",
                         modules=None, device: str | torch.device = "cpu",
@@ -267,7 +287,7 @@ def quantize_checkpoint(src: str | Path, dst: str | Path, quantization="int8",
         raise ValueError(f"the destination {dst} is not empty (pass overwrite=True to write into it)")
     if dst.exists() and src.exists() and dst.resolve() == src.resolve():
         raise ValueError(f"the destination {dst} is the source; choose another folder")
-    from ..model import MiniMaxForCausalLM
+    from .sliced import SlicedReader
 
     with CheckpointReader(src) as reader:
         if stored_quantization(reader.config_dict) is not None:
@@ -276,29 +296,32 @@ def quantize_checkpoint(src: str | Path, dst: str | Path, quantization="int8",
         if dialect not in DIALECTS:
             raise ValueError(f"dialect must be 'legacy' or 'hf', got {dialect!r}")
         config = reader.config
-        with torch.device("meta"):
-            model = MiniMaxForCausalLM(config)
-        m = match(reader, param_shapes_of(model), config.tie_word_embeddings)
-        m.check_tied_head()
+        sr = SlicedReader(reader)
+        shapes = dict(sr.param_shapes)
+        if config.tie_word_embeddings:
+            shapes.pop(TIED_HEAD, None)
+        sr.check({p: () for p in shapes})
         qnames = set(quantized_tensors(config, qc))
         hf_config = config.to_hf_config(dialect)
         hf_config[CONFIG_KEY] = qc.to_json()
         done: dict[tuple, tuple[torch.Tensor, torch.Tensor]] = {}
 
+        def region(param, index):
+            """model tensor `param`[index] (ints and slices), read through the sliced reader."""
+            return read_index(sr, param, index)
+
         def quantized(param, index, shape, part):
             """(q, scale)[part] of one piece; a stacked piece is quantised a slice at a time."""
-            key = (param, index)
+            key = (param, repr(index))
             if key not in done:
                 if len(shape) >= 3:
                     q = torch.empty(shape, dtype=storage_dtype(qc.format))
                     s = torch.empty(shape[:-1], dtype=torch.float32)
                     for j in range(shape[0]):
-                        sub = index + (j,) if index else (j,)
-                        qj, sj = quantize(m.read_param(param, sub).to(device), qc.format)
+                        qj, sj = quantize(region(param, index + (j,)).to(device), qc.format)
                         q[j], s[j] = qj.cpu(), sj.cpu()
                 else:
-                    q, s = (t.cpu() for t in quantize(m.read_param(param, index).to(device),
-                                                      qc.format))
+                    q, s = (t.cpu() for t in quantize(region(param, index).to(device), qc.format))
                 done[key] = (q, s)
             out = done[key][part]
             if part == 1:
@@ -306,12 +329,12 @@ def quantize_checkpoint(src: str | Path, dst: str | Path, quantization="int8",
             return out
 
         sources = []
-        for param, shape in m.param_shapes.items():
-            stored_dtype = DTYPES[reader.entries[m.by_param[param][0].name].dtype]
+        for param, shape in shapes.items():
+            stored_dtype = sr._stored_dtype(param)
             if param not in qnames:
                 for p in pieces(param, shape, dialect):
                     sources.append(Source(p.name, p.shape, stored_dtype,
-                                          lambda param=param, index=p.index: m.read_param(param, index)))
+                                          lambda param=param, index=p.index: region(param, index)))
                 continue
             for p in pieces(param, shape, dialect):
                 args = (param, p.index, p.shape)
