@@ -15,14 +15,18 @@ group (prefill) "scaled" where torch has it and the GPU is sm90+."""
 
 from __future__ import annotations
 
+import logging
 import os
 
 import torch
 
 from .schemes import dequantize, quantize_rows_fp8
 
+log = logging.getLogger(__name__)
+
 BACKENDS = ("torch", "triton", "scaled")
 SCALED_MIN_ROWS = 128  # rows per group from which the fp8 tensor-core path pays (prefill)
+scaled_error: str | None = None  # why the "scaled" path failed once (then the default avoids it)
 
 
 # ---------------------------------------------------------------------------- twins
@@ -85,6 +89,15 @@ def _scaled_dense(x, q, scale):
                             out_dtype=x.dtype)
 
 
+def _scaled_failed(e: Exception) -> None:
+    """The fp8 tensor-core path raised (a torch build or shape it does not take): say so once
+    and use the dequantising kernel from now on."""
+    global scaled_error
+    scaled_error = f"{type(e).__name__}: {e}"
+    log.warning("fp8 torch._scaled_grouped_mm/_scaled_mm failed (%s); using the Triton "
+                "dequantising kernel instead", scaled_error)
+
+
 def _pick(x: torch.Tensor, q: torch.Tensor, rows_per_group: int, backend: str | None) -> str:
     if backend is None:
         backend = os.environ.get("MINIMAX01_QUANT_BACKEND") or None
@@ -93,7 +106,7 @@ def _pick(x: torch.Tensor, q: torch.Tensor, rows_per_group: int, backend: str | 
             return "torch"
         fp8 = q.dtype != torch.int8
         if fp8 and rows_per_group >= SCALED_MIN_ROWS and x.dtype == torch.bfloat16 \
-                and scaled_available(x.device):
+                and scaled_error is None and scaled_available(x.device):
             return "scaled"
         return "triton"
     if backend not in BACKENDS:
@@ -115,7 +128,12 @@ def grouped_mm_q(x: torch.Tensor, q: torch.Tensor, scale: torch.Tensor, counts: 
     if kind == "torch":
         return grouped_mm_q_torch(x, q, scale, counts)
     if kind == "scaled":
-        return _scaled_grouped(x, q, scale, counts)
+        try:
+            return _scaled_grouped(x, q, scale, counts)
+        except RuntimeError as e:
+            if backend == "scaled":
+                raise
+            _scaled_failed(e)
     from .triton_w8 import grouped_w8
 
     return grouped_w8(x, q, scale, _offsets(counts, x.device))
@@ -133,7 +151,15 @@ def linear_q(x: torch.Tensor, q: torch.Tensor, scale: torch.Tensor,
         acc = _acc_dtype(flat)
         y = ((flat.to(acc) @ q.to(acc).t()) * scale.to(acc)).to(x.dtype)
     elif kind == "scaled":
-        y = _scaled_dense(flat, q, scale)
+        try:
+            y = _scaled_dense(flat, q, scale)
+        except RuntimeError as e:
+            if backend == "scaled":
+                raise
+            _scaled_failed(e)
+            from .triton_w8 import grouped_w8
+
+            y = grouped_w8(flat, q, scale, None)
     else:
         from .triton_w8 import grouped_w8
 
