@@ -384,6 +384,8 @@ def main() -> int:
     p.add_argument("--reps", type=int, default=10)
     p.add_argument("--error-tokens", type=int, default=512)
     p.add_argument("--no-kernels", action="store_true", help="skip the grouped-matmul section")
+    p.add_argument("--time-budget", type=float, default=420.0,
+                   help="seconds; variants not started by then are skipped")
     p.add_argument("--json", default=None)
     args = p.parse_args()
     args.batches = [int(b) for b in args.batches.split(",")]
@@ -417,6 +419,10 @@ def main() -> int:
         save()
     ref = None
     for v in args.variants.split(","):
+        if time.time() - START > args.time_budget:
+            results["variants"].append({"variant": v, "skipped": "time budget"})
+            log(f"{v}: skipped (time budget {args.time_budget:.0f}s)")
+            continue
         out, ref = run_variant(v, cfg, dev, args, ref, bw)
         results["variants"].append(out)
         save()

@@ -79,8 +79,10 @@ def grouped_w8_kernel(
 
 
 # (BLOCK_M, BLOCK_N, BLOCK_K, num_warps, num_stages); BLOCK_N is the MMA's M (weight rows)
+# decode: few rows, so many narrow weight-row blocks keep every SM streaming (N = 6144 outputs
+# over 2 experts is only 192 programs at BLOCK_N = 64)
 _DECODE = [(16, 64, 128, 4, 4), (16, 64, 256, 4, 3), (16, 128, 128, 4, 4), (16, 32, 256, 4, 4),
-           (16, 128, 256, 8, 3)]
+           (16, 16, 256, 2, 4), (16, 32, 512, 4, 3), (16, 128, 256, 8, 3)]
 _MEDIUM = [(32, 64, 128, 4, 4), (32, 128, 128, 4, 3), (64, 128, 64, 4, 4), (64, 64, 128, 4, 3)]
 _PREFILL = [(64, 128, 64, 4, 4), (128, 128, 64, 8, 3), (64, 256, 64, 8, 3), (128, 128, 64, 4, 4),
             (128, 256, 64, 8, 3)]
