@@ -6,9 +6,9 @@ bf16 against int8 and fp8 (ops/quant, quant/), in one run (< 8 minutes on an H20
      row counts of decode batch 1 / 16 / 64 (distinct tokens, random top-2 routing) and of an 8K
      prefill: time, weight bytes per second, TFLOP/s; and its error against its torch twin;
   2. per variant, through the serving engine (minimax01.infer.Engine, CUDA-graph decode):
-     prefill tokens/s of one 8K prompt; decode at batch 1 / 16 / 64 of DISTINCT sequences (their
-     own first token and sampling seed) at 8K cached tokens: the engine step and the captured
-     forward alone, against the bandwidth floor (bytes the step must read: dense weights,
+     prefill tokens/s of one 8K prompt; decode at batch 1 / 16 / 64 of DISTINCT sequences (own
+     first token, then sampled at temperature 1) at 8K cached tokens: the engine step and the
+     captured forward alone, against the bandwidth floor (bytes the step must read: dense weights,
      lm_head, the experts the batch touches (counted), K/V, lightning states read and written;
      divided by the measured copy rate); logits against bf16 (a 4 x 512 forward and one decode
      step through HybridCache): relative error, max |diff|, top-1 agreement.
@@ -259,9 +259,8 @@ def decode_times(eng, batch, context, steps, dev) -> tuple[float, float]:
     `context` cached tokens."""
     vocab = eng.config.vocab_size
     firsts = torch.randperm(vocab, generator=torch.Generator().manual_seed(batch))[:batch]
-    ids = [eng.add_request([int(t)], SamplingParams(max_tokens=eng.max_context - 2,
-                                                    temperature=1.0, seed=j, ignore_eos=True))
-           for j, t in enumerate(firsts)]
+    params = SamplingParams(max_tokens=eng.max_context - 2, temperature=1.0, ignore_eos=True)
+    ids = [eng.add_request([int(t)], params) for t in firsts]  # own first token, sampled on
     while eng.scheduler.waiting or any(s.prefilling for s in eng.scheduler.running):
         eng.step()
     seqs = [s for s in eng.scheduler.running if s.request_id in ids]
@@ -423,7 +422,14 @@ def main() -> int:
             results["variants"].append({"variant": v, "skipped": "time budget"})
             log(f"{v}: skipped (time budget {args.time_budget:.0f}s)")
             continue
-        out, ref = run_variant(v, cfg, dev, args, ref, bw)
+        try:
+            out, ref = run_variant(v, cfg, dev, args, ref, bw)
+        except Exception as ex:  # noqa: BLE001 - report it, try the next variant
+            out = {"variant": v, "error": f"{type(ex).__name__}: {str(ex)[:500]}"}
+            log(f"{v}: {out['error']}")
+            gc.collect()
+            if dev.type == "cuda":
+                torch.cuda.empty_cache()
         results["variants"].append(out)
         save()
     print(summary(results))

@@ -257,18 +257,19 @@ def test_prequantized_checkpoint_problems_are_named(tmp_path):
     assert "gate_up_proj (dtype F32, expected I8)" in msg
 
 
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=pytest.mark.skipif(
+    not torch.cuda.is_available(), reason="needs CUDA"))])
 @pytest.mark.parametrize("fmt", FORMATS)
-def test_gpu_engine_matches_generate(fmt):
-    """On a GPU the serving engine (sync-free quantised dispatch, CUDA-graph decode, Triton
-    kernels) decodes greedily like generate() on the same quantised model (fp32 activations)."""
+def test_engine_matches_generate(fmt, device):
+    """The serving engine on a quantised model (on a GPU: sync-free quantised dispatch, CUDA-graph
+    decode, Triton kernels) decodes greedily like generate() on the same model (fp32)."""
     from minimax01.infer.engine import Engine
     from minimax01.infer.generate import generate
     from minimax01.infer.request import SamplingParams
 
-    model = quantize_model(make_model().cuda(), fmt)
+    model = quantize_model(make_model().to(device), fmt)
     prompts = [[1, 2, 3, 4, 5], [9, 8, 7]]
     want = [generate(model, [p], max_new_tokens=8)[0, len(p):].tolist() for p in prompts]
     eng = Engine(model, max_context=64, num_slots=4)
     got = eng.generate(prompts, SamplingParams(max_tokens=8, temperature=0.0, ignore_eos=True))
-    assert [c.output_ids for c in got] == want
+    assert [c.token_ids for c in got] == want
