@@ -10,6 +10,7 @@ if TYPE_CHECKING:
     from .config import ModelConfig
 
 LEGACY_MODEL_TYPE = "MiniMaxText01"
+M1_MODEL_TYPE = "minimax_m1"  # MiniMax-M1 (MiniMaxM1ForCausalLM): the legacy format, SPEC §10
 HF_MODEL_TYPE = "minimax"
 
 # fields with the same name and meaning in both dialects and in ModelConfig
@@ -30,7 +31,7 @@ _HF_RESIDUAL = {k: k + "_factor" for k in _LEGACY_RESIDUAL}
 
 def _dialect_of(cfg: dict[str, Any]) -> str:
     model_type = cfg.get("model_type")
-    if model_type == LEGACY_MODEL_TYPE or "attn_type_list" in cfg:
+    if model_type in (LEGACY_MODEL_TYPE, M1_MODEL_TYPE) or "attn_type_list" in cfg:
         return "legacy"
     if model_type == HF_MODEL_TYPE or "layer_types" in cfg:
         return "hf"
@@ -45,7 +46,12 @@ def hf_to_fields(cfg: dict[str, Any]) -> dict[str, Any]:
         out["eos_token_id"] = out["eos_token_id"][0] if out["eos_token_id"] else None
     if out.get("head_dim") is None:
         out["head_dim"] = cfg["hidden_size"] // cfg["num_attention_heads"]
-    if cfg.get("shared_intermediate_size", 0):
+    shared = cfg.get("shared_intermediate_size", 0)  # Text-01 configs: a list; MiniMax-M1: an int
+    sizes = shared if isinstance(shared, list) else [shared]
+    if any(not isinstance(x, int) or isinstance(x, bool) for x in sizes):
+        raise ValueError(f"config.json: shared_intermediate_size must be an integer or a list of "
+                         f"integers, got {shared!r}")
+    if any(sizes):
         raise ValueError("config.json: shared experts (shared_intermediate_size > 0) are not supported")
     if "torch_dtype" in cfg or "dtype" in cfg:
         dtype = str(cfg.get("dtype") or cfg.get("torch_dtype")).replace("torch.", "")

@@ -46,6 +46,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--device", default=None, help="cpu, cuda, cuda:1 ... (default: cuda if present)")
     p.add_argument("--dtype", default=None, choices=["float32", "bfloat16", "float16"])
+    p.add_argument("--quantization", default=None, choices=["int8", "fp8", "none"],
+                   help="int8 | fp8: 8-bit expert and attention weights (a 16-bit checkpoint is "
+                   "quantised while loading); none: 16-bit only; default: as stored")
     p.add_argument("--json", dest="json_out", help="also write the results to this JSON file")
 
 
@@ -68,7 +71,8 @@ def run(args: argparse.Namespace) -> int:
         raise CLIError("--samples and --batch-size must be >= 1")
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     dtype = getattr(torch, args.dtype) if args.dtype else None
-    model = MiniMaxForCausalLM.from_pretrained(ckpt, dtype=dtype, device=device)
+    model = MiniMaxForCausalLM.from_pretrained(ckpt, dtype=dtype, device=device,
+                                               quantization=args.quantization)
     tokenizer = load_tokenizer(ckpt)
     if args.task == "ppl":
         ids = tokenizer.encode(Path(args.data).read_text(encoding="utf-8"))

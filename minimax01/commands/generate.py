@@ -30,6 +30,10 @@ def add_arguments(parser) -> None:
     parser.add_argument("--device", default="cpu", help="cpu (default), cuda, cuda:1, ...")
     parser.add_argument("--dtype", default=None,
                         help="float32, bfloat16 or float16 (default: the checkpoint's)")
+    parser.add_argument("--quantization", default=None, choices=["int8", "fp8", "none"],
+                        help="int8 | fp8: 8-bit expert and attention weights (a 16-bit "
+                             "checkpoint is quantised while loading); none: 16-bit only; "
+                             "default: as stored")
 
 
 def _check(args) -> None:
@@ -63,7 +67,8 @@ def run(args) -> int:
     if device.type == "cuda" and not torch.cuda.is_available():
         raise CLIError(f"--device {args.device}: CUDA is not available on this machine")
     start = time.perf_counter()
-    model = MiniMaxForCausalLM.from_pretrained(args.checkpoint, dtype=args.dtype, device=device)
+    model = MiniMaxForCausalLM.from_pretrained(args.checkpoint, dtype=args.dtype, device=device,
+                                               quantization=args.quantization)
     tokenizer = load_tokenizer(args.checkpoint)
     loaded = time.perf_counter()
     ids = tokenizer.encode(args.prompt, add_bos=not args.no_bos)

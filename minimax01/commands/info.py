@@ -18,6 +18,16 @@ def add_arguments(parser) -> None:
                         help="also show how many sequences `serve` fits on a GPU of this size")
     parser.add_argument("--max-context", default="8192,131072,1048576", metavar="N[,N...]",
                         help="contexts for --gpu-memory (default 8192,131072,1048576)")
+    parser.add_argument("--gpus", type=int, default=None, metavar="N",
+                        help="plan serving on N GPUs of --gpu-memory each (tensor parallel)")
+    parser.add_argument("--tensor-parallel", type=int, default=None, metavar="N",
+                        help="tensor-parallel size for --gpus (default: all of them)")
+    parser.add_argument("--quantization", default=None, choices=["int8", "fp8", "none"],
+                        help="weights of the plan: int8 | fp8 (8-bit experts and attention), "
+                             "none (16-bit, the default)")
+    parser.add_argument("--gpu-bandwidth", type=float, default=None, metavar="TB/s",
+                        help="memory bandwidth per GPU: also predict the decode step from it")
+    parser.add_argument("--json", action="store_true", help="print the plan as JSON")
 
 
 def _checkpoint_lines(path: str) -> tuple[ModelConfig, list[str]]:
@@ -41,6 +51,9 @@ def run(args) -> int:
         lines += [f"Preset {args.preset}", ""]
     else:
         cfg, lines = _checkpoint_lines(args.checkpoint)
+    if args.gpus is not None or args.tensor_parallel is not None or args.quantization \
+            or args.json or args.gpu_bandwidth is not None:
+        return _cluster(args, cfg, lines)
     contexts = _contexts(args) if args.gpu_memory is not None else None
     print("\n".join(lines + [t.render() + "\n" for t in report(cfg)]).rstrip())
     if contexts:
@@ -59,3 +72,40 @@ def _contexts(args) -> list[int]:
         raise CLIError(f"--gpu-memory and --max-context must be positive, got "
                        f"{args.gpu_memory} and {args.max_context}")
     return contexts
+
+
+def _cluster(args, cfg: ModelConfig, lines: list[str]) -> int:
+    """Memory per GPU over --gpus GPUs (tensor parallel, 8-bit weights): what fits, or why not.
+    Exit status 1 when nothing fits."""
+    import json
+
+    from ..infer.planner import GiB, plan_cluster
+
+    if args.gpu_memory is None:
+        raise CLIError("--gpus / --tensor-parallel / --quantization / --json plan memory: give "
+                       "--gpu-memory GiB too")
+    gpus = args.gpus or args.tensor_parallel or 1
+    for name in ("gpus", "tensor_parallel", "gpu_bandwidth"):
+        v = getattr(args, name)
+        if v is not None and v <= 0:
+            raise CLIError(f"--{name.replace('_', '-')} must be positive, got {v}")
+    if args.gpu_memory <= 0:
+        raise CLIError(f"--gpu-memory must be positive, got {args.gpu_memory}")
+    contexts = _contexts(args) if args.max_context else None
+    try:
+        plan = plan_cluster(cfg, gpus, int(args.gpu_memory * GiB), quantization=args.quantization,
+                            tensor_parallel=args.tensor_parallel, contexts=contexts,
+                            bandwidth_tb_s=args.gpu_bandwidth, preset=args.preset or "")
+    except ValueError as e:
+        if not str(e).startswith("does not fit"):
+            raise CLIError(str(e)) from None
+        if args.json:
+            print(json.dumps({"fits": False, "reason": str(e)}, indent=2))
+        else:
+            print("\n".join(lines + [f"{gpus} GPU(s) of {args.gpu_memory:g} GiB: {e}"]))
+        return 1
+    if args.json:
+        print(json.dumps({"fits": True, **plan.to_json()}, indent=2))
+    else:
+        print("\n".join(lines + [plan.table()]))
+    return 0

@@ -21,6 +21,10 @@ def add_arguments(parser) -> None:
     parser.add_argument("--device", default=None, help="cuda (default when available) or cpu")
     parser.add_argument("--dtype", default=None,
                         help="float32, bfloat16 or float16 (default: the checkpoint's)")
+    parser.add_argument("--quantization", default=None, choices=["int8", "fp8", "none"],
+                        help="int8 | fp8: 8-bit expert and attention weights (a 16-bit "
+                             "checkpoint is quantised while loading); none: 16-bit only; "
+                             "default: as stored")
     parser.add_argument("--max-context", type=int, default=None, metavar="N",
                         help="tokens per sequence, prompt + output (default 32768 on GPU, "
                              "4096 on CPU)")
@@ -87,7 +91,7 @@ def run(args) -> int:
         if not Path(args.checkpoint).is_dir():
             raise CLIError(f"no checkpoint folder at {args.checkpoint}")
         model = MiniMaxForCausalLM.from_pretrained(args.checkpoint, dtype=args.dtype,
-                                                   device=device)
+                                                   device=device, quantization=args.quantization)
         tokenizer = load_tokenizer(args.checkpoint)
         name = args.model_name or Path(args.checkpoint).resolve().name
     else:
@@ -98,6 +102,10 @@ def run(args) -> int:
         cfg = ModelConfig.from_preset(args.preset)
         dtype = getattr(torch, args.dtype or cfg.dtype)
         model = cast_model(MiniMaxForCausalLM(cfg).eval(), device, dtype)
+        if args.quantization not in (None, "none"):
+            from ..quant import quantize_model
+
+            quantize_model(model, args.quantization)
         tokenizer = load_tokenizer("byte")
         name = args.model_name or args.preset
     if tokenizer.vocab_size > model.config.vocab_size:

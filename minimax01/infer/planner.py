@@ -111,3 +111,193 @@ def fits_table(cfg: ModelConfig, gpu_bytes: int, contexts: list[int], *, dtype: 
         except ValueError:
             lines.append(f"  {ctx:>12,}  {'0':>9}  (does not fit)")
     return "\n".join(lines)
+
+
+# ---------------------------------------------------------------------- several GPUs, 8-bit
+RUNTIME_BYTES = GiB          # CUDA context, cuBLAS/Triton workspaces, CUDA-graph pools
+NCCL_BYTES = GiB             # NCCL buffers per GPU when tensor parallel
+ALLREDUCE_US = 10.0          # one small all-reduce across the NVLink island (decode), assumed
+PLAN_CONTEXTS = (8192, 131072, 1048576, 4194304)
+PLAN_BATCHES = (1, 16, 64)
+
+
+def rank_weight_bytes(cfg: ModelConfig, tp: int, quantization=None, dtype_bytes: int = 2,
+                      expert_parallel: bool = False) -> dict:
+    """Bytes of the weights the largest rank holds under the tensor-parallel plan
+    (parallel/tp_plan.py), with `quantization` ("int8" | "fp8" | None) as the loader stores them:
+    8-bit tensors 1 byte a weight plus fp32 scales, the rest `dtype_bytes`. Also splits them
+    into what a decode step reads: 'dense' (attention, router, norms: every step), 'lm_head',
+    'expert' (all experts) and 'per_expert' (one expert id over all layers)."""
+    import math
+
+    import torch
+
+    from ..checkpoint.match import param_shapes_of
+    from ..model import MiniMaxForCausalLM
+    from ..parallel.tp_plan import rank_shapes, tp_plan
+    from ..quant import quantize_on_meta, quantized_tensors, resolve
+
+    qc = resolve(quantization)
+    with torch.device("meta"):
+        model = MiniMaxForCausalLM(cfg)
+        if qc is not None:
+            quantize_on_meta(model, qc)
+    shapes = param_shapes_of(model)
+    if cfg.tie_word_embeddings:
+        shapes["lm_head.weight"] = shapes["model.embed_tokens.weight"]
+    eight = set(quantized_tensors(cfg, qc)) if qc is not None else set()
+    worst = None
+    for rank in (0, tp - 1):  # the last rank may hold fewer vocab rows; all others are rank 0's
+        parts = rank_shapes(shapes, tp_plan(shapes, cfg, tp, rank, expert_parallel))
+        out = {"total": 0, "dense": 0, "expert": 0, "lm_head": 0}
+        for name, shape in parts.items():
+            per = 1 if name in eight else 4 if name.endswith("_scale") else dtype_bytes
+            n = math.prod(shape) * per
+            if not (cfg.tie_word_embeddings and name == "lm_head.weight"):
+                out["total"] += n
+            if ".mlp.experts." in name:
+                out["expert"] += n
+            elif name == "lm_head.weight":
+                out["lm_head"] += n
+            elif name != "model.embed_tokens.weight":  # decode reads one embedding row
+                out["dense"] += n
+        if worst is None or out["total"] > worst["total"]:
+            worst = out
+    experts_per_rank = cfg.num_local_experts // tp if expert_parallel else cfg.num_local_experts
+    worst["per_expert"] = worst["expert"] // experts_per_rank  # one expert id, all layers
+    return worst
+
+
+def expected_experts(cfg: ModelConfig, tokens: int) -> float:
+    """Distinct experts a layer touches for `tokens` tokens routed uniformly at random (distinct
+    sequences; identical ones would all pick the same two)."""
+    e, k = cfg.num_local_experts, cfg.num_experts_per_tok
+    return e * (1 - (1 - k / e) ** tokens)
+
+
+@dataclass
+class ClusterPlan:
+    """Memory per GPU and what fits, for `gpus` GPUs of `gpu_bytes` each (info --gpus)."""
+
+    preset: str
+    gpus: int
+    tensor_parallel: int
+    replicas: int
+    quantization: str
+    gpu_bytes: int
+    budget_bytes: int
+    weights_bytes: int
+    activation_bytes: int
+    runtime_bytes: int
+    state_bytes_per_seq: int
+    kv_bytes_per_token: int
+    prefill_chunk: int
+    max_context: dict              # sequences -> longest context each of them can hold
+    sequences: dict                # context -> sequences per replica
+    decode_ms: dict                # "batch@context" -> predicted step (ms), bandwidth floor
+    allreduces_per_step: int
+    bandwidth_tb_s: float | None
+    notes: list
+
+    @property
+    def free_bytes(self) -> int:
+        return self.budget_bytes - self.weights_bytes - self.activation_bytes - self.runtime_bytes
+
+    def to_json(self) -> dict:
+        out = dict(self.__dict__)
+        out["gib_per_gpu"] = {k: round(v / GiB, 3) for k, v in (
+            ("gpu", self.gpu_bytes), ("budget", self.budget_bytes),
+            ("weights", self.weights_bytes), ("activations", self.activation_bytes),
+            ("runtime", self.runtime_bytes), ("cache_pool", max(self.free_bytes, 0)))}
+        return out
+
+    def table(self) -> str:
+        q = self.quantization
+        lines = [f"Serving on {self.gpus} GPU(s) of {self.gpu_bytes / GiB:.4g} GiB: tensor parallel "
+                 f"{self.tensor_parallel} x {self.replicas} replica(s), weights {q}",
+                 "  per GPU:"]
+        for label, v in (("weights", self.weights_bytes),
+                         (f"activations + prefill workspace (chunk {self.prefill_chunk:,})",
+                          self.activation_bytes),
+                         ("CUDA context, workspaces" + (", NCCL" if self.tensor_parallel > 1 else ""),
+                          self.runtime_bytes),
+                         (f"usable ({self.budget_bytes / self.gpu_bytes:.0%} of the GPU)",
+                          self.budget_bytes),
+                         ("left for the cache pool", self.free_bytes)):
+            lines.append(f"    {label:<52} {v / GiB:9.2f} GiB")
+        lines.append(f"    {'lightning state per sequence (any length)':<52} "
+                     f"{self.state_bytes_per_seq / 2**20:9.1f} MiB")
+        lines.append(f"    {'softmax K/V per token':<52} {self.kv_bytes_per_token / 1024:9.2f} KiB")
+        lines.append("  longest context:")
+        for n, ctx in self.max_context.items():
+            lines.append(f"    {n:>3} sequence(s) per replica: {ctx:>12,} tokens")
+        lines.append("  sequences per replica at:")
+        for ctx, n in self.sequences.items():
+            lines.append(f"    {ctx:>12,} tokens: {n}")
+        if self.decode_ms:
+            lines.append(f"  decode step, bandwidth floor at {self.bandwidth_tb_s} TB/s per GPU "
+                         f"(+ {self.allreduces_per_step} all-reduces x {ALLREDUCE_US:g} us):")
+            for key, ms in self.decode_ms.items():
+                lines.append(f"    batch {key}: {ms:8.2f} ms")
+        lines += [f"  note: {n}" for n in self.notes]
+        return "\n".join(lines)
+
+
+def plan_cluster(cfg: ModelConfig, gpus: int, gpu_bytes: int, *, quantization=None,
+                 tensor_parallel: int | None = None, dtype: str = "bfloat16",
+                 prefill_chunk: int = 16384, utilization: float = 0.9, max_slots: int = 256,
+                 contexts=PLAN_CONTEXTS, batches=PLAN_BATCHES, bandwidth_tb_s: float | None = None,
+                 preset: str = "") -> ClusterPlan:
+    """Plan `gpus` GPUs of `gpu_bytes`: tensor parallel `tensor_parallel` (default: all GPUs) and
+    gpus / tp data-parallel replicas. ValueError that says exactly why when nothing fits."""
+    from ..parallel.tp_plan import tp_shape
+
+    if gpus < 1 or gpu_bytes <= 0:
+        raise ValueError(f"--gpus and --gpu-memory must be positive, got {gpus} and "
+                         f"{gpu_bytes / GiB:g} GiB")
+    tp = tensor_parallel or gpus
+    if gpus % tp:
+        raise ValueError(f"--tensor-parallel {tp} does not divide --gpus {gpus}")
+    s = tp_shape(cfg, tp)
+    nbytes = DTYPE_BYTES[dtype]
+    q = quantization if quantization not in (None, "none") else None
+    w = rank_weight_bytes(cfg, tp, q, nbytes)
+    budget = int(gpu_bytes * utilization)
+    runtime = RUNTIME_BYTES + (NCCL_BYTES if tp > 1 else 0)
+    local = cfg.replace(num_attention_heads=s.heads, num_key_value_heads=s.kv_heads,
+                        intermediate_size=s.intermediate, vocab_size=s.vocab)
+    act = activation_bytes(local, prefill_chunk, max_slots, nbytes) + GiB // 2
+    state = local.lightning_state_bytes()
+    kv_tok = local.kv_cache_bytes_per_token(nbytes)
+    room = budget - w["total"] - act - runtime
+    label = q or dtype
+    if room <= state:
+        need = w["total"] + act + runtime + 2 * state
+        raise ValueError(
+            f"does not fit: {label} weights need {w['total'] / GiB:.1f} GiB per GPU under tensor "
+            f"parallel {tp} (plus {(act + runtime) / GiB:.1f} GiB activations and runtime, "
+            f"{need / GiB:.1f} GiB in all) but a GPU has {budget / GiB:.1f} GiB usable "
+            f"({utilization:.0%} of {gpu_bytes / GiB:.4g} GiB); use more GPUs"
+            + ("" if q else " or --quantization int8"))
+    cap = cfg.max_position_embeddings
+    max_context = {}
+    for n in (1, 8):
+        per = room // (n + 1) - state  # n sequences + the engine's scratch slot
+        max_context[n] = int(min(cap, per // kv_tok)) if per > 0 else 0
+    sequences = {c: int(max(0, min(max_slots, room // (state + kv_tok * c) - 1))) for c in contexts}
+    notes = []
+    if max_context[1] == cap:
+        notes.append(f"contexts are capped at max_position_embeddings {cap:,}")
+    if max_context[8] < 1 << 20:
+        notes.append("fewer than 8 sequences of 1M tokens fit per replica")
+    decode = {}
+    allreduces = 2 * cfg.num_hidden_layers + 1 if tp > 1 else 0  # attention, MoE; logits gather
+    if bandwidth_tb_s:
+        for b in batches:
+            c = 8192
+            step = (w["dense"] + w["lm_head"] + expected_experts(cfg, b) * w["per_expert"]
+                    + b * c * kv_tok + 2 * b * state)  # K/V read; states read and written
+            decode[f"{b}@{c}"] = step / (bandwidth_tb_s * 1e12) * 1e3 + allreduces * ALLREDUCE_US / 1e3
+    return ClusterPlan(preset, gpus, tp, gpus // tp, label, gpu_bytes, budget, w["total"], act,
+                       runtime, state, kv_tok, prefill_chunk, max_context, sequences, decode,
+                       allreduces, bandwidth_tb_s, notes)

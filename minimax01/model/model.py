@@ -166,17 +166,20 @@ class MiniMaxForCausalLM(nn.Module):
 
     def save_pretrained(self, path, dialect: str = "legacy", max_shard_size: str | int = "2GB",
                         tokenizer=None):
-        """config.json + sharded safetensors in `dialect`, and the tokenizer's files if given."""
-        from ..checkpoint.hf import save_pretrained
+        """config.json + sharded safetensors in `dialect`, and the tokenizer's files if given
+        (a quantised model writes the pre-quantised layout, docs/quantization.md)."""
+        from ..checkpoint.quantized import save_any
 
-        save_pretrained(self, path, dialect=dialect, max_shard_size=max_shard_size,
-                        tokenizer=tokenizer)
+        save_any(self, path, dialect=dialect, max_shard_size=max_shard_size, tokenizer=tokenizer)
 
     @classmethod
-    def from_pretrained(cls, path, dtype=None, device=None) -> "MiniMaxForCausalLM":
-        from ..checkpoint.hf import load_pretrained
+    def from_pretrained(cls, path, dtype=None, device=None,
+                        quantization=None) -> "MiniMaxForCausalLM":
+        """quantization: None (as stored), "int8" | "fp8" (quantise 16-bit checkpoints while
+        loading), "none" (16-bit only)."""
+        from ..checkpoint.quantized import load_any
 
-        return load_pretrained(cls, path, dtype=dtype, device=device)
+        return load_any(cls, path, dtype=dtype, device=device, quantization=quantization)
 
     @classmethod
     def from_config_on_meta(cls, config: ModelConfig) -> "MiniMaxForCausalLM":
