@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from minimax01.tokenizer import ByteTokenizer
-from minimax01.train.config import from_preset
+from minimax01.train.config_io import from_preset
 from minimax01.train.data import IGNORE_INDEX, Packer, TokenStream, TrainData, collate, make_example
 from minimax01.train.data.sources import PIECE_BYTES, open_source, stdlib_shards
 

@@ -5,7 +5,7 @@ import pytest
 import torch
 
 from dist_utils import run_workers
-from minimax01.train.config import parse_overrides, resolve
+from minimax01.train.config_io import parse_overrides, resolve
 from minimax01.train.metrics import read_metrics
 from minimax01.train.trainer import Trainer
 

@@ -8,7 +8,7 @@ import torch
 from minimax01 import MiniMaxForCausalLM
 from minimax01.cli import main
 from minimax01.train import checkpointing as ckpt
-from minimax01.train.config import parse_overrides, resolve
+from minimax01.train.config_io import parse_overrides, resolve
 from minimax01.train.metrics import read_metrics
 from minimax01.train.trainer import Trainer, TrainingDiverged
 

@@ -10,6 +10,7 @@ import torch.nn.functional as F
 
 from ..config import ModelConfig
 from ..ops.rope import rope_cos_sin
+from ..wiring import implementation
 from .layers import AttnContext, DecoderLayer, RMSNorm
 
 IGNORE_INDEX = -100
@@ -164,17 +165,18 @@ class MiniMaxForCausalLM(nn.Module):
 
     def save_pretrained(self, path, dialect: str = "legacy", max_shard_size: str | int = "2GB",
                         tokenizer=None):
-        """config.json + sharded safetensors in `dialect`, and the tokenizer's files if given."""
-        from ..checkpoint.hf import save_pretrained
-
-        save_pretrained(self, path, dialect=dialect, max_shard_size=max_shard_size,
-                        tokenizer=tokenizer)
+        """config.json + sharded safetensors in `dialect`, and the tokenizer's files if given
+        (minimax01.checkpoint.save_pretrained, reached through minimax01.wiring)."""
+        implementation("pretrained").save_pretrained(self, path, dialect=dialect,
+                                                     max_shard_size=max_shard_size,
+                                                     tokenizer=tokenizer)
 
     @classmethod
-    def from_pretrained(cls, path, dtype=None, device=None) -> "MiniMaxForCausalLM":
-        from ..checkpoint.hf import load_pretrained
-
-        return load_pretrained(cls, path, dtype=dtype, device=device)
+    def from_pretrained(cls, path, dtype=None, device=None, **options) -> "MiniMaxForCausalLM":
+        """An HF-format checkpoint folder, either dialect (minimax01.checkpoint.load_pretrained,
+        reached through minimax01.wiring)."""
+        return implementation("pretrained").load_pretrained(cls, path, dtype=dtype, device=device,
+                                                            **options)
 
     @classmethod
     def from_config_on_meta(cls, config: ModelConfig) -> "MiniMaxForCausalLM":

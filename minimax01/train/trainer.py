@@ -27,6 +27,7 @@ from ..parallel import checkpoint as dcp_checkpoint
 from ..tokenizer import load_tokenizer
 from . import checkpointing as ckpt
 from .config import RunConfig
+from .config_io import to_toml
 from .data import IGNORE_INDEX, TrainData
 from .metrics import (IntervalStats, MetricsLogger, datasheet_peak_flops, memory_gib, summary,
                       truncate_metrics)
@@ -224,7 +225,7 @@ class Trainer:
         if world.is_main:
             self.out_dir.mkdir(parents=True, exist_ok=True)
             ckpt.clean_partial(self.out_dir)
-            (self.out_dir / "config.toml").write_text(cfg.to_toml())
+            (self.out_dir / "config.toml").write_text(to_toml(cfg))
         world.barrier()
         model = self.build_model()
         raw_model = model
