@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import sys
 
+from ..cli import CLIError
 from ..train.config import SECTIONS
 from ..train.config_io import parse_overrides, resolve, to_toml
 from ..train.presets import RUN_PRESETS
@@ -33,14 +34,24 @@ def run(args) -> int:
         return 0
     from ..train.trainer import Trainer, TrainingDiverged
 
-    trainer = Trainer(cfg)
+    try:
+        trainer = Trainer(cfg)
+    except OSError as e:  # an unreadable data file, a full disk: one line, like bad input
+        raise CLIError(_os_error(e)) from None
     try:
         result = trainer.fit()
     except TrainingDiverged as e:
         print(f"error: {e}", file=sys.stderr)
         return 1
+    except OSError as e:
+        raise CLIError(_os_error(e)) from None
     finally:
         trainer.world.shutdown()
     if result.stopped_by_signal:
         return 128 + int(result.stopped_by_signal)
     return 0
+
+
+def _os_error(e: OSError) -> str:
+    where = f"{e.filename}: " if getattr(e, "filename", None) else ""
+    return f"{where}{e.strerror or e}"
