@@ -126,6 +126,7 @@ class Trainer:
         self._signal: int | None = None
         self._saving = False
         self._log: MetricsLogger | None = None
+        self._evaluated_at: int | None = None  # the last step whose held-out loss was logged
 
     def _identity(self) -> dict:
         return {"config": self.cfg.to_dict(), "model_config": self.model_cfg.to_dict()}
@@ -194,6 +195,7 @@ class Trainer:
         """Checkpoint `step`; a state that is not finite is never saved (TrainingDiverged)."""
         state = {"step": step, "tokens": tokens, "data": self.data.state_dict(),
                  "metrics_lines": self._log.lines if self._log is not None else None,
+                 "evaluated_at": self._evaluated_at,
                  "version": __version__, "time": time.time(), **self._identity()}
         self._saving = True
         try:
@@ -294,6 +296,7 @@ class Trainer:
             step, tokens = int(state["step"]), int(state["tokens"])
             self.data.load_state_dict(state["data"])
             lines = state.get("metrics_lines")
+            self._evaluated_at = state.get("evaluated_at")
         if world.is_main:
             lines = truncate_metrics(self.out_dir / "metrics.jsonl", lines, step)
         log = MetricsLogger(self.out_dir, world.is_main, t.steps, min(step, t.steps), t.progress,
@@ -327,7 +330,6 @@ class Trainer:
         flops_tok = self.model_cfg.flops_per_token(t.seq_len, training=True)
         result = TrainResult(step=step, tokens=tokens, checkpoint=self.resume_from)
         saved_at = step if self.resume_from is not None else None
-        evaluated_at = None
         bad = 0
         acc = IntervalStats(len(raw_model.model.layers), self.model_cfg.num_local_experts, dev)
         if step == 0 and t.eval_every:  # where the loss starts from
@@ -375,22 +377,24 @@ class Trainer:
                 clock = time.perf_counter()
 
             pause = time.perf_counter()
-            if t.eval_every and step % t.eval_every == 0 and step < t.steps:
+            last = step == t.steps  # evaluated, then saved, after the loop
+            if t.eval_every and step % t.eval_every == 0 and not last:
                 result.eval_loss = self._log_eval(model, log, step)
-                evaluated_at = step
-            if t.save_every and step % t.save_every == 0 and bad == 0:  # never mid-divergence
-                result.checkpoint = self.save(model, optimizer, step, tokens)
+            if t.save_every and step % t.save_every == 0 and bad == 0 and not last:
+                result.checkpoint = self.save(model, optimizer, step, tokens)  # never mid-divergence
                 saved_at = step
             if self._stop_requested():  # every rank stops at the same step
                 return self._stop(model, optimizer, log, result, step, tokens, saved_at)
             clock += time.perf_counter() - pause  # evaluation and saving do not count as training
 
+        # the final evaluation comes before the final checkpoint, so that the checkpoint's count
+        # of metrics records includes it (a resume never logs it twice, nor loses it)
+        if self._evaluated_at != step:
+            result.eval_loss = self._log_eval(model, log, step)
         if saved_at != step:
             result.checkpoint = self.save(model, optimizer, step, tokens)
-        if self._stop_requested():  # saved: skip the final evaluation, export and sample
+        if self._stop_requested():  # saved: skip the export and the sample
             return self._stop(model, optimizer, log, result, step, tokens, step)
-        if evaluated_at != step:
-            result.eval_loss = self._log_eval(model, log, step)
         result.export, result.sample = self.export(model, log)
         if result.sample is not None:
             log.print(f"sample:\n{result.sample}")
@@ -444,6 +448,7 @@ class Trainer:
         return sums, n_global, grad_norm, finite
 
     def _log_eval(self, model, log: MetricsLogger, step: int) -> float | None:
+        self._evaluated_at = step
         loss = self.evaluate(model)
         if loss is not None:
             log.record({"step": step, "eval_loss": loss})
