@@ -34,7 +34,7 @@ import torch
 
 from .errors import CheckpointError
 from .reader import plain_name
-from .writer import file_mode, fsync_dir, fsync_file, write_text
+from .writer import file_mode, fsync_dir, fsync_file, standalone, write_text
 
 FORMAT, VERSION = "minimax01-sharded", 1
 MANIFEST = "manifest.json"
@@ -106,8 +106,17 @@ def _piece(t: torch.Tensor, rank: int) -> tuple[torch.Tensor, list[int], list[in
     return t, [0] * t.dim(), list(t.shape), rank == 0
 
 
-def _standalone(t: torch.Tensor) -> torch.Tensor:
-    return t.detach().to("cpu", copy=True).contiguous()
+def _standalone(tensors: list[torch.Tensor]) -> list[torch.Tensor]:
+    """CPU tensors safetensors accepts (contiguous, each owning its storage), copying only
+    what needs it: device tensors, views, and a second tensor on storage already used."""
+    out, storages = [], set()
+    for t in tensors:
+        t = standalone(t)
+        if t.untyped_storage().data_ptr() in storages and t.numel():
+            t = t.clone()
+        storages.add(t.untyped_storage().data_ptr())
+        out.append(t)
+    return out
 
 
 # ---------------------------------------------------------------------- writing
@@ -142,8 +151,10 @@ def write_shards(folder: str | Path, state: dict, rank: int,
             continue
         name = f"shard-{rank:05d}-{k:05d}.safetensors"
         target = folder / name
-        save_file({key: _standalone(local) for key, local, _, _ in group}, str(target),
+        tensors = _standalone([local for _, local, _, _ in group])
+        save_file({key: t for (key, _, _, _), t in zip(group, tensors)}, str(target),
                   metadata={"format": "pt"})
+        del tensors
         os.chmod(target, mode)
         fsync_file(target)
         files[name] = {"size": target.stat().st_size, "sha256": sha256_of(target)}

@@ -93,7 +93,7 @@ def shard_file_names(n: int) -> list[str]:
     return [WEIGHTS_NAME] if n == 1 else [f"model-{k + 1:05d}-of-{n:05d}.safetensors" for k in range(n)]
 
 
-def _standalone(t: torch.Tensor) -> torch.Tensor:
+def standalone(t: torch.Tensor) -> torch.Tensor:
     """A contiguous CPU tensor that owns its storage (safetensors refuses shared memory)."""
     t = t.detach().to("cpu")
     if (not t.is_contiguous() or t.storage_offset() != 0
@@ -177,7 +177,7 @@ def write_checkpoint(path: str | Path, config: dict, sources: list[Source],
                 if tuple(t.shape) != tuple(s.shape):
                     raise ValueError(f"tensor {s.name} has shape {list(t.shape)}, expected "
                                      f"{list(s.shape)}")
-                tensors[s.name] = _standalone(t.to(s.dtype))
+                tensors[s.name] = standalone(t.to(s.dtype))
                 weight_map[s.name] = file
             target = staging / file
             st.save_file(tensors, str(target), metadata={"format": "pt"})

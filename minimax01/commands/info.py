@@ -32,7 +32,12 @@ def _checkpoint_lines(path: str) -> tuple[ModelConfig, list[str]]:
 
     if not Path(path).exists():
         raise CLIError(f"no checkpoint at {path}")
-    d = describe_checkpoint(path)
+    try:
+        d = describe_checkpoint(path)
+    except OSError as e:
+        if isinstance(e, FileNotFoundError):
+            raise
+        raise CLIError(f"{e.filename + ': ' if e.filename else ''}{e.strerror or e}") from None
     dtypes = ", ".join(f"{k} x{v}" for k, v in sorted(d["dtypes"].items()))
     return d["config"], [f"Checkpoint {d['path']}",
                          f"  {d['dialect']} dialect, {d['tensors']} tensors in {d['files']} file(s), "
