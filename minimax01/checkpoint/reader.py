@@ -18,7 +18,7 @@ from pathlib import Path
 import torch
 
 from ..config import ModelConfig
-from ..dtypes import FLOAT_CODES, name_of_code
+from ..dtypes import name_of_code
 from ..hf_config import config_dtype
 from .dialects import config_dialect, detect_dialect
 from .errors import CheckpointError, _names
