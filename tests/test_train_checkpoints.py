@@ -347,3 +347,12 @@ def test_unwritable_out_dir(tmp_path, capsys, monkeypatch):
     rc = main(["train", "--preset", "debug"] + args(tmp_path / "o"))
     err = capsys.readouterr().err.strip()
     assert rc == 2 and "cannot be created" in err and "is not writable" in err, err
+
+
+def test_unreadable_tokenizer_file_is_one_line(tmp_path, capsys):
+    bad = tmp_path / "tokenizer.json"
+    bad.write_bytes(b"\xff\xfe not a tokenizer")
+    rc = main(["train", "--preset", "debug"] + args(tmp_path / "o", "--data.tokenizer", str(bad)))
+    err = capsys.readouterr().err.strip()
+    assert rc == 2 and err.count("\n") == 0 and "data.tokenizer" in err and "cannot read" in err
+    assert not (tmp_path / "o").exists()

@@ -66,7 +66,12 @@ class Trainer:
         self.model_cfg = cfg.validate()
         self.world = world if world is not None else make_world(cfg)
         spec = cfg.data.tokenizer
-        self.tokenizer = load_tokenizer(None if spec == "byte" else spec)
+        try:
+            self.tokenizer = load_tokenizer(None if spec == "byte" else spec)
+        except (FileNotFoundError, ValueError):
+            raise
+        except Exception as e:  # the tokenizers library raises bare Exceptions for bad files
+            raise ValueError(f"data.tokenizer {spec}: cannot read it ({e})") from None
         if self.tokenizer.vocab_size > self.model_cfg.vocab_size:
             raise ValueError(f"the tokenizer {spec!r} has {self.tokenizer.vocab_size} ids but "
                              f"model.vocab_size is {self.model_cfg.vocab_size}")
