@@ -1,5 +1,10 @@
-"""Model configuration: the ModelConfig dataclass, presets, the two HF config dialects, and
-parameter / FLOP / memory accounting (SPEC §1, §6, §8)."""
+"""Model configuration: the ModelConfig dataclass, the model presets (MODEL_PRESETS), the two HF
+config dialects (translated by hf_config.py) and parameter / FLOP / memory accounting (SPEC §1,
+§6, §8).
+
+A *model preset* fixes a model's shapes (`ModelConfig.from_preset("1b")`, `info --preset 1b`);
+a *run preset* (minimax01.train.presets.RUN_PRESETS, `train --preset demo`) is a whole training
+run: a model preset plus data, optimizer and loop settings."""
 
 from __future__ import annotations
 
@@ -10,9 +15,19 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-LINEAR = "linear_attention"
-FULL = "full_attention"
+from .dtypes import FLOAT_DTYPES
+from .hf_config import FULL, LINEAR, fields_to_hf, hf_to_fields
+
 LAYER_TYPES = (LINEAR, FULL)
+
+# Sanity bounds, checked before anything is built: a config.json is input from anywhere, and
+# building a model of 100,000 layers on the meta device alone takes minutes. MiniMax-Text-01
+# has 80 layers of 32 experts; the largest published MoEs have a few hundred experts per layer.
+MAX_LAYERS = 1024
+MAX_EXPERTS = 4096
+MAX_LAYER_EXPERTS = 1 << 17       # layers x experts (the legacy dialect stores 3 tensors each)
+MAX_DIM = 1 << 24                 # vocab, hidden, intermediate, attention width
+MAX_PARAMETERS = 1 << 50          # about 2,500 x MiniMax-Text-01
 
 
 def hybrid_layer_types(num_layers: int, period: int = 8) -> list[str]:
@@ -71,58 +86,97 @@ class ModelConfig:
     dtype: str = "bfloat16"
 
     def __post_init__(self) -> None:
+        self._check_layer_count()  # before building the per-layer lists below
         if self.layer_types is None:
             self.layer_types = hybrid_layer_types(self.num_hidden_layers)
-        else:
+        elif isinstance(self.layer_types, (list, tuple)):
             self.layer_types = list(self.layer_types)
-        default_alpha = deepnorm_alpha(self.num_hidden_layers) if self.postnorm else 1.0
+        default_alpha = deepnorm_alpha(self.num_hidden_layers) if self.postnorm is True else 1.0
         for name in ("full_attn_alpha", "linear_attn_alpha", "mlp_alpha"):
             if getattr(self, name) is None:
                 setattr(self, name, default_alpha)
         self.validate()
 
     # ------------------------------------------------------------------ validation
+    def _bad(self, name: str, why: str) -> ValueError:
+        return ValueError(f"ModelConfig.{name}: {why} (got {getattr(self, name)!r})")
+
+    def _check_layer_count(self) -> None:
+        n = self.num_hidden_layers
+        if not isinstance(n, int) or isinstance(n, bool) or not 0 < n <= MAX_LAYERS:
+            raise self._bad("num_hidden_layers", f"must be an integer in [1, {MAX_LAYERS}]")
+
     def validate(self) -> None:
-        """Raise ValueError naming the first bad field."""
-
-        def bad(name: str, why: str) -> None:
-            raise ValueError(f"ModelConfig.{name}: {why} (got {getattr(self, name)!r})")
-
-        for name in ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers",
-                     "num_attention_heads", "num_key_value_heads", "head_dim", "num_local_experts",
+        """Raise ValueError naming the first bad field: types (an int is not 1.5, a bool is not
+        "false"), finiteness, ranges and the sanity bounds above."""
+        bad = self._bad
+        self._check_layer_count()
+        for name in ("vocab_size", "hidden_size", "intermediate_size", "num_attention_heads",
+                     "num_key_value_heads", "head_dim", "num_local_experts",
                      "num_experts_per_tok", "block_size", "max_position_embeddings"):
             value = getattr(self, name)
             if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
-                bad(name, "must be a positive integer")
+                raise bad(name, "must be a positive integer")
+        for name in ("vocab_size", "hidden_size", "intermediate_size", "head_dim"):
+            if getattr(self, name) > MAX_DIM:
+                raise bad(name, f"must be at most {MAX_DIM}")
+        if self.attn_width > MAX_DIM:
+            raise bad("num_attention_heads", f"times head_dim={self.head_dim} must be at most "
+                                             f"{MAX_DIM}")
+        if self.num_local_experts > MAX_EXPERTS:
+            raise bad("num_local_experts", f"must be at most {MAX_EXPERTS}")
+        if self.num_local_experts * self.num_hidden_layers > MAX_LAYER_EXPERTS:
+            raise bad("num_local_experts", f"times num_hidden_layers={self.num_hidden_layers} "
+                                           f"must be at most {MAX_LAYER_EXPERTS}")
         if self.num_attention_heads % self.num_key_value_heads:
-            bad("num_key_value_heads", f"must divide num_attention_heads={self.num_attention_heads}")
-        if not isinstance(self.rotary_dim, int) or self.rotary_dim < 0 or self.rotary_dim % 2:
-            bad("rotary_dim", "must be a non-negative even integer")
+            raise bad("num_key_value_heads",
+                      f"must divide num_attention_heads={self.num_attention_heads}")
+        if (not isinstance(self.rotary_dim, int) or isinstance(self.rotary_dim, bool)
+                or self.rotary_dim < 0 or self.rotary_dim % 2):
+            raise bad("rotary_dim", "must be a non-negative even integer")
         if self.rotary_dim > self.head_dim:
-            bad("rotary_dim", f"must be at most head_dim={self.head_dim}")
+            raise bad("rotary_dim", f"must be at most head_dim={self.head_dim}")
         if self.num_experts_per_tok > self.num_local_experts:
-            bad("num_experts_per_tok", f"must be at most num_local_experts={self.num_local_experts}")
+            raise bad("num_experts_per_tok",
+                      f"must be at most num_local_experts={self.num_local_experts}")
+        if not isinstance(self.layer_types, list):
+            raise bad("layer_types", "must be a list of layer types")
         if len(self.layer_types) != self.num_hidden_layers:
-            bad("layer_types", f"needs one entry per layer ({self.num_hidden_layers})")
+            raise bad("layer_types", f"needs one entry per layer ({self.num_hidden_layers})")
         for i, t in enumerate(self.layer_types):
             if t not in LAYER_TYPES:
                 raise ValueError(f"ModelConfig.layer_types[{i}]: unknown layer type {t!r}; "
                                  f"expected one of {LAYER_TYPES}")
-        if self.rope_theta <= 0:
-            bad("rope_theta", "must be positive")
-        for name in ("rms_norm_eps", "lightning_norm_eps"):
-            if not getattr(self, name) > 0:
-                bad(name, "must be positive")
-        if self.capacity_factor is not None and not self.capacity_factor > 0:
-            bad("capacity_factor", "must be positive or None (dropless)")
+        for name in ("postnorm", "tie_word_embeddings"):
+            if not isinstance(getattr(self, name), bool):
+                raise bad(name, "must be true or false")
+        positive = ("rope_theta", "rms_norm_eps", "lightning_norm_eps", "initializer_range",
+                    "full_attn_alpha", "linear_attn_alpha", "mlp_alpha")
+        for name in positive + ("full_attn_beta", "linear_attn_beta", "mlp_beta",
+                                "router_aux_loss_coef"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, (int, float)):
+                raise bad(name, "must be a number")
+            if not math.isfinite(value):
+                raise bad(name, "must be finite")
+            if name in positive and not value > 0:
+                raise bad(name, "must be positive")
         if self.router_aux_loss_coef < 0:
-            bad("router_aux_loss_coef", "must be non-negative")
-        if self.dtype not in ("float32", "bfloat16", "float16"):
-            bad("dtype", "must be one of float32, bfloat16, float16")
+            raise bad("router_aux_loss_coef", "must be non-negative")
+        cf = self.capacity_factor
+        if cf is not None and (isinstance(cf, bool) or not isinstance(cf, (int, float))
+                               or not math.isfinite(cf) or not cf > 0):
+            raise bad("capacity_factor", "must be a positive finite number or None (dropless)")
+        if self.dtype not in FLOAT_DTYPES:
+            raise bad("dtype", f"must be one of {', '.join(FLOAT_DTYPES)}")
         for name in ("bos_token_id", "eos_token_id", "pad_token_id"):
             tid = getattr(self, name)
-            if tid is not None and not 0 <= tid < self.vocab_size:
-                bad(name, f"must be a token id below vocab_size={self.vocab_size}")
+            if tid is not None and (not isinstance(tid, int) or isinstance(tid, bool)
+                                    or not 0 <= tid < self.vocab_size):
+                raise bad(name, f"must be a token id below vocab_size={self.vocab_size}")
+        if self.num_parameters() > MAX_PARAMETERS:
+            raise ValueError(f"ModelConfig: {self.num_parameters():.3g} parameters is more than "
+                             f"the sanity bound {MAX_PARAMETERS:.3g}")
 
     # ------------------------------------------------------------------ derived
     @property
@@ -175,9 +229,11 @@ class ModelConfig:
     # ------------------------------------------------------------------ presets
     @classmethod
     def from_preset(cls, name: str, **overrides: Any) -> "ModelConfig":
-        if name not in PRESETS:
-            raise ValueError(f"unknown preset {name!r}; available: {', '.join(PRESETS)}")
-        data = dict(PRESETS[name])
+        """A model preset (MODEL_PRESETS) with some fields overridden."""
+        if name not in MODEL_PRESETS:
+            raise ValueError(f"unknown model preset {name!r}; available: "
+                             f"{', '.join(MODEL_PRESETS)}")
+        data = dict(MODEL_PRESETS[name])
         data.update(overrides)
         return cls(**data)
 
@@ -192,16 +248,12 @@ class ModelConfig:
             if not path.is_file():
                 raise FileNotFoundError(f"no config.json at {path}")
             src = json.loads(path.read_text())
-        from .hf_config import hf_to_fields
-
         return cls(**hf_to_fields(src))
 
     def to_hf_config(self, dialect: str = "legacy") -> dict[str, Any]:
         """The config.json dict for `dialect` "legacy" (official MiniMaxText01) or "hf"
         (transformers-native `minimax`)."""
-        from .hf_config import fields_to_hf
-
-        return fields_to_hf(self, dialect)
+        return fields_to_hf(self.to_dict(), dialect)
 
     # ------------------------------------------------------------------ accounting
     def num_parameters(self, active: bool = False, embeddings: bool = True) -> int:
@@ -251,7 +303,7 @@ class ModelConfig:
 
 _TEXT01_LAYERS = 80
 
-PRESETS: dict[str, dict[str, Any]] = {
+MODEL_PRESETS: dict[str, dict[str, Any]] = {
     # Tiny, for tests: both layer kinds, GQA, partial rotary, 4 experts.
     "debug": dict(vocab_size=512, hidden_size=64, intermediate_size=64, num_hidden_layers=4,
                   num_attention_heads=4, num_key_value_heads=2, head_dim=16, rotary_dim=8,

@@ -381,6 +381,11 @@ def test_missing_config_or_weights_or_folder(tmp_path, saved):
         MiniMaxForCausalLM.from_pretrained(empty)
     (empty / "config.json").write_text(json.dumps({"model_type": "minimax", "num_attention_heads": 6, "hidden_size": 64,
                                                    "num_key_value_heads": 4}))
+    with pytest.raises(CheckpointError, match="missing field 'vocab_size'"):
+        MiniMaxForCausalLM.from_pretrained(empty)
+    bad_heads = {**ModelConfig.from_preset("debug").to_hf_config(), "num_attention_heads": 6,
+                 "num_key_value_heads": 4}
+    (empty / "config.json").write_text(json.dumps(bad_heads))
     with pytest.raises(CheckpointError, match="num_key_value_heads"):
         MiniMaxForCausalLM.from_pretrained(empty)
 

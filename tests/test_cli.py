@@ -86,6 +86,27 @@ def test_info_errors(capsys, argv, fragments):
     assert_one_line_error(code, err, *fragments)
 
 
+def test_info_takes_model_and_run_presets(capsys):
+    code, out, _ = run_cli(capsys, "info", "--preset", "1b")
+    assert code == 0 and out.startswith("Model preset 1b\n")
+    code, run_out, _ = run_cli(capsys, "info", "--preset", "1b-8k")
+    assert code == 0 and run_out.startswith("Run preset 1b-8k: model preset 1b\n")
+    assert run_out.split("\n", 1)[1] == out.split("\n", 1)[1]  # the same model, the same tables
+    code, _, err = run_cli(capsys, "train", "--preset", "1b")
+    assert_one_line_error(code, err, "'1b' is a model preset, not a run preset",
+                          "--model.preset 1b")
+
+
+def test_run_presets_named_like_model_presets_train_that_model():
+    from minimax01.config import MODEL_PRESETS
+    from minimax01.train.presets import RUN_PRESETS, model_preset_of
+
+    for name in RUN_PRESETS:
+        assert model_preset_of(name) in MODEL_PRESETS
+        if name in MODEL_PRESETS:
+            assert model_preset_of(name) == name
+
+
 def test_info_on_a_folder_that_is_not_a_checkpoint(capsys, tmp_path):
     (tmp_path / "notes.txt").write_text("hello")
     code, _, err = run_cli(capsys, "info", "--checkpoint", tmp_path)
@@ -192,4 +213,5 @@ def test_subprocess_entry_point(checkpoint):
                          capture_output=True, text=True, cwd=ROOT, env=env, timeout=120)
     assert bad.returncode == 2
     assert bad.stderr.strip().splitlines() == [
-        "error: unknown preset 'nope'; available: debug, demo, small, 1b, minimax-text-01"]
+        "error: unknown preset 'nope'; model presets: debug, demo, small, 1b, minimax-text-01; "
+        "run presets: debug, demo, 1b-8k"]

@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from minimax01 import MiniMaxForCausalLM, ModelConfig
-from minimax01.config import FULL, LINEAR, PRESETS, hybrid_layer_types
+from minimax01.config import FULL, LINEAR, MODEL_PRESETS, hybrid_layer_types
 
 ALPHA_80 = 3.5565588200778455
 
@@ -16,7 +16,7 @@ def meta_count(cfg):
     return sum(p.numel() for p in MiniMaxForCausalLM.from_config_on_meta(cfg).parameters())
 
 
-@pytest.mark.parametrize("name", list(PRESETS))
+@pytest.mark.parametrize("name", list(MODEL_PRESETS))
 def test_presets_build_and_count_their_parameters(name):
     cfg = ModelConfig.from_preset(name)
     cfg.validate()
@@ -68,7 +68,7 @@ def test_validation_names_the_field(changes, field):
 
 
 def test_unknown_preset_and_field():
-    with pytest.raises(ValueError, match="unknown preset 'huge'.*minimax-text-01"):
+    with pytest.raises(ValueError, match="unknown model preset 'huge'.*minimax-text-01"):
         ModelConfig.from_preset("huge")
     with pytest.raises(ValueError, match="did you mean 'num_hidden_layers'"):
         ModelConfig.from_dict({"num_hidden_layer": 3})

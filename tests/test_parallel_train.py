@@ -12,7 +12,7 @@ import sys
 import torch
 
 from minimax01 import MiniMaxForCausalLM
-from minimax01.train.config import parse_overrides, resolve
+from minimax01.train.config_io import parse_overrides, resolve
 from minimax01.train.trainer import Trainer
 
 SHAKESPEARE = "/work/shared/data/tinyshakespeare.txt"

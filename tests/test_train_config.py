@@ -5,8 +5,10 @@ from pathlib import Path
 import pytest
 
 from minimax01.cli import main
-from minimax01.train.config import (PRESETS, RunConfig, from_preset, load_toml, parse_overrides,
-                                    resolve)
+from minimax01.train.config import RunConfig
+from minimax01.train.config_io import (from_preset, load_toml, parse_overrides, resolve,
+                                       to_toml)
+from minimax01.train.presets import RUN_PRESETS
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -17,11 +19,11 @@ def test_config_files_match_presets():
 
 
 def test_every_preset_validates_and_round_trips(tmp_path):
-    for name in PRESETS:
+    for name in RUN_PRESETS:
         cfg = from_preset(name)
         cfg.validate()
         path = tmp_path / f"{name}.toml"
-        path.write_text(cfg.to_toml())
+        path.write_text(to_toml(cfg))
         assert load_toml(path) == cfg
 
 
@@ -49,7 +51,7 @@ def test_overrides_are_typed_and_applied_in_order():
     (["--train.seq_len", "20000000"], "exceeds the model's max_position_embeddings"),
     (["--train.seq_len", "1"], "train.seq_len must be at least 2"),
     (["--optim.schedule", "step"], "optim.schedule must be"),
-    (["--model.preset", "huge"], "unknown preset 'huge'"),
+    (["--model.preset", "huge"], "unknown model preset 'huge'"),
     (["--optim.batch_warmup_tokens", "[1e6, 2e6]", "--train.grad_accum", "2"],
      "train.grad_accum must be a multiple of 4"),
     (["steps"], "overrides look like --section.key value"),

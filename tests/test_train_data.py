@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from minimax01.tokenizer import ByteTokenizer
-from minimax01.train.config import from_preset
+from minimax01.train.config_io import from_preset
 from minimax01.train.data import IGNORE_INDEX, Packer, TokenStream, TrainData, collate, make_example
 from minimax01.train.data.sources import PIECE_BYTES, open_source, stdlib_shards
 
@@ -190,11 +190,61 @@ def test_bad_sources_are_clear_errors(tmp_path, make, message):
         open_source(make(tmp_path))
 
 
-def test_jsonl_without_the_text_field(tmp_path):
-    shards = open_source(str(write_jsonl(tmp_path / "d.jsonl", ["a", "b"], field="content")))
-    with pytest.raises(ValueError, match="no string field 'text'"):
-        list(shards[0].units())
-    assert [u.text for u in open_source(str(tmp_path / "d.jsonl"), text_field="content")[0].units()] == ["a", "b"]
+def test_jsonl_without_the_text_field(tmp_path, capsys):
+    path = str(write_jsonl(tmp_path / "d.jsonl", ["a", "b"], field="content"))
+    with pytest.raises(ValueError, match=r"d.jsonl line 1: no string field 'text'.*data.strict"):
+        list(open_source(path, strict=True)[0].units())
+    assert list(open_source(path)[0].units()) == []  # skipped, each with a warning
+    assert capsys.readouterr().err.count("set data.text_field") == 2
+    assert [u.text for u in open_source(path, text_field="content")[0].units()] == ["a", "b"]
+
+
+def test_malformed_jsonl_lines_are_skipped_counted_and_named(tmp_path, capsys):
+    lines = [b'{"text": "one"}', b'{"text": "tw', b'', b'{"text": "three"}', b'[1, 2]',
+             b'{"text": "\xff\xfe"}', b'{"text": 5}', b'{"text": "' + "f\u00fcr".encode() + b'"}']
+    path = tmp_path / "d.jsonl"
+    path.write_bytes(b"\n".join(lines) + b"\n")
+    shard = open_source(str(path))[0]
+    assert [u.text for u in shard.units()] == ["one", "three", "f\u00fcr"]
+    err = capsys.readouterr().err.strip().splitlines()
+    assert [line.split(" line ")[1].split(":")[0] for line in err] == ["2", "5", "6", "7"]
+    assert "not valid JSON" in err[0] and "(1 bad line(s)" in err[0]
+    assert "not UTF-8" in err[2] and "(4 bad line(s)" in err[3]
+    assert all(str(path) in line for line in err)
+    # a resumed stream starts mid-file and still names the right line, and warns only once
+    pos = [u.pos for u in shard.units()]
+    assert [u.text for u in shard.units(pos[1])] == ["three", "f\u00fcr"]
+    assert capsys.readouterr().err == ""
+    fresh = open_source(str(path))[0]
+    list(fresh.units(pos[1]))
+    assert " line 5:" in capsys.readouterr().err
+    with pytest.raises(ValueError, match=r"d.jsonl line 2: not valid JSON .*data.strict is true"):
+        list(open_source(str(path), strict=True)[0].units())
+
+
+def test_non_utf8_text_names_the_file(tmp_path):
+    path = tmp_path / "latin1.txt"
+    path.write_bytes("caf\u00e9\n".encode("latin-1"))
+    with pytest.raises(ValueError, match=r"latin1.txt: not UTF-8 text \(byte 3\)"):
+        list(open_source(str(path))[0].units())
+
+
+def test_symlinks_in_data_folders(tmp_path):
+    data = tmp_path / "data"
+    (data / "sub").mkdir(parents=True)
+    (data / "sub" / "a.txt").write_text("hello\n")
+    (data / "alias").symlink_to(data / "sub")          # a second way to the same folder: read once
+    assert [s.name for s in open_source(str(data))] == ["alias/a.txt"]
+    (data / "sub" / "loop").symlink_to(data)           # a loop back to the top
+    with pytest.raises(ValueError, match="symlink loop"):
+        open_source(str(data))
+    (data / "sub" / "loop").unlink()
+    (data / "x.txt").symlink_to(data / "y.txt")
+    (data / "y.txt").symlink_to(data / "x.txt")        # two links pointing at each other
+    with pytest.raises(ValueError, match=r"x.txt is a symlink loop"):
+        open_source(str(data))
+    with pytest.raises(ValueError, match="dangling symlink or a symlink loop"):
+        open_source(str(data / "x.txt"))
 
 
 def test_data_parallel_ranks_split_the_global_batch(tmp_path):

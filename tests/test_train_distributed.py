@@ -5,7 +5,7 @@ import pytest
 import torch
 
 from dist_utils import run_workers
-from minimax01.train.config import parse_overrides, resolve
+from minimax01.train.config_io import parse_overrides, resolve
 from minimax01.train.metrics import read_metrics
 from minimax01.train.trainer import Trainer
 
@@ -13,8 +13,8 @@ SHAKESPEARE = "/work/shared/data/tinyshakespeare.txt"
 TIMING_KEYS = {"tokens_per_s", "memory_gib", "mfu"}
 
 
-def config(out_dir, steps):
-    return resolve("debug", None, parse_overrides([
+def config(out_dir, steps, *extra):
+    return resolve("debug", None, parse_overrides(list(extra) + [
         "--train.out_dir", str(out_dir), "--train.seq_len", "32", "--train.batch_size", "4",
         "--train.steps", str(steps), "--train.log_every", "1", "--train.eval_every", "2",
         "--train.save_every", "2", "--train.export", "false", "--train.sample_tokens", "0",
@@ -53,3 +53,40 @@ def test_two_data_parallel_ranks_match_one_process_and_resume_in_one(tmp_path):
             if "moe_load" in a:
                 for x, y in zip(a["moe_load"], b["moe_load"]):
                     assert y == pytest.approx(x, abs=1e-4)
+
+
+def _sigterm_one_rank(rank, world_size, out_dir, steps):
+    """Rank 1 alone gets SIGTERM, during the 1st micro-batch of step 2; every rank must stop at
+    that micro-batch boundary, save step 1 together and exit."""
+    import os
+    import signal
+
+    class Once(Trainer):
+        forwards = 0
+
+        def _forward(self, model, batch):
+            self.forwards += model.training
+            if rank == 1 and model.training and self.forwards == 2 + 1:
+                os.kill(os.getpid(), signal.SIGTERM)
+            return super()._forward(model, batch)
+
+    result = Once(config(out_dir, steps, "--train.grad_accum", "2")).fit()
+    assert result.stopped_by_signal == signal.SIGTERM and result.step == 1, result
+
+
+@pytest.mark.slow
+def test_sigterm_on_one_rank_stops_every_rank_between_micro_batches(tmp_path):
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        Trainer(config(tmp_path / "ref", 3, "--train.grad_accum", "2")).fit()
+        run_workers(_sigterm_one_rank, 2, tmp_path / "cut", 3)
+        Trainer(config(tmp_path / "cut", 3, "--train.grad_accum", "2")).fit()  # resumes at 1
+    finally:
+        torch.set_num_threads(threads)
+    ref, got = records(tmp_path / "ref/metrics.jsonl"), records(tmp_path / "cut/metrics.jsonl")
+    assert [r["step"] for r in got] == [r["step"] for r in ref]
+    for a, b in zip(ref, got):
+        for key in ("loss", "eval_loss", "grad_norm", "lr", "tokens"):
+            if key in a:
+                assert b[key] == pytest.approx(a[key], rel=2e-6), (a["step"], key)

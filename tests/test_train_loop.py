@@ -8,7 +8,7 @@ import torch
 from minimax01 import MiniMaxForCausalLM
 from minimax01.cli import main
 from minimax01.train import checkpointing as ckpt
-from minimax01.train.config import parse_overrides, resolve
+from minimax01.train.config_io import parse_overrides, resolve
 from minimax01.train.metrics import read_metrics
 from minimax01.train.trainer import Trainer, TrainingDiverged
 
@@ -151,17 +151,20 @@ def test_bad_inputs_are_one_line_and_write_nothing(tmp_path, capsys, args, messa
     assert not out.exists()
 
 
-def test_half_written_checkpoints_are_ignored_and_cleaned(tmp_path):
+def test_half_written_checkpoints_are_ignored_and_cleaned(tmp_path, capsys):
     out = tmp_path / "p"
     Trainer(config(out, steps=2, save_every=2, eval_every=0)).fit()
     root = ckpt.checkpoint_root(out)
     (root / ".tmp-step_00000004").mkdir()                    # killed while writing
-    (root / "step_00000006").mkdir()                         # no trainer_state.json
+    (root / "step_00000006").mkdir()                         # not a checkpoint of ours
     (root / "step_00000006" / "__0_0.distcp").write_bytes(b"partial")
     assert ckpt.latest_checkpoint(out) == root / "step_00000002"
     result = Trainer(config(out, steps=3, save_every=2, eval_every=0)).fit()
     assert result.step == 3
-    assert sorted(p.name for p in root.iterdir()) == ["step_00000002", "step_00000003"]
+    err = capsys.readouterr().err
+    assert "warning: checkpoint " in err and "step_00000006 is damaged (manifest.json is missing)" in err
+    assert sorted(p.name for p in root.iterdir()) == ["damaged-step_00000006", "step_00000002",
+                                                      "step_00000003"]
     state = json.loads((root / "step_00000003" / "trainer_state.json").read_text())
     assert state["step"] == 3 and state["world_size"] == 1
 

@@ -9,7 +9,7 @@ import torch
 from minimax01 import MiniMaxForCausalLM, ModelConfig
 from minimax01.ops.loss import chunked_cross_entropy
 from minimax01.tokenizer import ByteTokenizer
-from minimax01.train.config import from_preset
+from minimax01.train.config_io import from_preset
 from minimax01.train.data import IGNORE_INDEX, TrainData
 
 

@@ -14,32 +14,20 @@ from pathlib import Path
 import torch
 
 from ..config import ModelConfig
+from ..dtypes import FLOAT_DTYPES, dtype_name, from_safetensors_code, resolve_dtype, torch_dtype
+from ..model import MiniMaxForCausalLM
+from ..model.layers import LightningAttention
+from ..ops.lightning import lightning_slopes
 from .dialects import DIALECTS, pieces
 from .errors import CheckpointError
 from .match import TIED_HEAD, match, param_shapes_of
-from .reader import DTYPES, CheckpointReader
+from .reader import CheckpointReader
 from .writer import Source, parse_size, write_checkpoint
 
 log = logging.getLogger("minimax01.checkpoint")
 
-DTYPE_NAMES = {"float32": torch.float32, "fp32": torch.float32, "float": torch.float32,
-               "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
-               "float16": torch.float16, "fp16": torch.float16, "half": torch.float16}
 TOKENIZER_FILES = ("tokenizer*", "special_tokens_map.json", "added_tokens.json", "vocab.*",
                    "merges.txt", "chat_template*", "generation_config.json")
-
-
-def resolve_dtype(dtype: torch.dtype | str | None) -> torch.dtype | None:
-    """None, a torch float dtype, or a name ("bfloat16", "bf16", "float32", ...)."""
-    if dtype is None or isinstance(dtype, torch.dtype) and dtype in DTYPE_NAMES.values():
-        return dtype
-    if isinstance(dtype, str) and dtype.lower().replace("torch.", "") in DTYPE_NAMES:
-        return DTYPE_NAMES[dtype.lower().replace("torch.", "")]
-    raise ValueError(f"dtype must be one of float32, bfloat16, float16; got {dtype!r}")
-
-
-def dtype_name(dtype: torch.dtype) -> str:
-    return str(dtype).replace("torch.", "")
 
 
 def _check_dialect(dialect: str) -> None:
@@ -65,29 +53,24 @@ def save_state_dict(state_dict: dict[str, torch.Tensor], config: ModelConfig, pa
         for p in pieces(param, tuple(t.shape), dialect):
             sources.append(Source(p.name, p.shape, t.dtype,
                                   lambda t=t, index=p.index: t[index] if index else t))
-    files = write_checkpoint(path, hf_config, sources, max_shard_size)
-    if tokenizer is not None:
-        tokenizer.save(path)
-    return files
+    extras = tokenizer.save if tokenizer is not None else None  # saved with the weights, atomically
+    return write_checkpoint(path, hf_config, sources, max_shard_size, extras=extras)
 
 
 def save_pretrained(model: torch.nn.Module, path: str | Path, dialect: str = "legacy",
                     max_shard_size: str | int = "2GB", tokenizer=None) -> list[str]:
     """config.json (with `dtype` set to the weights' dtype) and the weights in `dialect`; also
     the tokenizer files when `tokenizer` (anything with `.save(folder)`) is given."""
-    dtype = model.model.embed_tokens.weight.dtype
+    dtype = dtype_name(model.model.embed_tokens.weight.dtype)
     config = model.config
-    if dtype in DTYPE_NAMES.values():
-        config = config.replace(dtype=dtype_name(dtype))
+    if dtype in FLOAT_DTYPES:
+        config = config.replace(dtype=dtype)
     return save_state_dict(model.state_dict(), config, path, dialect, max_shard_size, tokenizer)
 
 
 # ---------------------------------------------------------------------- loading
 def _materialize_buffers(model: torch.nn.Module, device: torch.device) -> None:
     """Non-persistent buffers are not in checkpoints: recompute them on `device`."""
-    from ..model.layers import LightningAttention
-    from ..ops.lightning import lightning_slopes
-
     layers = model.config.num_hidden_layers
     for module in model.modules():
         if isinstance(module, LightningAttention):
@@ -101,7 +84,8 @@ def load_pretrained(cls, path: str | Path, dtype: torch.dtype | str | None = Non
                     device: torch.device | str | None = None):
     """Build `cls(config)` on the meta device and fill it from the checkpoint at `path`.
 
-    dtype: default the config's `dtype` (what the checkpoint was saved in); the lightning decay
+    dtype: default the config's `dtype` (what the checkpoint was saved in), or, for a
+    config.json that states none, the dtype the weights are stored in; the lightning decay
     slopes stay fp32 whatever the dtype. device: default "cpu". The model is returned in eval
     mode. Raises CheckpointError (a ValueError) naming every problem; nothing is returned
     half-loaded."""
@@ -110,7 +94,7 @@ def load_pretrained(cls, path: str | Path, dtype: torch.dtype | str | None = Non
     start = time.perf_counter()
     with CheckpointReader(path) as reader:
         config = reader.config
-        dtype = dtype or DTYPE_NAMES[config.dtype]
+        dtype = dtype or torch_dtype(config.dtype)
         config = config.replace(dtype=dtype_name(dtype))
         with torch.device("meta"):
             model = cls(config)
@@ -136,7 +120,8 @@ def copy_tokenizer_files(src: str | Path, dst: str | Path) -> list[str]:
     """Copy tokenizer (and generation config) files from one checkpoint folder to another."""
     copied = []
     for f in sorted(Path(src).iterdir()):
-        if f.is_file() and any(fnmatch.fnmatch(f.name, p) for p in TOKENIZER_FILES):
+        if (f.is_file() and not f.name.startswith(".")
+                and any(fnmatch.fnmatch(f.name, p) for p in TOKENIZER_FILES)):
             shutil.copyfile(f, Path(dst, f.name))
             copied.append(f.name)
     return copied
@@ -146,10 +131,8 @@ def convert_checkpoint(src: str | Path, dst: str | Path, dialect: str,
                        max_shard_size: str | int = "2GB", dtype: torch.dtype | str | None = None,
                        overwrite: bool = False) -> list[str]:
     """Rewrite checkpoint `src` as `dst` in `dialect` (optionally cast to `dtype`), streaming one
-    shard at a time: the model is never built. Tokenizer files are copied. Returns the weight
-    files written."""
-    from ..model import MiniMaxForCausalLM
-
+    shard at a time: the model is only built on the meta device (for its parameter shapes).
+    Tokenizer files are copied with the weights. Returns the weight files written."""
     _check_dialect(dialect)
     dtype = resolve_dtype(dtype)
     parse_size(max_shard_size)  # bad sizes fail before any work
@@ -171,14 +154,13 @@ def convert_checkpoint(src: str | Path, dst: str | Path, dialect: str,
         m.check_tied_head()
         sources = []
         for param, shape in m.param_shapes.items():
-            stored = DTYPES[reader.entries[m.by_param[param][0].name].dtype]
+            stored = from_safetensors_code(reader.entries[m.by_param[param][0].name].dtype)
             for p in pieces(param, shape, dialect):
                 sources.append(Source(p.name, p.shape, dtype or stored,
                                       lambda param=param, index=p.index: m.read_param(param, index)))
         log.info("converting %s (%s) -> %s (%s)", src, reader.dialect, dst, dialect)
-        files = write_checkpoint(dst, hf_config, sources, max_shard_size)
-    copy_tokenizer_files(src, dst)
-    return files
+        return write_checkpoint(dst, hf_config, sources, max_shard_size,
+                                extras=lambda folder: copy_tokenizer_files(src, folder))
 
 
 def describe_checkpoint(path: str | Path) -> dict:

@@ -11,7 +11,8 @@ import torch
 
 from .dialects import DERIVED, Piece, layout
 from .errors import CheckpointError
-from .reader import DTYPES, FLOAT_DTYPES, CheckpointReader
+from ..dtypes import FLOAT_CODES, from_safetensors_code
+from .reader import CheckpointReader
 
 TIED_HEAD = "lm_head.weight"
 
@@ -38,7 +39,7 @@ class Match:
             if exact:
                 t = self.reader.read(exact[0].name)
             else:
-                stored = DTYPES[self.reader.entries[parts[0].name].dtype]
+                stored = from_safetensors_code(self.reader.entries[parts[0].name].dtype)
                 t = torch.empty(self.param_shapes[param], dtype=dtype or stored, device=device)
                 for p in parts:
                     t[p.index].copy_(self.reader.read(p.name))
@@ -85,7 +86,7 @@ def match(reader: CheckpointReader, param_shapes: dict[str, tuple[int, ...]],
             unexpected.append(name)
         elif entry.shape != piece.shape:
             mismatched[name] = f"shape {list(entry.shape)}, expected {list(piece.shape)}"
-        elif entry.dtype not in FLOAT_DTYPES:
+        elif entry.dtype not in FLOAT_CODES:
             mismatched[name] = f"dtype {entry.dtype}, expected a float type"
     if missing or unexpected or mismatched:
         raise CheckpointError.from_problems(

@@ -22,55 +22,20 @@ from pathlib import Path
 import torch
 
 from ..config import ModelConfig
+from ..dtypes import FLOAT_CODES, FLOAT_DTYPES, dtype_name, resolve_dtype, torch_dtype
 from ..ops.quant import quantize, storage_dtype
 from ..quant import QuantConfig, check_supported, quantize_on_meta, quantized_tensors, resolve
-from ..quant.apply import SCALE_SUFFIX, quantization_of
+from ..quant.apply import quantization_of
 from .dialects import DERIVED, DIALECTS, Piece, pieces
+from .quant_layout import (CONFIG_KEY, QUANT_CODES, checkpoint_layout, quantized_pieces,  # noqa: F401
+                           scale_name, stored_quantization)
 from .errors import CheckpointError
-from .hf import (DTYPE_NAMES, _materialize_buffers, copy_tokenizer_files, dtype_name,
-                 load_pretrained, resolve_dtype, save_pretrained)
+from .hf import _materialize_buffers, copy_tokenizer_files, load_pretrained, save_pretrained
 from .match import TIED_HEAD, Match, match, param_shapes_of
-from .reader import CONFIG_NAME, DTYPES, FLOAT_DTYPES, CheckpointReader
+from .reader import CONFIG_NAME, CheckpointReader
 from .writer import Source, parse_size, write_checkpoint
 
 log = logging.getLogger("minimax01.checkpoint")
-
-QUANT_CODES = {"int8": "I8", "fp8": "F8_E4M3"}
-CONFIG_KEY = "quantization_config"
-
-
-# ---------------------------------------------------------------------- names
-def scale_name(name: str) -> str:
-    return name + SCALE_SUFFIX
-
-
-def quantized_pieces(param: str, shape: tuple[int, ...], dialect: str) -> list[Piece]:
-    """The checkpoint pieces of a quantised model tensor and of its scales."""
-    out = []
-    for p in pieces(param, shape, dialect):
-        out.append(p)
-        out.append(Piece(scale_name(p.name), scale_name(param), p.index, p.shape[:-1]))
-    return out
-
-
-def checkpoint_layout(param_shapes: dict[str, tuple[int, ...]], qnames: set[str],
-                      dialect: str) -> dict[str, Piece]:
-    """Checkpoint name -> Piece for a model whose tensors `qnames` are quantised (their scale
-    entries in `param_shapes` are covered by the weight's pieces)."""
-    scales = {scale_name(n) for n in qnames}
-    out: dict[str, Piece] = {}
-    for param, shape in param_shapes.items():
-        if param in scales:
-            continue
-        for p in (quantized_pieces if param in qnames else pieces)(param, shape, dialect):
-            out[p.name] = p
-    return out
-
-
-def stored_quantization(config_dict: dict) -> QuantConfig | None:
-    data = config_dict.get(CONFIG_KEY)
-    return None if data is None else QuantConfig.from_json(data)
-
 
 # ---------------------------------------------------------------------- saving
 def save_quantized(model: torch.nn.Module, path: str | Path, dialect: str = "legacy",
@@ -84,7 +49,7 @@ def save_quantized(model: torch.nn.Module, path: str | Path, dialect: str = "leg
         raise ValueError("save_quantized: the model has no quantised modules")
     config = model.config
     dtype = model.model.embed_tokens.weight.dtype
-    if dtype in DTYPE_NAMES.values():
+    if dtype_name(dtype) in FLOAT_DTYPES:
         config = config.replace(dtype=dtype_name(dtype))
     hf_config = config.to_hf_config(dialect)
     hf_config[CONFIG_KEY] = qc.to_json()
@@ -96,10 +61,8 @@ def save_quantized(model: torch.nn.Module, path: str | Path, dialect: str = "leg
     sources = [Source(p.name, p.shape, state[p.param].dtype,
                       lambda t=state[p.param], index=p.index: t[index] if index else t)
                for p in layout.values()]
-    files = write_checkpoint(path, hf_config, sources, max_shard_size)
-    if tokenizer is not None:
-        tokenizer.save(path)
-    return files
+    extras = tokenizer.save if tokenizer is not None else None  # saved with the weights, atomically
+    return write_checkpoint(path, hf_config, sources, max_shard_size, extras=extras)
 
 
 def save_any(model, path, dialect="legacy", max_shard_size="2GB", tokenizer=None) -> list[str]:
@@ -170,7 +133,7 @@ def _check_prequantized(reader: CheckpointReader, expected: dict[str, Piece], qn
             mismatched[name] = f"shape {list(entry.shape)}, expected {list(piece.shape)}"
         elif want is not None and entry.dtype != want:
             mismatched[name] = f"dtype {entry.dtype}, expected {want}"
-        elif want is None and entry.dtype not in FLOAT_DTYPES:
+        elif want is None and entry.dtype not in FLOAT_CODES:
             mismatched[name] = f"dtype {entry.dtype}, expected a float type"
     if missing or unexpected or mismatched:
         raise CheckpointError.from_problems(
@@ -205,7 +168,7 @@ def load_quantized(cls, path, qc: QuantConfig, dtype=None, device=None):
     with CheckpointReader(path) as reader:
         stored = stored_quantization(reader.config_dict)
         config: ModelConfig = reader.config
-        dtype = dtype or DTYPE_NAMES[config.dtype]
+        dtype = dtype or torch_dtype(config.dtype)
         config = config.replace(dtype=dtype_name(dtype))
         with torch.device("meta"):
             model = cls(config)
@@ -342,6 +305,5 @@ def quantize_checkpoint(src: str | Path, dst: str | Path, quantization="int8",
                                       lambda args=args: quantized(*args, 0)))
                 sources.append(Source(scale_name(p.name), p.shape[:-1], torch.float32,
                                       lambda args=args: quantized(*args, 1)))
-        files = write_checkpoint(dst, hf_config, sources, max_shard_size)
-    copy_tokenizer_files(src, dst)
-    return files
+        return write_checkpoint(dst, hf_config, sources, max_shard_size,
+                                extras=lambda folder: copy_tokenizer_files(src, folder))

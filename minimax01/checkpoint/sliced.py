@@ -27,7 +27,9 @@ import torch
 
 from .dialects import Piece, pieces
 from .errors import CheckpointError
-from .reader import DTYPES, CheckpointReader
+from ..dtypes import from_safetensors_code
+from .quant_layout import quantized_pieces, stored_quantization
+from .reader import CheckpointReader
 
 
 @dataclass(frozen=True)
@@ -99,7 +101,6 @@ class SlicedReader:
         from ..model import MiniMaxForCausalLM
         from ..quant import quantize_on_meta, quantized_tensors
         from .match import param_shapes_of
-        from .quantized import quantized_pieces, stored_quantization
 
         self._own = not isinstance(path, CheckpointReader)
         self.reader = CheckpointReader(path) if self._own else path
@@ -172,7 +173,7 @@ class SlicedReader:
         return out
 
     def _stored_dtype(self, param: str) -> torch.dtype:
-        return DTYPES[self.reader.entries[self.pieces[param][0].name].dtype]
+        return from_safetensors_code(self.reader.entries[self.pieces[param][0].name].dtype)
 
     def _read(self, param, slices, dtype, device) -> torch.Tensor:
         shape = self.param_shapes[param]

@@ -1,9 +1,23 @@
 """Writing a HF-format checkpoint folder: safetensors shards of at most `max_shard_size`
 (`model.safetensors` when one shard is enough, else `model-0000k-of-0000n.safetensors` plus
-`model.safetensors.index.json`), then `config.json`. Tensors are produced lazily, one shard in
-memory at a time. All shards are first written under temporary names (a failure removes them and
-leaves the folder as it was), then renamed into place; weight files of an earlier save that the
-new one does not use are removed at the end."""
+`model.safetensors.index.json`), `config.json`, and any extra files (the tokenizer's). Tensors
+are produced lazily, one shard in memory at a time.
+
+A save over an existing checkpoint may be killed at any moment and the folder still loads as
+the old checkpoint or the new one, never a mix (docs/checkpoints.md, "How a save commits"):
+
+1. everything is written, fsynced, into `DIR/.minimax01-staging/` (readers ignore it; a save
+   that fails removes it, one that is killed leaves it for the next save to remove), with a
+   `manifest.json` listing the new checkpoint's files;
+2. the commit point: one rename of that folder to `DIR/.minimax01-commit/`. From here on a
+   reader takes the manifest's files, each from the commit folder while it is still there, else
+   from DIR; weight files the manifest does not name are ignored;
+3. roll forward: each file is renamed from the commit folder into DIR (atomic, one at a time),
+   weight files of the old save that the new one does not use are removed, then the manifest
+   and the commit folder. A save killed during this step is finished by the next save.
+
+The files are created with the usual permissions (0666 less the umask), which safetensors alone
+does not do (it writes 0600)."""
 
 from __future__ import annotations
 
@@ -11,6 +25,7 @@ import json
 import logging
 import os
 import re
+import shutil
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -18,7 +33,8 @@ from typing import Callable
 
 import torch
 
-from .reader import CONFIG_NAME, INDEX_NAME, WEIGHTS_NAME
+from .reader import (COMMIT_DIR, CONFIG_NAME, INDEX_NAME, MANIFEST_NAME, STAGING_DIR, WEIGHTS_NAME,
+                     plain_name, read_manifest)
 
 log = logging.getLogger("minimax01.checkpoint")
 
@@ -77,7 +93,7 @@ def shard_file_names(n: int) -> list[str]:
     return [WEIGHTS_NAME] if n == 1 else [f"model-{k + 1:05d}-of-{n:05d}.safetensors" for k in range(n)]
 
 
-def _standalone(t: torch.Tensor) -> torch.Tensor:
+def standalone(t: torch.Tensor) -> torch.Tensor:
     """A contiguous CPU tensor that owns its storage (safetensors refuses shared memory)."""
     t = t.detach().to("cpu")
     if (not t.is_contiguous() or t.storage_offset() != 0
@@ -86,30 +102,74 @@ def _standalone(t: torch.Tensor) -> torch.Tensor:
     return t
 
 
-def _write_text(path: Path, text: str) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(text)
-    os.replace(tmp, path)
+def file_mode() -> int:
+    """0666 less the process umask: the mode `open()` gives a new file."""
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return 0o666 & ~mask
+
+
+def fsync_file(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def fsync_dir(path: Path) -> None:
+    """Make renames and new entries in `path` durable (a no-op where folders cannot be opened)."""
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
+def write_text(path: Path, text: str) -> None:
+    with open(path, "w", encoding="utf-8") as f:
+        f.write(text)
+        f.flush()
+        os.fsync(f.fileno())
+
+
+def is_weight_file(name: str) -> bool:
+    """Files a save owns in a checkpoint folder (and may remove when a new save replaces them)."""
+    return name in (WEIGHTS_NAME, INDEX_NAME) or _SHARD.fullmatch(name) is not None
 
 
 def write_checkpoint(path: str | Path, config: dict, sources: list[Source],
-                     max_shard_size: str | int = "2GB") -> list[str]:
-    """Write the weights of `sources` and `config` as a checkpoint folder; returns the weight
-    file names."""
-    from safetensors.torch import save_file
+                     max_shard_size: str | int = "2GB",
+                     extras: Callable[[Path], object] | None = None) -> list[str]:
+    """Write the weights of `sources` and `config` (and whatever `extras(folder)` writes into
+    the folder it is given) as the checkpoint in folder `path`, replacing the one there; returns
+    the weight file names. See the module docstring for why a kill never leaves a mix."""
+    from safetensors import torch as st
 
     path = Path(path)
     max_bytes = parse_size(max_shard_size)
     names = [s.name for s in sources]
     if len(set(names)) != len(names):
         raise ValueError("two tensors to save share a name")
+    if path.exists() and not path.is_dir():
+        raise ValueError(f"cannot save a checkpoint to {path}: it exists and is not a folder")
     path.mkdir(parents=True, exist_ok=True)
+    finish_save(path)  # a save that was killed after its commit point
+    staging = path / STAGING_DIR
+    if staging.exists():  # a save that was killed before its commit point
+        shutil.rmtree(staging)
     shards = plan_shards(sources, max_bytes)
     files = shard_file_names(len(shards))
     weight_map: dict[str, str] = {}
     start = time.perf_counter()
-    written: list[Path] = []
-    try:  # every shard under a temporary name first: a failed save leaves the folder as it was
+    mode = file_mode()
+    os.mkdir(staging)
+    try:
         for k, (file, shard) in enumerate(zip(files, shards)):
             tensors = {}
             for s in shard:
@@ -117,25 +177,52 @@ def write_checkpoint(path: str | Path, config: dict, sources: list[Source],
                 if tuple(t.shape) != tuple(s.shape):
                     raise ValueError(f"tensor {s.name} has shape {list(t.shape)}, expected "
                                      f"{list(s.shape)}")
-                tensors[s.name] = _standalone(t.to(s.dtype))
+                tensors[s.name] = standalone(t.to(s.dtype))
                 weight_map[s.name] = file
-            tmp = path / (file + ".tmp")
-            written.append(tmp)
-            save_file(tensors, str(tmp), metadata={"format": "pt"})
+            target = staging / file
+            st.save_file(tensors, str(target), metadata={"format": "pt"})
             del tensors
+            os.chmod(target, mode)
+            fsync_file(target)
             log.info("wrote %s (%d/%d, %.1fs)", file, k + 1, len(files), time.perf_counter() - start)
+        if len(files) > 1:
+            index = {"metadata": {"total_size": sum(s.nbytes for s in sources)},
+                     "weight_map": weight_map}
+            write_text(staging / INDEX_NAME, json.dumps(index, indent=2) + "\n")
+        write_text(staging / CONFIG_NAME, json.dumps(config, indent=2) + "\n")
+        if extras is not None:
+            extras(staging)
+        contents = sorted(p.name for p in staging.iterdir() if p.is_file() and plain_name(p.name)
+                          and not p.name.startswith("."))
+        for name in contents:
+            if name not in files and name not in (INDEX_NAME, CONFIG_NAME):
+                fsync_file(staging / name)
+        manifest = {"format": 1, "files": contents}
+        write_text(staging / MANIFEST_NAME, json.dumps(manifest, indent=1) + "\n")
+        fsync_dir(staging)
     except BaseException:
-        for tmp in written:
-            tmp.unlink(missing_ok=True)
+        shutil.rmtree(staging, ignore_errors=True)
         raise
-    for tmp, file in zip(written, files):
-        os.replace(tmp, path / file)
-    if len(files) > 1:
-        index = {"metadata": {"total_size": sum(s.nbytes for s in sources)}, "weight_map": weight_map}
-        _write_text(path / INDEX_NAME, json.dumps(index, indent=2) + "\n")
-    _write_text(path / CONFIG_NAME, json.dumps(config, indent=2) + "\n")
-    for old in path.iterdir():  # weight files of an earlier save into the same folder
-        stale = old.name == WEIGHTS_NAME or old.name == INDEX_NAME or _SHARD.fullmatch(old.name)
-        if stale and old.name not in files and not (old.name == INDEX_NAME and len(files) > 1):
-            old.unlink()
+    os.replace(staging, path / COMMIT_DIR)  # the commit point
+    fsync_dir(path)
+    finish_save(path)
     return files
+
+
+def finish_save(path: Path) -> None:
+    """Roll a committed save forward (step 3 of the module docstring); idempotent."""
+    commit = path / COMMIT_DIR
+    if not commit.is_dir():
+        return
+    files = read_manifest(commit)
+    if files is not None:
+        for name in files:
+            if (commit / name).exists():
+                os.replace(commit / name, path / name)
+        fsync_dir(path)
+        for old in sorted(path.iterdir()):
+            if is_weight_file(old.name) and old.name not in files and old.is_file():
+                os.unlink(old)
+        os.unlink(commit / MANIFEST_NAME)
+    shutil.rmtree(commit)
+    fsync_dir(path)

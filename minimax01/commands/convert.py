@@ -39,6 +39,10 @@ def run(args) -> int:
     try:
         files = convert_checkpoint(args.src, args.dst, args.dialect, max_shard_size=args.max_shard_size,
                                    dtype=args.dtype, overwrite=args.overwrite)
+    except OSError as e:
+        if isinstance(e, (FileNotFoundError, NotADirectoryError)):
+            raise
+        raise CLIError(f"{e.filename + ': ' if e.filename else ''}{e.strerror or e}") from None
     finally:
         log.removeHandler(handler)
         log.setLevel(old_level)

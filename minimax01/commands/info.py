@@ -1,5 +1,8 @@
 """`python -m minimax01 info --preset NAME | --checkpoint DIR`: parameters, FLOPs per token and a
-memory table (weights, KV cache and lightning state per sequence) for a model configuration."""
+memory table (weights, KV cache and lightning state per sequence) for a model configuration.
+
+`--preset` takes a model preset (minimax01.config.MODEL_PRESETS) or a run preset (what
+`train --preset` takes, minimax01.train.presets.RUN_PRESETS), which shows the model it trains."""
 
 from __future__ import annotations
 
@@ -7,11 +10,15 @@ from pathlib import Path
 
 from ..accounting import fmt_bytes, report
 from ..cli import CLIError
-from ..config import PRESETS, ModelConfig
+from ..config import MODEL_PRESETS, ModelConfig
+from ..train.presets import RUN_PRESETS
 
 
 def add_arguments(parser) -> None:
-    parser.add_argument("--preset", metavar="NAME", help=f"a preset: {', '.join(PRESETS)}")
+    runs = [n for n in RUN_PRESETS if n not in MODEL_PRESETS]
+    parser.add_argument("--preset", metavar="NAME",
+                        help=f"a model preset ({', '.join(MODEL_PRESETS)}) or a run preset "
+                             f"({', '.join(runs)}: shows the model it trains)")
     parser.add_argument("--checkpoint", metavar="DIR",
                         help="a checkpoint folder (reads config.json and the safetensors headers)")
     parser.add_argument("--gpu-memory", type=float, metavar="GiB",
@@ -35,7 +42,12 @@ def _checkpoint_lines(path: str) -> tuple[ModelConfig, list[str]]:
 
     if not Path(path).exists():
         raise CLIError(f"no checkpoint at {path}")
-    d = describe_checkpoint(path)
+    try:
+        d = describe_checkpoint(path)
+    except OSError as e:
+        if isinstance(e, FileNotFoundError):
+            raise
+        raise CLIError(f"{e.filename + ': ' if e.filename else ''}{e.strerror or e}") from None
     dtypes = ", ".join(f"{k} x{v}" for k, v in sorted(d["dtypes"].items()))
     return d["config"], [f"Checkpoint {d['path']}",
                          f"  {d['dialect']} dialect, {d['tensors']} tensors in {d['files']} file(s), "
@@ -47,8 +59,8 @@ def run(args) -> int:
         raise CLIError("give exactly one of --preset NAME or --checkpoint DIR")
     lines: list[str] = []
     if args.preset is not None:
-        cfg = ModelConfig.from_preset(args.preset)
-        lines += [f"Preset {args.preset}", ""]
+        cfg, title = _preset(args.preset)
+        lines += [title, ""]
     else:
         cfg, lines = _checkpoint_lines(args.checkpoint)
     if args.gpus is not None or args.tensor_parallel is not None or args.quantization \
@@ -61,6 +73,19 @@ def run(args) -> int:
 
         print("\n" + fits_table(cfg, int(args.gpu_memory * GiB), contexts))
     return 0
+
+
+def _preset(name: str) -> tuple[ModelConfig, str]:
+    """A model preset, or the model of a run preset (a name that is both is the same model)."""
+    if name in MODEL_PRESETS:
+        return ModelConfig.from_preset(name), f"Model preset {name}"
+    if name in RUN_PRESETS:
+        from ..train.config_io import from_preset
+
+        model = from_preset(name).model
+        return model.build(), f"Run preset {name}: model preset {model.preset or '(none)'}"
+    raise CLIError(f"unknown preset {name!r}; model presets: {', '.join(MODEL_PRESETS)}; "
+                   f"run presets: {', '.join(RUN_PRESETS)}")
 
 
 def _contexts(args) -> list[int]:

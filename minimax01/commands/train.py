@@ -7,11 +7,16 @@ from __future__ import annotations
 
 import sys
 
-from ..train.config import PRESETS, SECTIONS, parse_overrides, resolve
+from ..cli import CLIError
+from ..train.config import SECTIONS
+from ..train.config_io import parse_overrides, resolve, to_toml
+from ..train.presets import RUN_PRESETS
 
 
 def add_arguments(parser) -> None:
-    parser.add_argument("--preset", help=f"a training preset: {', '.join(PRESETS)}")
+    parser.add_argument("--preset", metavar="NAME",
+                        help=f"a run preset (a model preset with data, optimizer and loop "
+                             f"settings): {', '.join(RUN_PRESETS)}")
     parser.add_argument("--config", metavar="FILE.toml", help="a TOML file with the sections "
                         f"{', '.join(SECTIONS)}")
     parser.add_argument("--print-config", action="store_true",
@@ -25,18 +30,28 @@ def run(args) -> int:
     cfg = resolve(args.preset, args.config, parse_overrides(getattr(args, "_extra", [])))
     if args.print_config:
         cfg.validate()
-        print(cfg.to_toml(), end="")
+        print(to_toml(cfg), end="")
         return 0
     from ..train.trainer import Trainer, TrainingDiverged
 
-    trainer = Trainer(cfg)
+    try:
+        trainer = Trainer(cfg)
+    except OSError as e:  # an unreadable data file, a full disk: one line, like bad input
+        raise CLIError(_os_error(e)) from None
     try:
         result = trainer.fit()
     except TrainingDiverged as e:
         print(f"error: {e}", file=sys.stderr)
         return 1
+    except OSError as e:
+        raise CLIError(_os_error(e)) from None
     finally:
         trainer.world.shutdown()
     if result.stopped_by_signal:
         return 128 + int(result.stopped_by_signal)
     return 0
+
+
+def _os_error(e: OSError) -> str:
+    where = f"{e.filename}: " if getattr(e, "filename", None) else ""
+    return f"{where}{e.strerror or e}"

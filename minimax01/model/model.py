@@ -10,6 +10,7 @@ import torch.nn.functional as F
 
 from ..config import ModelConfig
 from ..ops.rope import rope_cos_sin
+from ..wiring import implementation
 from .layers import AttnContext, DecoderLayer, RMSNorm
 
 IGNORE_INDEX = -100
@@ -167,19 +168,20 @@ class MiniMaxForCausalLM(nn.Module):
     def save_pretrained(self, path, dialect: str = "legacy", max_shard_size: str | int = "2GB",
                         tokenizer=None):
         """config.json + sharded safetensors in `dialect`, and the tokenizer's files if given
-        (a quantised model writes the pre-quantised layout, docs/quantization.md)."""
-        from ..checkpoint.quantized import save_any
-
-        save_any(self, path, dialect=dialect, max_shard_size=max_shard_size, tokenizer=tokenizer)
+        (a quantised model writes the pre-quantised layout, docs/quantization.md;
+        minimax01.checkpoint.pretrained, reached through minimax01.wiring)."""
+        implementation("pretrained").save_pretrained(self, path, dialect=dialect,
+                                                     max_shard_size=max_shard_size,
+                                                     tokenizer=tokenizer)
 
     @classmethod
-    def from_pretrained(cls, path, dtype=None, device=None,
-                        quantization=None) -> "MiniMaxForCausalLM":
-        """quantization: None (as stored), "int8" | "fp8" (quantise 16-bit checkpoints while
-        loading), "none" (16-bit only)."""
-        from ..checkpoint.quantized import load_any
-
-        return load_any(cls, path, dtype=dtype, device=device, quantization=quantization)
+    def from_pretrained(cls, path, dtype=None, device=None, quantization=None,
+                        **options) -> "MiniMaxForCausalLM":
+        """An HF-format checkpoint folder, either dialect. quantization: None (as stored),
+        "int8" | "fp8" (quantise 16-bit checkpoints while loading), "none" (16-bit only)
+        (minimax01.checkpoint.pretrained, reached through minimax01.wiring)."""
+        return implementation("pretrained").load_pretrained(cls, path, dtype=dtype, device=device,
+                                                            quantization=quantization, **options)
 
     @classmethod
     def from_config_on_meta(cls, config: ModelConfig) -> "MiniMaxForCausalLM":

@@ -1,60 +1,90 @@
-"""Checkpoints of a parallelized model with torch.distributed.checkpoint (DCP).
+"""Checkpoints of a parallelized model: model and optimizer state, sharded, resharded on load.
 
 Parameters and optimizer states are DTensors with global shapes (FSDP2 shards, experts split
-over the EP mesh), so DCP writes every shard with its global offsets and a load reshards onto
-whatever layout the loading job has: N ranks -> M ranks, or one process without a process group.
-The layout of the files is the trainer's: {"model": ..., "optim": ...}.
+over the EP mesh). torch.distributed.checkpoint.state_dict turns a model (and optimizer) of any
+layout into a state dict of those DTensors, keyed by parameter name, and back; the files are
+minimax01.checkpoint.sharded's (safetensors + JSON with a checksummed manifest), not DCP's
+own, whose metadata is a pickle (resuming would run whatever a planted `.metadata` holds). A
+checkpoint written by N ranks loads onto M ranks, or into one process without a process group.
+The layout of the state is the trainer's: {"model": ..., "optim": ...}.
 
 HF export: `export_hf` gathers the full weights from any layout (every rank calls it) and the
 main rank writes an HF-format folder; `dcp_to_hf` does the same offline, in one process, from a
-DCP checkpoint folder."""
+training checkpoint folder."""
 
 from __future__ import annotations
 
 import sys
-import warnings
 from pathlib import Path
 
 import torch
 import torch.distributed as dist
 
+from ..checkpoint import CheckpointError, sharded
 from ..config import ModelConfig
+from ..dtypes import FLOAT_DTYPES, dtype_name, torch_dtype
 
 
-def _dcp():
-    import torch.distributed.checkpoint as dcp
+def _sd():
     from torch.distributed.checkpoint import state_dict as sd
 
-    return dcp, sd
+    return sd
 
 
 def _state(model, optimizer):
-    """The {"model": ..., "optim": ...} dict DCP saves into and loads into."""
-    _, sd = _dcp()
+    """The {"model": ..., "optim": ...} state dict (this rank's DTensors / tensors)."""
+    sd = _sd()
     if optimizer is None:
         return {"model": sd.get_model_state_dict(model)}
     model_sd, optim_sd = sd.get_state_dict(model, optimizer)
     return {"model": model_sd, "optim": optim_sd}
 
 
-def save(path: str | Path, model, optimizer=None, sync_files: bool = False) -> None:
-    """Every rank writes its own shards under `path` (fsynced with `sync_files`)."""
-    dcp, _ = _dcp()
-    with warnings.catch_warnings():
-        warnings.filterwarnings("ignore", message=".*torch.distributed is disabled.*")
-        dcp.save(_state(model, optimizer),
-                 storage_writer=dcp.FileSystemWriter(str(path), sync_files=sync_files))
+def _rank() -> tuple[int, int]:
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_rank(), dist.get_world_size()
+    return 0, 1
 
 
-def load(path: str | Path, model, optimizer=None) -> None:
-    """Fill `model` (and `optimizer`) from a DCP checkpoint written by any layout."""
-    dcp, sd = _dcp()
-    if not Path(path).is_dir():
-        raise FileNotFoundError(f"no DCP checkpoint folder at {path}")
+def _barrier() -> None:
+    if dist.is_available() and dist.is_initialized():
+        dist.barrier()
+
+
+def save(path: str | Path, model, optimizer=None, sync_files: bool = True) -> None:
+    """Every rank writes its shards under `path` (created); then rank 0 writes the manifest.
+    Files are always fsynced (`sync_files` is kept for callers of the earlier API)."""
+    path = Path(path)
+    rank, size = _rank()
     state = _state(model, optimizer)
-    with warnings.catch_warnings():
-        warnings.filterwarnings("ignore", message=".*torch.distributed is disabled.*")
-        dcp.load(state, storage_reader=dcp.FileSystemReader(str(path)))
+    if rank == 0:
+        path.mkdir(parents=True, exist_ok=True)
+    _barrier()
+    sharded.write_shards(path, state, rank)
+    _barrier()
+    if rank == 0:
+        sharded.write_manifest(path, size)
+    _barrier()
+
+
+def load(path: str | Path, model, optimizer=None, verify: bool = True) -> None:
+    """Fill `model` (and `optimizer`) from a checkpoint written by any layout. `verify`
+    checks every file against the manifest's checksums first (the trainer checks before, with
+    the ranks sharing the reading, and passes False). Raises CheckpointError (a ValueError)."""
+    path = Path(path)
+    if not path.is_dir():
+        raise FileNotFoundError(f"no checkpoint folder at {path}")
+    if verify:
+        try:
+            sharded.verify(path)
+        except CheckpointError as e:
+            raise CheckpointError(f"checkpoint {path}: {e}") from None
+    state = _state(model, optimizer)
+    try:
+        sharded.load_state(path, state)
+    except CheckpointError as e:
+        raise CheckpointError(f"checkpoint {path}: {e}") from None
+    sd = _sd()
     if optimizer is None:
         sd.set_model_state_dict(model, state["model"])
     else:
@@ -65,7 +95,7 @@ def load(path: str | Path, model, optimizer=None) -> None:
 def full_state_dict(model) -> dict[str, torch.Tensor]:
     """The whole model's weights on the CPU, gathered from every rank (all ranks call it; the
     result is complete on rank 0, empty on the others)."""
-    _, sd = _dcp()
+    sd = _sd()
     options = sd.StateDictOptions(full_state_dict=True, cpu_offload=True)
     return sd.get_model_state_dict(model, options=options)
 
@@ -74,7 +104,7 @@ def export_hf(model, path: str | Path, dialect: str = "legacy", dtype: torch.dty
               tokenizer=None) -> Path | None:
     """HF-format folder from a model in any layout. Every rank calls it; rank 0 writes (returns
     the path there, None elsewhere). `dtype` casts floating-point weights (default: as held)."""
-    from ..checkpoint.hf import dtype_name, save_state_dict
+    from ..checkpoint.hf import save_state_dict
 
     state = full_state_dict(model)
     written = None
@@ -109,10 +139,11 @@ def main(argv=None) -> int:
 
     p = argparse.ArgumentParser(prog="python -m minimax01.parallel.checkpoint",
                                 description=main.__doc__.split("\n")[0].strip(" `"))
-    p.add_argument("dcp_dir", help="a checkpoint folder (holds .metadata and trainer_state.json)")
+    p.add_argument("dcp_dir", help="a training checkpoint folder (holds manifest.json and "
+                                   "trainer_state.json)")
     p.add_argument("out_dir")
     p.add_argument("--dialect", default="legacy", choices=["legacy", "hf"])
-    p.add_argument("--dtype", default=None, choices=["float32", "bfloat16", "float16"],
+    p.add_argument("--dtype", default=None, choices=list(FLOAT_DTYPES),
                    help="cast the weights (default: the model config's dtype)")
     args = p.parse_args(argv)
     state_file = Path(args.dcp_dir) / "trainer_state.json"
@@ -120,9 +151,13 @@ def main(argv=None) -> int:
         print(f"error: {state_file} not found (is {args.dcp_dir} a training checkpoint?)",
               file=sys.stderr)
         return 2
-    config = ModelConfig.from_dict(json.loads(state_file.read_text())["model_config"])
-    dtype = getattr(torch, args.dtype or config.dtype)
-    out = dcp_to_hf(args.dcp_dir, args.out_dir, config, args.dialect, dtype)
+    try:
+        config = ModelConfig.from_dict(json.loads(state_file.read_text())["model_config"])
+        dtype = torch_dtype(args.dtype or config.dtype)
+        out = dcp_to_hf(args.dcp_dir, args.out_dir, config, args.dialect, dtype)
+    except (ValueError, KeyError, TypeError, OSError) as e:
+        print(f"error: {args.dcp_dir}: {e}", file=sys.stderr)
+        return 2
     print(f"exported {args.dcp_dir} to {out} ({args.dialect} dialect, {dtype})")
     return 0
 

@@ -1,10 +1,16 @@
-"""Training checkpoints that survive a kill at any moment.
+"""Training checkpoints that survive a kill at any moment, and damage on disk.
 
-Layout: `out_dir/checkpoints/step_00000100/` holds the model and optimizer through
-torch.distributed.checkpoint (DCP: every rank writes its own shards, and a resume may use another
-number of ranks), `rng_rank{r}.json` per rank, and `trainer_state.json` (step, tokens, data
-position, the config) written last. A checkpoint is written under a temporary name and renamed
-once complete, so a directory called `step_*` is always whole; half-written ones are removed."""
+Layout: `out_dir/checkpoints/step_00000100/` holds the model and optimizer state
+(parallel/checkpoint.py: safetensors shards written by every rank, a resume may use another
+number of ranks), `rng_rank{r}.json` per rank, `trainer_state.json` (step, tokens, data position,
+metrics position, the config) and, written last, `manifest.json` with every file's size and
+SHA-256. Nothing is ever unpickled. A checkpoint is written under a temporary name and renamed
+once complete, so a kill never leaves a `step_*` folder that is not whole.
+
+Resuming takes the newest checkpoint that verifies (manifest, sizes, checksums: the ranks share
+the hashing; trainer_state.json's fields). A damaged one is named in a warning and moved aside
+to `damaged-step_*`; if every checkpoint is damaged the run stops with an error rather than
+start again from step 0. A model or optimizer state that is not finite is never saved."""
 
 from __future__ import annotations
 
@@ -14,14 +20,23 @@ import os
 import random
 import re
 import shutil
+import sys
 from pathlib import Path
 
 import torch
 
+from ..checkpoint import CheckpointError, sharded
+from ..checkpoint.writer import fsync_dir, write_text
 from ..parallel import checkpoint as dcp_checkpoint
 
 STATE_FILE = "trainer_state.json"
+DAMAGED = "damaged-"
 _NAME = re.compile(r"^step_(\d{8,})$")
+_STATE_FIELDS = {"step": int, "tokens": int, "data": dict, "config": dict, "model_config": dict}
+
+
+class NonFiniteState(RuntimeError):
+    """The model or optimizer holds NaN or inf values: such a state is never saved."""
 
 
 def checkpoint_root(out_dir: str | Path) -> Path:
@@ -29,45 +44,115 @@ def checkpoint_root(out_dir: str | Path) -> Path:
 
 
 def list_checkpoints(out_dir: str | Path) -> list[tuple[int, Path]]:
-    """Complete checkpoints, oldest first."""
+    """Every `step_*` checkpoint folder, oldest first (`verify` says whether one is intact)."""
     root = checkpoint_root(out_dir)
     if not root.is_dir():
         return []
     found = []
     for p in root.iterdir():
         m = _NAME.match(p.name)
-        if m and (p / STATE_FILE).is_file():
+        if m and p.is_dir():
             found.append((int(m.group(1)), p))
     return sorted(found)
 
 
 def latest_checkpoint(out_dir: str | Path) -> Path | None:
-    found = list_checkpoints(out_dir)
-    return found[-1][1] if found else None
+    """The newest checkpoint that has a manifest (not verified: see find_resumable)."""
+    found = [p for _, p in list_checkpoints(out_dir) if (p / sharded.MANIFEST).is_file()]
+    return found[-1] if found else None
 
 
 def read_state(path: Path) -> dict:
-    return json.loads((path / STATE_FILE).read_text())
+    """trainer_state.json, its fields checked (CheckpointError naming what is wrong)."""
+    try:
+        state = json.loads((path / STATE_FILE).read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise CheckpointError(f"{STATE_FILE} is missing") from None
+    except (OSError, UnicodeDecodeError, ValueError, RecursionError) as e:
+        raise CheckpointError(f"{STATE_FILE} is not valid JSON ({e})") from None
+    if not isinstance(state, dict):
+        raise CheckpointError(f"{STATE_FILE} is not a JSON object")
+    for key, typ in _STATE_FIELDS.items():
+        value = state.get(key)
+        if not isinstance(value, typ) or isinstance(value, bool) or (typ is int and value < 0):
+            raise CheckpointError(f"{STATE_FILE}: {key!r} is missing or not a valid {typ.__name__}")
+    return state
 
 
-def _fsync_dir(path: Path) -> None:
+def verify(path: Path, part: int = 0, parts: int = 1) -> str | None:
+    """Why checkpoint `path` cannot be resumed from (None: it verifies). `part` of `parts`:
+    which share of the checksums this caller computes."""
     try:
-        fd = os.open(path, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
+        sharded.verify(path, part, parts)
+        if STATE_FILE not in sharded.read_manifest(path)["files"]:
+            raise CheckpointError(f"the manifest does not list {STATE_FILE}")
+        read_state(path)
+    except CheckpointError as e:
+        return str(e)
+    except OSError as e:
+        return f"cannot be read ({e})"
+    return None
+
+
+def find_resumable(out_dir: str | Path, world) -> tuple[Path | None, list[tuple[Path, str]]]:
+    """The newest checkpoint every rank finds intact, and the damaged ones newer than it
+    (path, why). Every rank calls it: they share the checksum work and agree on the result.
+    Raises ValueError when there are checkpoints but none is intact."""
+    damaged: list[tuple[Path, str]] = []
+    for _, path in reversed(list_checkpoints(out_dir)):
+        reason = verify(path, world.rank, world.world_size)
+        flag = torch.tensor(0.0 if reason is None else 1.0)
+        if world.world_size > 1:
+            flag = world.all_reduce(flag, "max")
+        if float(flag) == 0.0:
+            return path, damaged
+        damaged.append((path, reason or "a file does not match its checksum (found by another "
+                                         "rank)"))
+    if damaged:
+        listed = "; ".join(f"{p.name}: {why}" for p, why in damaged[:3])
+        raise ValueError(f"no intact checkpoint in {checkpoint_root(out_dir)} to resume from "
+                         f"({listed}{' ...' if len(damaged) > 3 else ''}); move the "
+                         f"checkpoints away to start again from step 0")
+    return None, []
+
+
+def set_aside(path: Path) -> Path:
+    """Rename a damaged checkpoint out of the `step_*` namespace (kept, never pruned)."""
+    target = path.with_name(DAMAGED + path.name)
+    n = 1
+    while target.exists():
+        n += 1
+        target = path.with_name(f"{DAMAGED}{path.name}.{n}")
+    os.rename(path, target)
+    return target
+
+
+def warn(message: str) -> None:
+    print(f"warning: {message}", file=sys.stderr, flush=True)
+
+
+def all_finite(model, optimizer, world) -> bool:
+    """Whether every floating-point value of the model and optimizer state is finite (this
+    rank's shards, then agreed over all ranks). One host sync."""
+    from torch.distributed.tensor import DTensor
+
+    tensors = list(model.parameters()) + list(model.buffers())
+    if optimizer is not None:
+        tensors += [v for st in optimizer.state.values() for v in st.values()
+                    if isinstance(v, torch.Tensor)]
+    flags = []
+    for t in tensors:
+        local = t.to_local() if isinstance(t, DTensor) else t
+        if local.is_floating_point() and local.numel():
+            flags.append((~torch.isfinite(local.detach())).any().to(world.device))
+    bad = torch.stack(flags).any().float() if flags else torch.zeros((), device=world.device)
+    if world.world_size > 1:
+        bad = world.all_reduce(bad, "max")
+    return not bool(bad)
 
 
 def _write_json(path: Path, data: dict) -> None:
-    with open(path, "w") as f:
-        json.dump(data, f, indent=1)
-        f.flush()
-        os.fsync(f.fileno())
+    write_text(path, json.dumps(data, indent=1))
 
 
 def rng_state(device: torch.device) -> dict:
@@ -100,7 +185,10 @@ def _tuples(x):
 
 def save_checkpoint(out_dir: str | Path, step: int, model, optimizer, state: dict, world,
                     keep_last: int) -> Path:
-    """Write checkpoint `step` (every rank calls this) and keep the newest `keep_last`."""
+    """Write checkpoint `step` (every rank calls this) and keep the newest `keep_last`. Raises
+    NonFiniteState, before anything is written, if the model or optimizer is not finite."""
+    if not all_finite(model, optimizer, world):
+        raise NonFiniteState(f"the model or optimizer state holds NaN or inf at step {step}")
     root = checkpoint_root(out_dir)
     final = root / f"step_{step:08d}"
     tmp = root / f".tmp-step_{step:08d}"
@@ -108,17 +196,18 @@ def save_checkpoint(out_dir: str | Path, step: int, model, optimizer, state: dic
         root.mkdir(parents=True, exist_ok=True)
         if tmp.exists():
             shutil.rmtree(tmp)
+        tmp.mkdir()
     world.barrier()
-    dcp_checkpoint.save(tmp, model, optimizer, sync_files=True)
     _write_json(tmp / f"rng_rank{world.rank}.json", rng_state(world.device))
-    world.barrier()
     if world.is_main:
         _write_json(tmp / STATE_FILE, {**state, "world_size": world.world_size})
-        _fsync_dir(tmp)
+    dcp_checkpoint.save(tmp, model, optimizer)  # barriers, then the manifest, written last
+    if world.is_main:
+        fsync_dir(tmp)
         if final.exists():  # the same step saved again (e.g. a resumed run stopped at once)
             _remove(final)
         os.rename(tmp, final)
-        _fsync_dir(root)
+        fsync_dir(root)
         prune(out_dir, keep_last)
     world.barrier()
     return final
@@ -139,24 +228,27 @@ def prune(out_dir: str | Path, keep_last: int) -> None:
 
 
 def clean_partial(out_dir: str | Path) -> list[Path]:
-    """Remove checkpoints a kill left half-written; returns what was removed."""
+    """Remove what a kill left half-written (`.tmp-*`, `.del-*`); returns what was removed."""
     root = checkpoint_root(out_dir)
     removed = []
     if root.is_dir():
         for p in root.iterdir():
-            if p.name.startswith((".tmp-", ".del-")) or (_NAME.match(p.name)
-                                                          and not (p / STATE_FILE).is_file()):
+            if p.name.startswith((".tmp-", ".del-")):
                 shutil.rmtree(p, ignore_errors=True)
                 removed.append(p)
     return removed
 
 
-def load_checkpoint(path: Path, model, optimizer, world) -> dict:
-    """Restore model, optimizer and this rank's RNG from `path`; returns trainer_state.json."""
-    dcp_checkpoint.load(path, model, optimizer)
+def load_checkpoint(path: Path, model, optimizer, world, verified: bool = False) -> dict:
+    """Restore model, optimizer and this rank's RNG from `path`; returns trainer_state.json.
+    `verified`: find_resumable already checked the checksums (else they are checked here)."""
+    dcp_checkpoint.load(path, model, optimizer, verify=not verified)
     rng_file = path / f"rng_rank{world.rank}.json"
     if rng_file.is_file():
-        set_rng_state(json.loads(rng_file.read_text()), world.device)
+        try:
+            set_rng_state(json.loads(rng_file.read_text(encoding="utf-8")), world.device)
+        except (ValueError, TypeError, KeyError, RuntimeError) as e:
+            raise CheckpointError(f"{rng_file}: not an RNG state ({e})") from None
     return read_state(path)
 
 

@@ -40,22 +40,29 @@ def memory_gib(device: torch.device) -> float:
         return 0.0
 
 
-def truncate_metrics(path: Path, last_step: int) -> None:
-    """Keep the records up to `last_step` (a resumed run rewrites what came after its
-    checkpoint); drops a half-written last line. Atomic."""
+def truncate_metrics(path: Path, lines: int | None, last_step: int = 0) -> int:
+    """Keep the first `lines` records, as many as the file held when the checkpoint being
+    resumed was saved: what came after is logged again by the resumed run, so no record is ever
+    there twice. `lines=None` (a checkpoint of an older minimax01) keeps the records up to
+    `last_step` instead. Drops a half-written last line. Atomic; returns the records kept."""
     if not path.is_file():
-        return
+        return 0
     kept = []
-    for line in path.read_text().splitlines():
+    for line in path.read_text(encoding="utf-8", errors="replace").splitlines():
         try:
             record = json.loads(line)
         except json.JSONDecodeError:
             continue
-        if record.get("step", 0) <= last_step:
+        if not isinstance(record, dict):
+            continue
+        if lines is not None and len(kept) >= lines:
+            break
+        if lines is not None or record.get("step", 0) <= last_step:
             kept.append(line)
     tmp = path.with_suffix(".tmp")
-    tmp.write_text("".join(line + "\n" for line in kept))
+    tmp.write_text("".join(line + "\n" for line in kept), encoding="utf-8")
     os.replace(tmp, path)
+    return len(kept)
 
 
 def read_metrics(path: str | Path) -> list[dict]:
@@ -66,11 +73,12 @@ class MetricsLogger:
     """Writes records on the main process only; every method is a no-op elsewhere."""
 
     def __init__(self, out_dir: Path, enabled: bool, total_steps: int, initial_step: int,
-                 progress: bool = True, tensorboard: bool = True):
+                 progress: bool = True, tensorboard: bool = True, lines: int = 0):
         self.enabled = enabled
         self.file = None
         self.bar = None
         self.tb = None
+        self.lines = lines  # records in metrics.jsonl (saved in checkpoints, see truncate_metrics)
         if not enabled:
             return
         self.file = open(out_dir / "metrics.jsonl", "a", buffering=1)
@@ -101,6 +109,7 @@ class MetricsLogger:
             return
         self.file.write(json.dumps(record) + "\n")
         self.file.flush()
+        self.lines += 1
         if self.tb is not None:
             step = record.get("step", 0)
             for key, value in record.items():

@@ -10,9 +10,7 @@ main rank."""
 from __future__ import annotations
 
 import math
-import os
 import random
-import shutil
 import signal
 import threading
 import time
@@ -22,19 +20,19 @@ from pathlib import Path
 import torch
 
 from .. import __version__
+from ..dtypes import torch_dtype
 from ..model import MiniMaxForCausalLM
 from ..parallel import checkpoint as dcp_checkpoint
 from ..parallel.parallelize import parallelize
 from ..tokenizer import load_tokenizer
 from . import checkpointing as ckpt
 from .config import RunConfig
+from .config_io import to_toml
 from .data import IGNORE_INDEX, TrainData
 from .metrics import (IntervalStats, MetricsLogger, datasheet_peak_flops, memory_gib, summary,
                       truncate_metrics)
 from .optim import build_optimizer, lr_at, micro_batches_at, set_lr
-
-_DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
-
+from .preflight import check_device, check_out_dir
 
 class TrainingDiverged(RuntimeError):
     """Too many non-finite steps in a row; the last good checkpoint is kept."""
@@ -56,6 +54,7 @@ def make_world(cfg: RunConfig):
     """LocalWorld in one process; the distributed world under torchrun (WORLD_SIZE > 1)."""
     from ..parallel.world import make_world as _make_world
 
+    check_device(cfg.train.device)
     return _make_world(cfg.parallel, None if cfg.train.device == "auto" else cfg.train.device)
 
 
@@ -68,7 +67,12 @@ class Trainer:
         self.model_cfg = cfg.validate()
         self.world = world if world is not None else make_world(cfg)
         spec = cfg.data.tokenizer
-        self.tokenizer = load_tokenizer(None if spec == "byte" else spec)
+        try:
+            self.tokenizer = load_tokenizer(None if spec == "byte" else spec)
+        except (FileNotFoundError, ValueError):
+            raise
+        except Exception as e:  # the tokenizers library raises bare Exceptions for bad files
+            raise ValueError(f"data.tokenizer {spec}: cannot read it ({e})") from None
         if self.tokenizer.vocab_size > self.model_cfg.vocab_size:
             raise ValueError(f"the tokenizer {spec!r} has {self.tokenizer.vocab_size} ids but "
                              f"model.vocab_size is {self.model_cfg.vocab_size}")
@@ -77,7 +81,13 @@ class Trainer:
             pad = self.model_cfg.pad_token_id if self.model_cfg.pad_token_id is not None else 0
         self.data = TrainData(cfg, self.tokenizer, self.world.dp_rank, self.world.dp_size, pad)
         self.out_dir = Path(cfg.train.out_dir)
-        self.resume_from = ckpt.latest_checkpoint(self.out_dir)
+        check_out_dir(self.out_dir)
+        self.resume_from, self.damaged = ckpt.find_resumable(self.out_dir, self.world)
+        if self.world.is_main:
+            for path, why in self.damaged:
+                ckpt.warn(f"checkpoint {path} is damaged ({why}); it is moved aside to "
+                          f"{ckpt.DAMAGED}{path.name} and the run resumes from "
+                          f"{self.resume_from.name}")
         if self.resume_from is not None:
             diffs = ckpt.incompatibilities(ckpt.read_state(self.resume_from), self._identity())
             if diffs:
@@ -87,6 +97,9 @@ class Trainer:
         self.data.check()
         self.eval_set = self.data.eval_batches(cfg.train.eval_batches)
         self._signal: int | None = None
+        self._saving = False
+        self._log: MetricsLogger | None = None
+        self._evaluated_at: int | None = None  # the last step whose held-out loss was logged
 
     def _identity(self) -> dict:
         return {"config": self.cfg.to_dict(), "model_config": self.model_cfg.to_dict()}
@@ -127,7 +140,7 @@ class Trainer:
         return out, lm_sum, n
 
     def _autocast(self):
-        dtype = _DTYPES[self.cfg.train.dtype]
+        dtype = torch_dtype(self.cfg.train.dtype)
         return torch.autocast(self.world.device.type, dtype=dtype,
                               enabled=dtype != torch.float32)
 
@@ -152,10 +165,22 @@ class Trainer:
         return float(total[0] / total[1].clamp(min=1))
 
     def save(self, model, optimizer, step: int, tokens: int) -> Path:
+        """Checkpoint `step`; a state that is not finite is never saved (TrainingDiverged)."""
         state = {"step": step, "tokens": tokens, "data": self.data.state_dict(),
+                 "metrics_lines": self._log.lines if self._log is not None else None,
+                 "evaluated_at": self._evaluated_at,
                  "version": __version__, "time": time.time(), **self._identity()}
-        return ckpt.save_checkpoint(self.out_dir, step, model, optimizer, state, self.world,
-                                    self.cfg.train.keep_last)
+        self._saving = True
+        try:
+            return ckpt.save_checkpoint(self.out_dir, step, model, optimizer, state, self.world,
+                                        self.cfg.train.keep_last)
+        except ckpt.NonFiniteState as e:
+            last = ckpt.latest_checkpoint(self.out_dir)
+            raise TrainingDiverged(f"{e}: not saved as a checkpoint. The last good checkpoint "
+                                   f"is {last if last else 'none'}; lower optim.lr or raise "
+                                   f"optim.warmup_steps and re-run to resume") from None
+        finally:
+            self._saving = False
 
     def export(self, model, log: MetricsLogger) -> tuple[Path | None, str | None]:
         """HF-format export to out_dir/model (written aside, then renamed) with the tokenizer,
@@ -166,7 +191,7 @@ class Trainer:
         state = dcp_checkpoint.full_state_dict(model)  # every rank takes part; gathered on CPU
         path = sample = None
         if self.world.is_main:
-            dtype = _DTYPES[self.model_cfg.dtype]
+            dtype = torch_dtype(self.model_cfg.dtype)
             state = {k: v.to(dtype) if v.is_floating_point() else v for k, v in state.items()}
             if t.export:
                 path = self._write_export(state)
@@ -182,18 +207,11 @@ class Trainer:
         return path, sample
 
     def _write_export(self, state: dict) -> Path:
+        """out_dir/model: the save commits atomically (a kill leaves the old export or the new)."""
         from ..checkpoint.hf import save_state_dict
 
-        final, tmp, old = (self.out_dir / name for name in ("model", ".model.tmp", ".model.old"))
-        for p in (tmp, old):
-            if p.exists():
-                shutil.rmtree(p)
-        tmp.mkdir(parents=True)
-        save_state_dict(state, self.model_cfg, tmp, tokenizer=self.tokenizer)
-        if final.exists():
-            os.rename(final, old)
-        os.rename(tmp, final)
-        shutil.rmtree(old, ignore_errors=True)
+        final = self.out_dir / "model"
+        save_state_dict(state, self.model_cfg, final, tokenizer=self.tokenizer)
         return final
 
     def sample(self, model) -> str:
@@ -210,9 +228,19 @@ class Trainer:
 
     # ------------------------------------------------------------------ signals
     def _on_signal(self, signum, frame) -> None:
-        if self._signal is not None:  # a second signal: stop now, without saving
+        """The first SIGTERM / SIGINT stops the run at the next micro-batch boundary (with a
+        checkpoint); a second one stops at once, except during a save, which is let finish."""
+        if self._signal is not None and not self._saving:
             raise KeyboardInterrupt
-        self._signal = signum
+        self._signal = self._signal or signum
+
+    def _stop_requested(self) -> bool:
+        """Whether any rank got a signal (every rank takes part: they stop together)."""
+        stop = self._signal is not None
+        if self.world.world_size > 1:
+            flag = torch.tensor(float(stop), device=self.world.device)
+            stop = bool(self.world.all_reduce(flag, "max"))
+        return stop
 
     def _install_signals(self) -> dict:
         if threading.current_thread() is not threading.main_thread():
@@ -225,21 +253,28 @@ class Trainer:
         if world.is_main:
             self.out_dir.mkdir(parents=True, exist_ok=True)
             ckpt.clean_partial(self.out_dir)
-            (self.out_dir / "config.toml").write_text(cfg.to_toml())
+            (self.out_dir / "config.toml").write_text(to_toml(cfg))
+        if world.is_main:
+            for path, _ in self.damaged:
+                ckpt.set_aside(path)
         world.barrier()
         model = self.build_model()
         raw_model = model
         model = parallelize(model, world, cfg.parallel)
         optimizer = build_optimizer(model, cfg.optim)
         step = tokens = 0
+        lines = 0
         if self.resume_from is not None:
-            state = ckpt.load_checkpoint(self.resume_from, model, optimizer, world)
+            state = ckpt.load_checkpoint(self.resume_from, model, optimizer, world, verified=True)
             step, tokens = int(state["step"]), int(state["tokens"])
             self.data.load_state_dict(state["data"])
+            lines = state.get("metrics_lines")
+            self._evaluated_at = state.get("evaluated_at")
         if world.is_main:
-            truncate_metrics(self.out_dir / "metrics.jsonl", step)
+            lines = truncate_metrics(self.out_dir / "metrics.jsonl", lines, step)
         log = MetricsLogger(self.out_dir, world.is_main, t.steps, min(step, t.steps), t.progress,
-                            t.tensorboard)
+                            t.tensorboard, lines=lines or 0)
+        self._log = log
         self._announce(log, step)
         old_handlers = self._install_signals()
         try:
@@ -268,7 +303,6 @@ class Trainer:
         flops_tok = self.model_cfg.flops_per_token(t.seq_len, training=True)
         result = TrainResult(step=step, tokens=tokens, checkpoint=self.resume_from)
         saved_at = step if self.resume_from is not None else None
-        evaluated_at = None
         bad = 0
         acc = IntervalStats(len(raw_model.model.layers), self.model_cfg.num_local_experts, dev)
         if step == 0 and t.eval_every:  # where the loss starts from
@@ -278,8 +312,10 @@ class Trainer:
         while step < t.steps:
             micro = micro_batches_at(tokens, t.grad_accum, cfg.optim.batch_warmup_tokens)
             lr = lr_at(step, t.steps, cfg.optim)
-            sums, n_global, grad_norm, finite = self._step(model, raw_model, optimizer, micro,
-                                                           lr, acc, params, max_norm)
+            done = self._step(model, raw_model, optimizer, micro, lr, acc, params, max_norm)
+            if done is None:  # a signal between micro-batches: the step was not taken
+                return self._stop(model, optimizer, log, result, step, tokens, saved_at)
+            sums, n_global, grad_norm, finite = done
             step += 1
             tokens += micro * t.batch_size * t.seq_len
             if finite:
@@ -314,34 +350,39 @@ class Trainer:
                 clock = time.perf_counter()
 
             pause = time.perf_counter()
-            if t.eval_every and step % t.eval_every == 0 and step < t.steps:
+            last = step == t.steps  # evaluated, then saved, after the loop
+            if t.eval_every and step % t.eval_every == 0 and not last:
                 result.eval_loss = self._log_eval(model, log, step)
-                evaluated_at = step
-            if t.save_every and step % t.save_every == 0 and bad == 0:  # never mid-divergence
-                result.checkpoint = self.save(model, optimizer, step, tokens)
+            if t.save_every and step % t.save_every == 0 and bad == 0 and not last:
+                result.checkpoint = self.save(model, optimizer, step, tokens)  # never mid-divergence
                 saved_at = step
-            stop = self._signal is not None
-            if world.world_size > 1:  # every rank stops at the same step
-                stop = bool(world.all_reduce(torch.tensor(float(stop), device=dev), "max"))
-            if stop:
-                if saved_at != step:
-                    result.checkpoint = self.save(model, optimizer, step, tokens)
-                name = signal.Signals(self._signal).name if self._signal else "a signal"
-                log.print(f"stopped by {name} at step {step}; checkpoint {result.checkpoint}. "
-                          f"Re-run the same command to resume.")
-                result.step, result.tokens = step, tokens
-                result.stopped_by_signal = self._signal or signal.SIGTERM
-                return result
+            if self._stop_requested():  # every rank stops at the same step
+                return self._stop(model, optimizer, log, result, step, tokens, saved_at)
             clock += time.perf_counter() - pause  # evaluation and saving do not count as training
 
+        # the final evaluation comes before the final checkpoint, so that the checkpoint's count
+        # of metrics records includes it (a resume never logs it twice, nor loses it)
+        if self._evaluated_at != step:
+            result.eval_loss = self._log_eval(model, log, step)
         if saved_at != step:
             result.checkpoint = self.save(model, optimizer, step, tokens)
-        if evaluated_at != step:
-            result.eval_loss = self._log_eval(model, log, step)
+        if self._stop_requested():  # saved: skip the export and the sample
+            return self._stop(model, optimizer, log, result, step, tokens, step)
         result.export, result.sample = self.export(model, log)
         if result.sample is not None:
             log.print(f"sample:\n{result.sample}")
         result.step, result.tokens = step, tokens
+        return result
+
+    def _stop(self, model, optimizer, log, result, step, tokens, saved_at) -> TrainResult:
+        """Stop on a signal: checkpoint `step` (unless saved, or nothing was trained yet)."""
+        if saved_at != step and step > 0:
+            result.checkpoint = self.save(model, optimizer, step, tokens)
+        name = signal.Signals(self._signal).name if self._signal else "a signal"
+        log.print(f"stopped by {name} at step {step}; checkpoint {result.checkpoint}. "
+                  f"Re-run the same command to resume.")
+        result.step, result.tokens = step, tokens
+        result.stopped_by_signal = self._signal or signal.SIGTERM
         return result
 
     def _step(self, model, raw_model, optimizer, micro: int, lr: float, acc, params, max_norm):
@@ -349,15 +390,21 @@ class Trainer:
         `loss_scale.rank_loss` (its lm-loss token sum over the global target count, its aux
         loss over `micro`, scaled as parallel/scaling.py says). Returns the global
         [lm sum, aux mean], the global target count, the gradient norm, and whether the step
-        was finite (else it is skipped)."""
+        was finite (else it is skipped); None if a signal came between two micro-batches
+        (then nothing is stepped, and the data position is put back to the step's start)."""
         world, dev = self.world, self.world.device
+        data_before = self.data.state_dict()
         batches = [self._batch_to_device(self.data.next_batch()) for _ in range(micro)]
         counts = torch.stack([b["labels"].ne(IGNORE_INDEX).sum() for b in batches])
         n_global = self._reduce(counts.sum().double()).clamp(min=1)
         set_lr(optimizer, lr)
         scale = world.loss_scale
         totals = torch.zeros(2, dtype=torch.float64, device=dev)
-        for batch in batches:
+        for k, batch in enumerate(batches):
+            if k and self._stop_requested():
+                optimizer.zero_grad(set_to_none=True)
+                self.data.load_state_dict(data_before)
+                return None
             out, lm_sum, _ = self._forward(model, batch)
             acc.add_moe(raw_model.moe_stats())
             scale.rank_loss(lm_sum, n_global, out.aux_loss, micro).backward()
@@ -372,6 +419,7 @@ class Trainer:
         return sums, n_global, grad_norm, finite
 
     def _log_eval(self, model, log: MetricsLogger, step: int) -> float | None:
+        self._evaluated_at = step
         loss = self.evaluate(model)
         if loss is not None:
             log.record({"step": step, "eval_loss": loss})

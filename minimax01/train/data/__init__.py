@@ -9,11 +9,21 @@ from __future__ import annotations
 
 from ..config import RunConfig
 from .packing import IGNORE_INDEX, Packer, TokenStream, collate, held_out
-from .sources import open_source
+from .sources import JsonlFile, open_source
 from .synthetic import TASKS, Example, make_example
 
 __all__ = ["TrainData", "TokenStream", "Packer", "collate", "held_out", "open_source",
            "make_example", "Example", "TASKS", "IGNORE_INDEX"]
+
+
+class _Quiet(dict):
+    """A bad-line record that never reaches the warning (ranks other than the first)."""
+
+    def __len__(self) -> int:
+        return 0
+
+    def __contains__(self, key) -> bool:
+        return True
 
 
 class TrainData:
@@ -33,7 +43,11 @@ class TrainData:
         self.pad_id = pad_id if pad_id is not None else (tokenizer.pad_id or 0)
         length = d.synthetic_length or t.seq_len
         self.shards = open_source(d.source, d.format, d.text_field, d.synthetic_tasks, length,
-                                  t.seed)
+                                  t.seed, strict=d.strict)
+        if dp_rank:  # one warning per bad line, from the first rank only
+            for shard in self.shards:
+                if isinstance(shard, JsonlFile):
+                    shard.bad = _Quiet()
         self.stream = self._stream("train")
         self.packer = Packer(self.stream, t.seq_len, self.pad_id)
 

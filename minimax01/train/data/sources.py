@@ -3,12 +3,18 @@
 A source is a list of shards (files, or one synthetic stream). A shard yields `Unit`s - a whole
 document (a JSONL line, a parquet / Arrow row, a synthetic example) or a piece of one (text files
 are read in ~4 KiB pieces cut at line ends). Every unit carries `pos`, the place to reopen the
-shard at that unit, which makes the stream resumable and gives the held-out split a stable key."""
+shard at that unit, which makes the stream resumable and gives the held-out split a stable key.
+
+Input is hostile by default: a malformed JSONL line (bad JSON, not UTF-8, no text field) is
+skipped with a warning naming the file and line and a running count (`strict=True`,
+`--data.strict true`, makes it an error); a text file that is not UTF-8, an unreadable parquet /
+Arrow file, a dangling symlink or a symlink loop in a data folder is an error naming the path."""
 
 from __future__ import annotations
 
 import json
 import os
+import sys
 import sysconfig
 from dataclasses import dataclass
 from pathlib import Path
@@ -22,6 +28,7 @@ TEXT_SUFFIXES = {".txt", ".text", ".md", ".rst", ".py", ".c", ".h", ".cc", ".cpp
                  ".ts", ".java", ".go", ".rs", ".tex", ".html", ".css", ".sh", ".toml", ".yaml",
                  ".yml"}
 JSONL_SUFFIXES = {".jsonl", ".ndjson"}
+WARN_LINES = 10            # bad JSONL lines warned about one by one, per file
 PARQUET_SUFFIXES = {".parquet"}
 ARROW_SUFFIXES = {".arrow"}
 
@@ -60,7 +67,12 @@ class TextFile:
                 end = f.tell()
                 ends = not f.read(1)
                 f.seek(end)
-                yield Unit(piece.decode("utf-8", errors="replace"), pos, pos == 0, ends)
+                try:
+                    text = piece.decode("utf-8")
+                except UnicodeDecodeError as e:
+                    raise ValueError(f"{self.path}: not UTF-8 text (byte {pos + e.start}); "
+                                     f"convert it to UTF-8 or leave it out of data.source") from None
+                yield Unit(text, pos, pos == 0, ends)
                 pos = end
 
 
@@ -75,28 +87,72 @@ def _utf8_boundary(data: bytes) -> int:
 
 
 class JsonlFile:
-    """One JSON object per line; its `text_field` is a document (pos = byte offset)."""
+    """One JSON object per line; its `text_field` is a document (pos = byte offset). A bad line
+    is skipped with a counted warning (each line once per process), or an error if `strict`."""
 
-    def __init__(self, path: Path, name: str, text_field: str):
-        self.path, self.name, self.field = path, name, text_field
+    def __init__(self, path: Path, name: str, text_field: str, strict: bool = False):
+        self.path, self.name, self.field, self.strict = path, name, text_field, strict
+        self.bad: dict[int, str] = {}  # line number -> why it was skipped
 
     def units(self, start: int = 0) -> Iterator[Unit]:
         with open(self.path, "rb") as f:
+            lineno = _count_lines(f, start) if start else 0
             f.seek(start)
             pos = start
             for line in iter(f.readline, b""):
                 here, pos = pos, pos + len(line)
+                lineno += 1
                 if not line.strip():
                     continue
-                try:
-                    obj = json.loads(line)
-                except json.JSONDecodeError as e:
-                    raise ValueError(f"{self.path}: bad JSON at byte {here}: {e}") from None
-                text = obj.get(self.field) if isinstance(obj, dict) else None
-                if not isinstance(text, str):
-                    raise ValueError(f"{self.path}: the line at byte {here} has no string field "
-                                     f"{self.field!r} (set data.text_field)")
+                text, why = self._text(line)
+                if why is not None:
+                    self._bad_line(lineno, why)
+                    continue
                 yield Unit(text, here, True, True)
+
+    def _text(self, line: bytes) -> tuple[str | None, str | None]:
+        try:
+            obj = json.loads(line.decode("utf-8"))
+        except UnicodeDecodeError as e:
+            return None, f"not UTF-8 (byte {e.start} of the line)"
+        except (json.JSONDecodeError, RecursionError) as e:
+            return None, f"not valid JSON ({e})"
+        text = obj.get(self.field) if isinstance(obj, dict) else None
+        if not isinstance(text, str):
+            return None, f"no string field {self.field!r} (set data.text_field)"
+        return text, None
+
+    def _bad_line(self, lineno: int, why: str) -> None:
+        where = f"{self.path} line {lineno}"
+        if self.strict:
+            raise ValueError(f"{where}: {why} (data.strict is true)")
+        if lineno in self.bad:
+            return
+        self.bad[lineno] = why
+        n = len(self.bad)
+        if n <= WARN_LINES:
+            more = "; further bad lines of this file are skipped without a warning each" \
+                if n == WARN_LINES else ""
+            print(f"warning: {where}: {why}; skipped ({n} bad line(s) in this file so far; "
+                  f"--data.strict true makes this an error){more}", file=sys.stderr, flush=True)
+
+
+def _count_lines(f, end: int) -> int:
+    """Newlines in the first `end` bytes of open file `f` (the line number at byte `end`)."""
+    f.seek(0)
+    n, left = 0, end
+    while left > 0:
+        block = f.read(min(left, 1 << 20))
+        if not block:
+            break
+        n += block.count(b"\n")
+        left -= len(block)
+    return n
+
+
+def _arrow_errors():
+    pa = _pyarrow()
+    return (pa.ArrowException, OSError, UnicodeDecodeError)
 
 
 def _pyarrow():
@@ -138,6 +194,12 @@ class ParquetFile:
         self.path, self.name, self.field = path, name, text_field
 
     def units(self, start: int = 0) -> Iterator[Unit]:
+        try:
+            yield from self._units(start)
+        except _arrow_errors() as e:
+            raise ValueError(f"{self.path}: cannot read this parquet file ({e})") from None
+
+    def _units(self, start: int) -> Iterator[Unit]:
         _pyarrow()
         import pyarrow.parquet as pq
 
@@ -164,6 +226,12 @@ class ArrowFile:
         self.path, self.name, self.field = path, name, text_field
 
     def units(self, start: int = 0) -> Iterator[Unit]:
+        try:
+            yield from self._units(start)
+        except _arrow_errors() as e:
+            raise ValueError(f"{self.path}: cannot read this Arrow file ({e})") from None
+
+    def _units(self, start: int) -> Iterator[Unit]:
         pa = _pyarrow()
         source = pa.memory_map(str(self.path))
         try:
@@ -219,14 +287,14 @@ def stdlib_shards() -> list[TextFile]:
     return files
 
 
-def _file_shard(path: Path, name: str, fmt: str, text_field: str):
+def _file_shard(path: Path, name: str, fmt: str, text_field: str, strict: bool = False):
     suffix = path.suffix.lower()
     if fmt == "auto":
         fmt = ("jsonl" if suffix in JSONL_SUFFIXES else "parquet" if suffix in PARQUET_SUFFIXES
                else "arrow" if suffix in ARROW_SUFFIXES else "text" if suffix in TEXT_SUFFIXES
                else None)
     if fmt == "jsonl":
-        return JsonlFile(path, name, text_field)
+        return JsonlFile(path, name, text_field, strict)
     if fmt == "parquet":
         return ParquetFile(path, name, text_field)
     if fmt == "arrow":
@@ -240,15 +308,20 @@ def hf_saved_dataset(folder: Path, text_field: str) -> list[ArrowFile] | None:
     """The Arrow files of a `datasets` `save_to_disk` folder, in order; a DatasetDict folder
     gives its "train" split (else its first). None if `folder` is not such a folder."""
     if (folder / "dataset_dict.json").is_file():
-        splits = json.loads((folder / "dataset_dict.json").read_text()).get("splits") or []
-        if not splits:
+        splits = _json_object(folder / "dataset_dict.json").get("splits") or []
+        if not isinstance(splits, list) or not splits or not all(
+                isinstance(s, str) and _plain(s) for s in splits):
             raise ValueError(f"{folder}/dataset_dict.json lists no splits")
         split = "train" if "train" in splits else splits[0]
         return hf_saved_dataset(folder / split, text_field)
     state = folder / "state.json"
     if not state.is_file():
         return None
-    files = [f["filename"] for f in json.loads(state.read_text()).get("_data_files", [])]
+    entries = _json_object(state).get("_data_files", [])
+    files = [f.get("filename") if isinstance(f, dict) else None for f in entries] \
+        if isinstance(entries, list) else [None]
+    if not all(isinstance(f, str) and _plain(f) for f in files):
+        raise ValueError(f"{state}: _data_files must name files inside {folder}")
     if not files:
         files = sorted(p.name for p in folder.glob("*.arrow"))
     missing = [f for f in files if not (folder / f).is_file()]
@@ -257,21 +330,80 @@ def hf_saved_dataset(folder: Path, text_field: str) -> list[ArrowFile] | None:
     return [ArrowFile(folder / f, f, text_field) for f in files]
 
 
+def _json_object(path: Path) -> dict:
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError, RecursionError) as e:
+        raise ValueError(f"{path}: not valid JSON ({e})") from None
+    if not isinstance(data, dict):
+        raise ValueError(f"{path}: not a JSON object")
+    return data
+
+
+def _plain(name: str) -> bool:
+    return bool(name) and name not in (".", "..") and "/" not in name and "\\" not in name
+
+
+def _walk(root: Path, source: str) -> Iterator[Path]:
+    """Files under `root` in sorted order, following symlinked folders; a symlink loop, a
+    dangling symlink or an unreadable entry is an error naming it. A folder reached twice
+    (two links to it) is read once. Hidden files and folders are left out."""
+    seen: set[tuple[int, int]] = set()
+
+    def walk(folder: Path, ancestors: tuple[tuple[int, int], ...]) -> Iterator[Path]:
+        try:
+            entries = sorted(folder.iterdir(), key=lambda p: p.name)
+        except OSError as e:
+            raise ValueError(f"data.source {source}: cannot list {folder} ({e.strerror})") from None
+        for p in entries:
+            if p.name.startswith("."):
+                continue
+            try:
+                st = p.stat()
+            except OSError as e:
+                why = "a symlink loop" if e.errno == 40 else \
+                    "a dangling symlink" if p.is_symlink() else e.strerror
+                raise ValueError(f"data.source {source}: {p} is {why}") from None
+            if p.is_dir():
+                key = (st.st_dev, st.st_ino)
+                if key in ancestors:
+                    raise ValueError(f"data.source {source}: symlink loop: {p} leads back to "
+                                     f"{p.resolve()}")
+                if key in seen:
+                    continue
+                seen.add(key)
+                yield from walk(p, ancestors + (key,))
+            elif st.st_size > 0:
+                yield p
+
+    st = root.stat()
+    seen.add((st.st_dev, st.st_ino))
+    yield from walk(root, ((st.st_dev, st.st_ino),))
+
+
 def open_source(source: str, fmt: str = "auto", text_field: str = "text",
-                synthetic_tasks=TASKS, synthetic_length: int = 2048, seed: int = 0) -> list:
+                synthetic_tasks=TASKS, synthetic_length: int = 2048, seed: int = 0,
+                strict: bool = False) -> list:
     """The shards of `source`: "stdlib", "synthetic", a file, or a folder (a `save_to_disk`
     dataset, or a tree of text / JSONL / parquet / Arrow files). Raises a one-line error for a
-    missing or empty path."""
+    missing or empty path. `strict`: a malformed JSONL line is an error (default: skipped)."""
     if source == "stdlib":
         return stdlib_shards()
     if source == "synthetic":
         return [Synthetic(list(synthetic_tasks), synthetic_length, seed)]
     path = Path(source).expanduser()
-    if not path.exists():
-        raise FileNotFoundError(f"data.source: no such file or folder: {source}")
+    try:
+        path.stat()
+    except OSError as e:
+        if path.is_symlink():
+            raise ValueError(f"data.source {source} is a dangling symlink or a symlink loop") \
+                from None
+        if isinstance(e, FileNotFoundError):
+            raise FileNotFoundError(f"data.source: no such file or folder: {source}") from None
+        raise ValueError(f"data.source {source}: {e.strerror}") from None
     if path.is_file():
         shard = _file_shard(path, path.name, "text" if fmt == "auto" and not path.suffix else fmt,
-                            text_field)
+                            text_field, strict)
         if shard is None:
             raise ValueError(f"data.source {source}: unknown file type {path.suffix!r}; set "
                              f"data.format to text, jsonl, parquet or arrow")
@@ -283,15 +415,10 @@ def open_source(source: str, fmt: str = "auto", text_field: str = "text",
         if saved is not None:
             return saved
     shards = []
-    for dirpath, dirnames, filenames in os.walk(path):
-        dirnames[:] = sorted(d for d in dirnames if not d.startswith("."))
-        for f in sorted(filenames):
-            p = Path(dirpath, f)
-            if f.startswith(".") or p.stat().st_size == 0:
-                continue
-            shard = _file_shard(p, p.relative_to(path).as_posix(), fmt, text_field)
-            if shard is not None:
-                shards.append(shard)
+    for p in _walk(path, source):
+        shard = _file_shard(p, p.relative_to(path).as_posix(), fmt, text_field, strict)
+        if shard is not None:
+            shards.append(shard)
     if not shards:
         raise ValueError(f"data.source {source}: no non-empty data files in this folder "
                          f"(looked for text, .jsonl, .parquet and .arrow files)")
