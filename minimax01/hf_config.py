@@ -122,7 +122,9 @@ def hf_to_fields(cfg: dict[str, Any]) -> dict[str, Any]:
         out["head_dim"] = out["hidden_size"] // out["num_attention_heads"]
     shared = cfg.get("shared_intermediate_size")  # Text-01 configs: a list; MiniMax-M1: an int
     sizes = shared if isinstance(shared, list) else ([] if shared is None else [shared])
-    if any(read_int(x, "shared_intermediate_size") for x in sizes):
+    if any(isinstance(x, bool) or not isinstance(x, int) for x in sizes):
+        raise _bad("shared_intermediate_size", "must be an integer or a list of integers", shared)
+    if any(sizes):
         raise ValueError("config.json: shared experts (shared_intermediate_size > 0) are not "
                          "supported")
     dtype = config_dtype(cfg)
