@@ -6,7 +6,7 @@ operands and recomputes its score tile. Here one program owns a (work item, head
 (DK x DV fp32, so DV is not tiled: dk contracts over the value dim) and per block computes
 
     dv = (k q^T * M^T) do + lam^(pos) (k R)        dk = (v do^T * M^T) q + lam^(pos) (v R^T)
-    R  = lam^m R + (q * lam^(pos'))^T do
+    R  = lam^m R + q^T (lam^(pos') do)
 
 with the reverse block layout of the scan kernel (ascending rows, scan position m-1-r). The
 program's work is a whole head's, so few heads or long documents need the sequence split
@@ -57,10 +57,6 @@ def dkdv_kernel(
     diff = r[None, :] - r[:, None]  # reverse scan distance
     dmat = tl.where(diff >= 0, tl.exp2(c * tl.maximum(diff, 0).to(tl.float32)), 0.0)
 
-    Q_h = Q + h * DK
-    K_h = K + h * DK
-    V_h = V + h * DV
-    DO_h = DO + h * DV
     DQK_h = DQK + h * DK
     DVO_h = DVO + h * DV
     n_blk = tl.where(real, (end - start + BLOCK_T - 1) // BLOCK_T, 0)
@@ -86,10 +82,10 @@ def dkdv_kernel(
         else:
             p_k = t64[:, None] * stride_qk_t + ck[None, :]
             p_v = t64[:, None] * stride_v_t + cv[None, :]
-            q = tl.load(Q_h + p_k, mask=m_k, other=0.0)
-            k = tl.load(K_h + p_k, mask=m_k, other=0.0)
-            v = tl.load(V_h + p_v, mask=m_v, other=0.0)
-            do = tl.load(DO_h + p_v, mask=m_v, other=0.0)
+            q = tl.load(Q + h * DK + p_k, mask=m_k, other=0.0)
+            k = tl.load(K + h * DK + p_k, mask=m_k, other=0.0)
+            v = tl.load(V + h * DV + p_v, mask=m_v, other=0.0)
+            do = tl.load(DO + h * DV + p_v, mask=m_v, other=0.0)
         qdec = tl.where(valid, tl.exp2(c * (m - 1 - r).to(tl.float32)), 0.0)
         kdec = tl.where(valid, tl.exp2(c * (r + 1).to(tl.float32)), 0.0)
         Rb = R.to(q.dtype)
@@ -105,8 +101,8 @@ def dkdv_kernel(
         dk = tl.dot(s2.to(q.dtype), q, dk, input_precision=PREC)
         tl.store(DQK_h + t64[:, None] * stride_qk_t + ck[None, :], dk.to(DQK.dtype.element_ty),
                  mask=m_k)
-        qd = (q * kdec[:, None]).to(q.dtype)
-        R = tl.dot(tl.trans(qd), do, R * tl.exp2(c * m.to(tl.float32)), input_precision=PREC)
+        dod = (do * kdec[:, None]).to(do.dtype)
+        R = tl.dot(tl.trans(q), dod, R * tl.exp2(c * m.to(tl.float32)), input_precision=PREC)
 
     if STORE_S:
         p_out = (S_OUT + doc.to(tl.int64) * sout_r + h * sout_h + ck[:, None] * sout_k

@@ -35,11 +35,12 @@ def items_kernel(CU, ITEMS, DOC_FIRST, n_docs, n_items, n_tok, seg_len, BLOCK: t
         first = incl - n_seg
         tl.store(DOC_FIRST + d + 1, incl, mask=md)
         for s in range(0, tl.max(n_seg, axis=0)):
-            ms = md & (s < n_seg)
-            it = (first + s).to(tl.int64) * 4
-            lo = a + s * seg_len
+            sv = n_seg * 0 + s  # the segment index as a vector
+            ms = md & (sv < n_seg)
+            it = (first + sv).to(tl.int64) * 4
+            lo = a + sv.to(tl.int64) * seg_len
             hi = tl.minimum(lo + seg_len, b)
-            flags = 4 + (s == 0).to(tl.int32) + 2 * (s == n_seg - 1).to(tl.int32)
+            flags = 4 + (sv == 0).to(tl.int32) + 2 * (sv == n_seg - 1).to(tl.int32)
             tl.store(ITEMS + it, lo.to(tl.int32), mask=ms)
             tl.store(ITEMS + it + 1, hi.to(tl.int32), mask=ms)
             tl.store(ITEMS + it + 2, d, mask=ms)

@@ -4,7 +4,7 @@ Every pass of the op has the same shape: walk the blocks of a token range in ord
 DK x DV fp32 state in registers, and for each block emit
 
     out[i] = sum_{j<=i in block} lam^(i-j) (a_i . b_j) v_j  +  lam^(i+1-SHIFT) a_i S
-    S      = lam^m S + sum_j lam^(m-1-j+SHIFT) b_j^T v_j
+    S      = lam^m S + sum_j b_j^T (lam^(m-1-j+SHIFT) v_j)
 
 (i, j positions of the block in scan order, m rows in the block, SHIFT the REVERSE flag). With
 (a, b, v) = (q, k, v) in time order this is the forward (o, S); with (do, v, k) it is dq (state
@@ -80,9 +80,6 @@ def scan_kernel(
         diff = r[:, None] - r[None, :]
     dmat = tl.where(diff >= 0, tl.exp2(c * tl.maximum(diff, 0).to(tl.float32)), 0.0)
 
-    A_h = A + h * DK
-    B_h = B + h * DK
-    V_h = V + h * DV
     O_h = O + h * DV
     n_blk = tl.where(real, (end - start + BLOCK_T - 1) // BLOCK_T, 0)
     if STATE_ONLY:
@@ -115,22 +112,27 @@ def scan_kernel(
             b = tl.where(valid[:, None], B.load([lo.to(tl.int32), h * DK]), 0.0)
             v = tl.where(valid[:, None], V.load([lo.to(tl.int32), h * DV + iv * BLOCK_V]), 0.0)
         else:
-            b = tl.load(B_h + t64[:, None] * stride_ab_t + ck[None, :], mask=m_ab, other=0.0)
-            v = tl.load(V_h + t64[:, None] * stride_vo_t + cv[None, :], mask=m_vo, other=0.0)
+            b = tl.load(B + h * DK + t64[:, None] * stride_ab_t + ck[None, :], mask=m_ab,
+                        other=0.0)
+            v = tl.load(V + h * DV + t64[:, None] * stride_vo_t + cv[None, :], mask=m_vo,
+                        other=0.0)
         if not STATE_ONLY:
             if USE_TMA:
                 a = tl.where(valid[:, None], A.load([lo.to(tl.int32), h * DK]), 0.0)
             else:
-                a = tl.load(A_h + t64[:, None] * stride_ab_t + ck[None, :], mask=m_ab, other=0.0)
+                a = tl.load(A + h * DK + t64[:, None] * stride_ab_t + ck[None, :], mask=m_ab,
+                            other=0.0)
             qdec = tl.where(valid, tl.exp2(c * qexp.to(tl.float32)), 0.0)
             scores = tl.dot(a, tl.trans(b), input_precision=PREC) * dmat
             out = tl.dot(a, S.to(a.dtype), input_precision=PREC) * qdec[:, None]
             out = tl.dot(scores.to(v.dtype), v, out, input_precision=PREC)
             tl.store(O_h + t64[:, None] * stride_vo_t + cv[None, :], out.to(O.dtype.element_ty),
                      mask=m_vo)
+        # the key decays scale v, not b: b^T stays a shared-memory operand (on Hopper a scaled b
+        # would be a 128 x 64 register operand: ~50 more registers per thread, and spills)
         kdec = tl.where(valid, tl.exp2(c * kexp.to(tl.float32)), 0.0)
-        bd = (b * kdec[:, None]).to(b.dtype)
-        S = tl.dot(tl.trans(bd), v, S * tl.exp2(c * m.to(tl.float32)), input_precision=PREC)
+        vd = (v * kdec[:, None]).to(v.dtype)
+        S = tl.dot(tl.trans(b), vd, S * tl.exp2(c * m.to(tl.float32)), input_precision=PREC)
 
     if STATE_ONLY:
         keep = real & (last_bit == 0)
