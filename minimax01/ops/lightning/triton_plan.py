@@ -99,8 +99,9 @@ def block_t_for(block_size: int | None, kind: str, device: torch.device) -> int:
     """The kernels' block length: the user's hint rounded to a power of two in [16, 128]
     (tl.dot needs >= 16; larger blocks spill registers), else the tuned one. Results do not
     depend on it."""
-    if "block_t" in _OVERRIDES:
-        return _OVERRIDES["block_t"]
+    for key in (f"{kind}_block_t", "block_t"):
+        if key in _OVERRIDES:
+            return _OVERRIDES[key]
     if block_size is not None:
         return min(128, max(16, triton.next_power_of_2(block_size)))
     return _tiles(kind, device).block_t
