@@ -237,12 +237,14 @@ class Sweep:
     def __init__(self, budget_s):
         self.t_end = time.time() + budget_s
         self.rows = []
+        self.cut = False
 
     def left(self):
         return self.t_end - time.time()
 
     def measure(self, stage, row, tn, backward, label):
         if self.left() <= 0:
+            self.cut = True
             return None
         rec = dict(stage=stage, case=row[0], label=label)
         try:
@@ -336,6 +338,7 @@ def sweep_decode(sw: Sweep, bw: float):
         best = None
         for bv, nw, ev in DECODE:
             if sw.left() <= 0:
+                sw.cut = True
                 break
             if b == 1 and bv > 64:
                 continue
@@ -375,7 +378,7 @@ def run(out_dir, budget_s, bw, warm: Warm | None = None, do_decode=True):
         sw.t_end = time.time() + decode_s
         tn = rep(tn, decode=sweep_decode(sw, bw) or base.decode)
     print(f"sweep: {len(sw.rows)} measurements in {time.time() - t0:.0f} s "
-          f"({'complete' if sw.left() > 0 else 'stopped by the budget'})", flush=True)
+          f"({'stopped by the budget' if sw.cut else 'complete'})", flush=True)
     key = card_key()
     triton_tune.load({key: tn})
     os.makedirs(out_dir, exist_ok=True)

@@ -199,3 +199,13 @@ def test_debug_checks_assert_on_device_values(monkeypatch):
             checks.check_decode_slots(torch.tensor([1, 1]), 2, 4)   # repeated
         with pytest.raises(RuntimeError):
             checks.check_decode_slots(torch.tensor([1, 4]), 2, 4)   # out of range
+
+
+def test_inference_mode_slopes():
+    q, k, v = qkv()
+    with torch.inference_mode():
+        slope = torch.tensor([0.1, 0.2])
+        lightning_attn(q, k, v, slope, backend="chunk")
+        lightning_attn(q, k, v, slope, backend="chunk")  # the cached check
+        with pytest.raises(ValueError, match="slope"):
+            lightning_attn(q, k, v, torch.tensor([0.1, -1.0]), backend="chunk")

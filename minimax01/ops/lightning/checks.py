@@ -66,7 +66,14 @@ def _is_integer(dtype: torch.dtype) -> bool:
 
 # ---- slopes ---------------------------------------------------------------------------------
 
-_SLOPES_SEEN: dict = {}  # id -> (weakref, version, device)
+_SLOPES_SEEN: dict = {}  # id -> (weakref, version)
+
+
+def _version(t: torch.Tensor):
+    try:
+        return t._version
+    except RuntimeError:  # inference tensors keep no version counter
+        return None
 
 
 def check_slope(slope, heads: int) -> None:
@@ -77,7 +84,7 @@ def check_slope(slope, heads: int) -> None:
         raise ValueError(f"slope must have shape [H]=[{heads}], got {tuple(slope.shape)}")
     key = id(slope)
     seen = _SLOPES_SEEN.get(key)
-    if seen is not None and seen[0]() is slope and seen[1] == slope._version:
+    if seen is not None and seen[0]() is slope and seen[1] == _version(slope):
         return
     if _on_host(slope) or not _capturing():
         s = slope.detach()
@@ -86,7 +93,7 @@ def check_slope(slope, heads: int) -> None:
         if len(_SLOPES_SEEN) > 4096:
             _SLOPES_SEEN.clear()
         try:
-            _SLOPES_SEEN[key] = (weakref.ref(slope), slope._version)
+            _SLOPES_SEEN[key] = (weakref.ref(slope), _version(slope))
         except TypeError:  # tensors that take no weak references: check every time
             pass
     elif debug_checks_enabled():
