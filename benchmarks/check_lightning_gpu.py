@@ -131,22 +131,48 @@ SCHEDULES = [
 ]
 
 
-def schedule_checks():
-    """Every schedule the tuning can choose, on split, unsplit and packed inputs."""
+def schedule_jobs():
+    """(name, args, kwargs) of the checks of every schedule the tuning can choose, on split,
+    unsplit and packed inputs (run here, or spread over processes by lightning.py)."""
     g = torch.Generator().manual_seed(3)
     lens = [0, 1, 63, 64, 65, 5000, 0, 7, 12000] + torch.randint(0, 700, (40,), generator=g).tolist()
+    jobs = []
     for name, ov in SCHEDULES:
-        check(f"[{name}] bf16 B=2 T=3000 H=4", 2, 3000, 4, 128, 128, **ov)
-        check(f"[{name}] bf16 B=1 T=5000 H=2 split 1024", 1, 5000, 2, 128, 128, seg_len=1024, **ov)
-        check(f"[{name}] varlen {len(lens)} docs device segment table", 1, sum(lens), 4, 128, 128,
-              lens=lens, seg_len=1024, **ov)
-    check("varlen host offsets (CPU cu_seqlens), split", 1, sum(lens), 4, 128, 128, lens=lens,
-          cu_host=True, seg_len=2048)
-    check("varlen device offsets, auto plan (H=2: split assumed)", 1, sum(lens), 2, 128, 128,
-          lens=lens)
-    check("[fused] D=E=64 T=777 H=3", 1, 777, 3, 64, 64, fused=True)
-    check("[fused] fp32 T=1500 H=2 split", 1, 1500, 2, 128, 128, dtype=torch.float32,
-          fused=True, seg_len=512)
+        jobs.append((f"[{name}] bf16 B=2 T=3000 H=4", (2, 3000, 4, 128, 128), ov))
+        jobs.append((f"[{name}] bf16 B=1 T=5000 H=2 split 1024", (1, 5000, 2, 128, 128),
+                     dict(seg_len=1024, **ov)))
+        jobs.append((f"[{name}] varlen {len(lens)} docs device segment table",
+                     (1, sum(lens), 4, 128, 128), dict(lens=lens, seg_len=1024, **ov)))
+    jobs.append(("varlen host offsets (CPU cu_seqlens), split", (1, sum(lens), 4, 128, 128),
+                 dict(lens=lens, cu_host=True, seg_len=2048)))
+    jobs.append(("varlen device offsets, auto plan (H=2: split assumed)",
+                 (1, sum(lens), 2, 128, 128), dict(lens=lens)))
+    jobs.append(("[fused] D=E=64 T=777 H=3", (1, 777, 3, 64, 64), dict(fused=True)))
+    jobs.append(("[fused] fp32 T=1500 H=2 split", (1, 1500, 2, 128, 128),
+                 dict(dtype=torch.float32, fused=True, seg_len=512)))
+    return jobs
+
+
+def run_job(job):
+    """One check in a worker process: returns (its report line, failed names)."""
+    import contextlib
+    import io
+    torch.cuda.set_device(0)
+    name, args, kwargs = job
+    buf = io.StringIO()
+    n = len(FAILS)
+    with contextlib.redirect_stdout(buf):
+        try:
+            check(name, *args, **kwargs)
+        except Exception as exc:
+            print(f"FAIL {name}: {type(exc).__name__}: {str(exc)[:200]}")
+            FAILS.append(name)
+    return buf.getvalue().rstrip(), FAILS[n:]
+
+
+def schedule_checks():
+    for name, args, kwargs in schedule_jobs():
+        check(name, *args, **kwargs)
 
 
 def check_bad_slots():

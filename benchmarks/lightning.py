@@ -236,10 +236,10 @@ def ratio(a, b):
     return a / b if isinstance(a, float) and isinstance(b, float) and b else None
 
 
-def table(bw, mm, tuned, budget_left):
+def table(bw, mm, tuned, budget_left, rows, on_row=lambda: None):
+    """Appends the table's rows to `rows` (calling `on_row` after each) and returns it."""
     from lightning_tune import BWD_ROWS, FWD_ROWS, tuning_override
     default_ov = tuning_override(triton_tune.DEFAULT)
-    rows = []
     for backward, cases in ((False, FWD_ROWS), (True, BWD_ROWS)):
         for row in cases:
             name, b, t, h, lens = row
@@ -254,6 +254,7 @@ def table(bw, mm, tuned, budget_left):
             print(f"{elapsed()} {name:<32} ours {fmt(r['ours'])} default {fmt(r['default'])} "
                   f"fla {fmt(r['fla'])} floor {fmt(r['floor'])}", flush=True)
             rows.append(r)
+            on_row()
     for b in DECODE:
         dt = decode_times(b)
         floor = 2 * b * 64 * D * E * 4 / bw * 1e3
@@ -262,6 +263,7 @@ def table(bw, mm, tuned, budget_left):
         if isinstance(dt["ours"], float):
             r["TB/s"] = 2 * b * 64 * D * E * 4 / (dt["ours"] * 1e-3) / 1e12
         rows.append(r)
+        on_row()
         print(f"{elapsed()} decode B={b}: {dt}", flush=True)
     return rows
 
@@ -307,12 +309,12 @@ def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--check", action="store_true", help="GPU correctness checks first")
     ap.add_argument("--tune", action="store_true", help="sweep schedules, pick this card's tuning")
-    ap.add_argument("--tune-budget-s", type=float, default=190)
+    ap.add_argument("--tune-budget-s", type=float, default=170)
     ap.add_argument("--no-table", action="store_true")
     ap.add_argument("--no-long", action="store_true", help="skip the 1M-token checks")
     ap.add_argument("--tuning", default=None, help="a lightning_tuning.json to use")
     ap.add_argument("--out", default=os.environ.get("OUT", "."))
-    ap.add_argument("--total-budget-s", type=float, default=500,
+    ap.add_argument("--total-budget-s", type=float, default=470,
                     help="softmax peers are skipped once this much time has gone")
     args = ap.parse_args()
     os.makedirs(args.out, exist_ok=True)
@@ -328,6 +330,12 @@ def main():
     failed = []
     warm = tuned = None
 
+    def save():  # after every phase: a run killed by its time limit keeps what it measured
+        out["wall_s"] = time.time() - T0
+        out["check_failures"] = failed + [f for f in chk.FAILS if f not in failed]
+        with open(os.path.join(args.out, "lightning.json"), "w") as f:
+            json.dump(out, f, indent=1, default=str)
+
     def phase(name, fn):
         """One phase; a crash is reported (and counted as a failure) and the run goes on, so
         one bad phase never costs the others' numbers."""
@@ -339,39 +347,45 @@ def main():
             failed.append(f"phase {name} crashed")
             return None
 
-    if args.tune:  # compile the sweep's kernels in other processes while the checks run
+    import check_lightning_gpu as chk
+    jobs = chk.schedule_jobs() if args.check else []
+    if args.tune:  # compile the sweep's kernels (and run the schedule checks) in other processes
         import lightning_tune
-        warm = phase("warm", lightning_tune.start_warm)
+        warm = phase("warm", lambda: lightning_tune.start_warm(check_jobs=jobs))
     if args.check:
-        import check_lightning_gpu as chk
-
         def checks():
             chk.short_checks()
-            chk.schedule_checks()
             chk.check_bad_slots()
             chk.check_no_sync_and_graph()
+            if warm is not None and warm.checks is not None:
+                for line, fails in warm.checks.get(timeout=300):
+                    print(line, flush=True)
+                    chk.FAILS.extend(fails)
+            else:
+                chk.schedule_checks()
         phase("checks", checks)
+        save()
         print(f"{elapsed()} checks: {'all passed' if not chk.FAILS else 'FAILED ' + str(chk.FAILS)}",
               flush=True)
     if args.tune:
         tuned = phase("tune", lambda: lightning_tune.run(args.out, args.tune_budget_s, bw, warm))
         if tuned is not None:
             out["tuning"] = tuned.to_json()
+        save()
         print(f"{elapsed()} tuned", flush=True)
     if args.check and not args.no_long:
         phase("long checks", lambda: (chk.check_long(1 << 20, 4, grads=False),
                                       chk.check_long(1 << 20, 2, grads=True)))
+        save()
         print(f"{elapsed()} long checks done", flush=True)
     if args.check:
         failed += chk.FAILS
-    out["check_failures"] = failed
     if not args.no_table:
-        out["rows"] = phase("table", lambda: table(bw, mm, tuned is not None,
-                                                   T0 + args.total_budget_s)) or []
+        out["rows"] = []
+        phase("table", lambda: table(bw, mm, tuned is not None, T0 + args.total_budget_s,
+                                     out["rows"], save))
         phase("print", lambda: print_table(out["rows"], versions, bw, mm))
-    out["wall_s"] = time.time() - T0
-    with open(os.path.join(args.out, "lightning.json"), "w") as f:
-        json.dump(out, f, indent=1, default=str)
+    save()
     print(f"{elapsed()} wrote {os.path.join(args.out, 'lightning.json')}"
           + (f"; CHECK FAILURES: {failed}" if failed else "; all checks passed" if args.check
              else ""), flush=True)

@@ -187,9 +187,9 @@ class Warm:
     """Compiles every candidate's kernels (and fla's) in a pool of processes while the main
     process does other GPU work (the checks); `wait()` before the sweep."""
 
-    def __init__(self, tunings_backward, workers):
+    def __init__(self, tunings_backward, workers, check_jobs=()):
         self.t0 = time.time()
-        self.pool = self.result = self.fla = None
+        self.pool = self.result = self.fla = self.checks = None
         if workers <= 1 or not tunings_backward:
             return
         jobs = [(tn.to_json(), bw) for tn, bw in tunings_backward]
@@ -197,6 +197,10 @@ class Warm:
         self.n_jobs = len(jobs)
         try:
             self.pool = mp.get_context("spawn").Pool(workers)
+            if check_jobs:  # GPU checks of the schedules first: they compile the most
+                import check_lightning_gpu
+                self.checks = self.pool.map_async(check_lightning_gpu.run_job, list(check_jobs),
+                                                  chunksize=1)
             self.fla = self.pool.map_async(_warm_fla, [0])
             self.result = self.pool.map_async(_warm_worker, chunks)
         except Exception as exc:
@@ -206,16 +210,21 @@ class Warm:
     def wait(self):
         if self.pool is None:
             return
+        ok = False
         try:
-            n = sum(self.result.get())
-            nf = sum(self.fla.get())
+            n = sum(self.result.get(timeout=300))
+            nf = sum(self.fla.get(timeout=120))
             print(f"warm compile: {self.n_jobs} candidates, {n} runs, fla {nf} runs, "
                   f"{time.time() - self.t0:.0f} s since start", flush=True)
+            ok = True
         except Exception as exc:
             print(f"warm compile failed: {type(exc).__name__}: {exc}", flush=True)
         finally:
-            self.pool.close()
-            self.pool.join()
+            if ok:
+                self.pool.close()
+                self.pool.join()
+            else:  # a hung or dead worker: do not wait for it
+                self.pool.terminate()
             self.pool = None
 
 
@@ -226,9 +235,9 @@ def candidates(base: Tuning):
             + [(rep(base, fused=t), True) for t in FUSED])
 
 
-def start_warm(workers=None) -> Warm:
+def start_warm(workers=None, check_jobs=()) -> Warm:
     workers = workers if workers is not None else max(1, min(12, (os.cpu_count() or 2) - 4))
-    return Warm(candidates(triton_tune.tuning(torch.device("cuda"))), workers)
+    return Warm(candidates(triton_tune.tuning(torch.device("cuda"))), workers, check_jobs)
 
 
 # ---- the sweep -----------------------------------------------------------------------------
