@@ -132,7 +132,11 @@ def tile_config(kind: str, dk: int, dv: int, elem_bytes: int, device: torch.devi
     block_t = block_t_for(block_size, kind, device)
     block_k = max(16, triton.next_power_of_2(dk))
     full_v = max(16, triton.next_power_of_2(dv))
-    block_v = full_v if kind == "fused" else min(max(16, _get("block_v", kind, tiles)), full_v)
+    if kind == "fused":
+        block_v = full_v
+    else:  # tiles are tuned at D = 128: wider keys keep the state tile's area (registers)
+        want = _get("block_v", kind, tiles)
+        block_v = min(max(16, want), full_v, max(16, 128 * want // block_k))
     num_warps = _get("num_warps", kind, tiles)
     num_stages = _get("num_stages", kind, tiles)
     # shared memory per pipeline stage: the tiles one block loads
