@@ -3,12 +3,18 @@
     python benchmarks/check_lightning_gpu.py           # everything (about a minute on an H100)
     python benchmarks/check_lightning_gpu.py --quick   # skip the 1M-token checks
 
+(`benchmarks/lightning.py --check` runs the same checks inside the full benchmark.)
+
 Each check compares against the chunked torch reference in fp32 (computed from the same
 bf16-rounded inputs) by ||x - ref|| / ||ref||: outputs, final states and all gradients (through a
 loss that also uses the final state), for head dims 64/128/256, D != E, ragged lengths, packed
 documents (empty, shorter than a block, crossing blocks), split and unsplit sequences, fp32 /
 fp16 / bf16, decode with a state pool, and sequences of 1M tokens with decays near 1 (slope
-1e-5) and near exp(-1). Exits non-zero on any failure."""
+1e-5) and near exp(-1); then every schedule the tuning can pick (TMA loads, tile shapes, the
+fused dk+dv pass, device-built segment tables, host offsets, longest-first order); bad decode
+slots on the GPU (nothing outside the pool is touched); and the forward and backward with
+device-resident offsets under torch's sync-debug mode "error" and inside a CUDA graph (no host
+synchronisation). Exits non-zero on any failure."""
 
 from __future__ import annotations
 
@@ -52,13 +58,13 @@ def inputs(b, t, h, d, e, dtype, seed, slope=None):
 
 
 def check(name, b, t, h, d, e, dtype=torch.bfloat16, lens=None, state=True, grads=True,
-          seed=0, slope=None, ref_block=64, **override):
+          seed=0, slope=None, ref_block=64, cu_host=False, **override):
     q, k, v, slope = inputs(b, t, h, d, e, dtype, seed, slope)
     cu = None
     n = b
     if lens is not None:
         cu = torch.tensor([0] + torch.tensor(lens).cumsum(0).tolist(), dtype=torch.int32,
-                          device="cuda")
+                          device="cpu" if cu_host else "cuda")
         n = len(lens)
     s0 = torch.randn(n, h, d, e, device="cuda") if state else None
     g = torch.Generator(device="cuda").manual_seed(seed + 1)
@@ -113,6 +119,126 @@ def check_long(t, h, grads):
     print(f"     ({time.time() - t0:.1f} s)", flush=True)
 
 
+SCHEDULES = [
+    ("tma", dict(tma=True)),
+    ("fused dk+dv", dict(fused=True)),
+    ("fused dk+dv tma", dict(fused=True, tma=True)),
+    ("bv64 w8 s2", dict(block_v=64, num_warps=8, num_stages=2)),
+    ("bv16 s3", dict(block_v=16, num_stages=3)),
+    ("bt32 tma", dict(block_t=32, tma=True)),
+    ("bv128 w8 s2", dict(block_v=128, num_warps=8, num_stages=2)),
+    ("lpt", dict(lpt=True)),
+]
+
+
+def schedule_jobs():
+    """(name, args, kwargs) of the checks of every schedule the tuning can choose, on split,
+    unsplit and packed inputs (run here, or spread over processes by lightning.py)."""
+    g = torch.Generator().manual_seed(3)
+    lens = [0, 1, 63, 64, 65, 5000, 0, 7, 12000] + torch.randint(0, 700, (40,), generator=g).tolist()
+    jobs = []
+    for name, ov in SCHEDULES:
+        jobs.append((f"[{name}] bf16 B=2 T=3000 H=4", (2, 3000, 4, 128, 128), ov))
+        jobs.append((f"[{name}] bf16 B=1 T=5000 H=2 split 1024", (1, 5000, 2, 128, 128),
+                     dict(seg_len=1024, **ov)))
+        jobs.append((f"[{name}] varlen {len(lens)} docs device segment table",
+                     (1, sum(lens), 4, 128, 128), dict(lens=lens, seg_len=1024, **ov)))
+    jobs.append(("varlen host offsets (CPU cu_seqlens), split", (1, sum(lens), 4, 128, 128),
+                 dict(lens=lens, cu_host=True, seg_len=2048)))
+    jobs.append(("varlen device offsets, auto plan (H=2: split assumed)",
+                 (1, sum(lens), 2, 128, 128), dict(lens=lens)))
+    jobs.append(("[fused] D=E=64 T=777 H=3", (1, 777, 3, 64, 64), dict(fused=True)))
+    jobs.append(("[fused] fp32 T=1500 H=2 split", (1, 1500, 2, 128, 128),
+                 dict(dtype=torch.float32, fused=True, seg_len=512)))
+    return jobs
+
+
+def run_job(job):
+    """One check in a worker process: returns (its report line, failed names)."""
+    import contextlib
+    import io
+    torch.cuda.set_device(0)
+    name, args, kwargs = job
+    buf = io.StringIO()
+    n = len(FAILS)
+    with contextlib.redirect_stdout(buf):
+        try:
+            check(name, *args, **kwargs)
+        except Exception as exc:
+            print(f"FAIL {name}: {type(exc).__name__}: {str(exc)[:200]}")
+            FAILS.append(name)
+    return buf.getvalue().rstrip(), FAILS[n:]
+
+
+def schedule_checks():
+    for name, args, kwargs in schedule_jobs():
+        check(name, *args, **kwargs)
+
+
+def check_bad_slots():
+    """Bad slots in a device tensor (not read back): nothing outside the named rows is written,
+    the bad rows' outputs are NaN, the CUDA context survives."""
+    from minimax01.ops.lightning.triton_decode import triton_lightning_decode
+    b, h, d, e, n = 4, 8, 128, 128, 6
+    q, k, v, slope = inputs(b, 1, h, d, e, torch.bfloat16, 11)
+    q, k, v = q[:, 0], k[:, 0], v[:, 0]
+    pool = torch.randn(n + 2, h, d, e, device="cuda")  # rows n, n+1: guard rows past the pool
+    before = pool.clone()
+    idx = torch.tensor([2, -1, n, 2 ** 33 + 1], device="cuda")
+    o = triton_lightning_decode(q, k, v, pool[:n], slope, slot_idx=idx)
+    torch.cuda.synchronize()
+    ok_rows = [r for r in range(n + 2) if r != 2]
+    errs = {"untouched": 0.0 if torch.equal(pool[ok_rows], before[ok_rows]) else float("inf"),
+            "nan_rows": 0.0 if torch.isnan(o[1:]).all() else float("inf")}
+    ref = before[2:3].clone()
+    o_r = lightning_decode(q[:1], k[:1], v[:1], ref, slope, backend="chunk")
+    errs["o"] = rel(o[:1], o_r)
+    errs["S"] = rel(pool[2:3], ref)
+    report("decode: bad device slots (-1, N, 2^33+1) touch nothing", errs, 1e-2)
+
+
+def check_no_sync_and_graph():
+    """Forward + backward with device offsets under sync-debug 'error' (any host sync raises),
+    then the forward captured in a CUDA graph (split plan: the device segment table) vs eager."""
+    lens = [3000, 17, 0, 9000, 4367]
+    q, k, v, slope = inputs(1, sum(lens), 8, 128, 128, torch.bfloat16, 5)
+    cu = torch.tensor([0] + torch.tensor(lens).cumsum(0).tolist(), dtype=torch.int32,
+                      device="cuda")
+    xs = [x.detach().requires_grad_() for x in (q, k, v)]
+    # warm-up: the slope's one-time check, the kernels' first launches
+    lightning_attn(*xs, slope, cu_seqlens=cu, backend="triton")[0].float().sum().backward()
+    torch.cuda.synchronize()
+    errs = {}
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        o, _ = lightning_attn(*xs, slope, cu_seqlens=cu, backend="triton")
+        o.float().sum().backward()
+        errs["sync"] = 0.0
+    except RuntimeError as exc:
+        print(f"     sync: {str(exc)[:200]}")
+        errs["sync"] = float("inf")
+    finally:
+        torch.cuda.set_sync_debug_mode(0)
+    with torch.no_grad():
+        eager, _ = lightning_attn(q, k, v, slope, cu_seqlens=cu, backend="triton")
+        side = torch.cuda.Stream()
+        side.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(side):
+            lightning_attn(q, k, v, slope, cu_seqlens=cu, backend="triton")
+        torch.cuda.current_stream().wait_stream(side)
+        graph = torch.cuda.CUDAGraph()
+        try:
+            with torch.cuda.graph(graph):
+                out, _ = lightning_attn(q, k, v, slope, cu_seqlens=cu, backend="triton")
+            graph.replay()
+            torch.cuda.synchronize()
+            errs["graph"] = rel(out, eager)
+        except Exception as exc:
+            print(f"     graph: {type(exc).__name__}: {str(exc)[:200]}")
+            errs["graph"] = float("inf")
+    report("no host sync (fwd+bwd, device cu_seqlens); CUDA graph fwd", errs, 1e-6)
+
+
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--quick", action="store_true", help="skip the 1M-token checks")
@@ -121,6 +247,9 @@ def main():
     print(torch.__version__, torch.cuda.get_device_name(), flush=True)
     if not args.long_only:
         short_checks()
+        schedule_checks()
+        check_bad_slots()
+        check_no_sync_and_graph()
     if not args.quick:
         check_long(1 << 20, 4, grads=False)
         check_long(1 << 20, 2, grads=True)

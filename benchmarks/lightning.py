@@ -1,33 +1,49 @@
 """Lightning attention speed: our Triton kernels against fla, OpenNLPLab lightning-attn, PyTorch
-SDPA (causal softmax, flash and cuDNN) and the roofline floor, on one card in one run.
+SDPA (causal softmax, flash and cuDNN) and the memory floor, on one card in one run.
 
-    python benchmarks/lightning.py            # the table (bf16, B=1, D=E=128)
-    python benchmarks/lightning.py --sweep    # also time tile / segment variants of our kernels
+    python benchmarks/lightning.py                          # the table (bf16, D = E = 128)
+    python benchmarks/lightning.py --check --tune --out DIR # the GPU session: everything below
 
-Times are medians of triton.testing.do_bench on random inputs. The floor is
-max(bytes / copy bandwidth, flops / bf16 matmul rate), both ceilings measured here:
-forward moves q, k, v in and o out (1 KiB per token and head in bf16 at D=E=128); the backward
-adds do in and dq, dk, dv out; decode reads and writes the fp32 state (2 H D E 4 bytes per
-sequence). FLOPs count the chunked algorithm at block 64. Missing peers print n/a."""
+With --check, first the GPU correctness checks of every kernel schedule against the fp32
+reference (benchmarks/check_lightning_gpu.py; the 1M-token checks run after the sweep, on the
+chosen tuning); with --tune, the sweep of benchmarks/lightning_tune.py picks this card's tuning
+and the table then uses it ("ours"), beside the shipped default ("default") in the same process.
+Rows: the issue's prefill cases (forward and forward+backward; H64 T = 4K / 16K / 64K, H8 T =
+64K / 256K, 22 packed documents in 64K tokens at H64, B = 8 x 8K at H64) and decode at batch 1 /
+64 / 256 (per layer, CUDA-graph replay over enough layers that the fp32 states do not stay in L2).
+
+Times are medians of triton.testing.do_bench on random inputs. Floor = bytes / measured copy
+rate: the forward moves q, k, v in and o out; forward+backward adds do in and dq, dk, dv out;
+decode reads and writes the fp32 state. Peers that are not installed print "not installed";
+shapes a peer cannot run print n/a. Writes DIR/lightning.json (everything) and, with --tune,
+DIR/lightning_tuning.json."""
 
 from __future__ import annotations
 
 import argparse
 import json
 import math
+import os
 import sys
+import time
 
 import torch
 import triton
 from triton.testing import do_bench
 
-from minimax01.ops import lightning_attn, lightning_decode
-from minimax01.ops.lightning import lightning_slopes, triton_plan
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+
+from minimax01.ops import lightning_attn, lightning_decode  # noqa: E402
+from minimax01.ops.lightning import lightning_slopes, triton_plan, triton_tune  # noqa: E402
 
 DT = torch.bfloat16
 D = E = 128
-PREFILL = [(64, 4096), (64, 16384), (64, 65536), (8, 65536)]
 DECODE = [1, 64, 256]
+T0 = time.time()
+
+
+def elapsed():
+    return f"[{time.time() - T0:5.0f} s]"
 
 
 def bench(fn, warmup=25, rep=100, grad_to_none=None):
@@ -39,61 +55,44 @@ def ceilings():
     a = torch.empty(n, dtype=torch.uint8, device="cuda").random_()
     b = torch.empty_like(a)
     bw = 2 * n / (bench(lambda: b.copy_(a)) * 1e-3)
+    del a, b
     x = torch.randn(8192, 8192, device="cuda", dtype=DT)
     y = torch.randn_like(x)
     mm = 2 * 8192 ** 3 / (bench(lambda: x @ y) * 1e-3)
     return bw, mm
 
 
-def floors(h, t, bw, mm):
-    """Floor times (ms) for forward and forward+backward at B=1, bf16, D=E=128."""
-    tok = t * h
-    c = 64
-    f_flops = tok * (2 * c * D + 2 * c * E + 4 * D * E)
-    f_bytes = tok * (2 * D + 2 * E) * 2
-    b_bytes = tok * (2 * D + 2 * E + 2 * D + E) * 2  # read q k v do, write dq dk dv
-    fwd = max(f_bytes / bw, f_flops / mm) * 1e3
-    both = max((f_bytes + b_bytes) / bw, 3 * f_flops / mm) * 1e3
-    return fwd, both
-
-
-def make(h, t, grad=False):
-    g = torch.Generator(device="cuda").manual_seed(h * t)
-    q, k = (torch.randn(1, t, h, D, device="cuda", generator=g, dtype=DT) * 0.3 for _ in range(2))
-    v = torch.randn(1, t, h, E, device="cuda", generator=g, dtype=DT)
-    slope = lightning_slopes(h, 1, 80).cuda()
-    if grad:
-        for x in (q, k, v):
-            x.requires_grad_()
-    return q, k, v, slope
-
-
-def _fwd_bwd(fn, q, k, v, do):
-    def run():
-        o = fn()
-        o.backward(do)
-    return run
+def floor_ms(tokens, backward, bw):
+    """Memory floor in ms: q, k, v in and o out (+ do in, dq, dk, dv out), bf16."""
+    per_tok = (2 * D + 2 * E) * 2 + ((2 * D + 2 * E + 2 * D + E) * 2 if backward else 0)
+    return tokens * per_tok / bw * 1e3
 
 
 # ---- peers -------------------------------------------------------------------------------
 
-def ours(q, k, v, slope):
-    return lambda: lightning_attn(q, k, v, slope, backend="triton")[0]
+NOT_INSTALLED = "not installed"
 
 
-def fla_chunk(q, k, v, slope):
+def ours(q, k, v, slope, cu):
+    return lambda: lightning_attn(q, k, v, slope, cu_seqlens=cu, backend="triton")[0]
+
+
+def fla_chunk(q, k, v, slope, cu):
     try:
         from fla.ops.simple_gla import chunk_simple_gla
     except Exception:
-        return None
+        return NOT_INSTALLED
     g = (-slope).float()
-    return lambda: chunk_simple_gla(q, k, v, g_gamma=g, scale=1.0)[0]
+    kw = {} if cu is None else dict(cu_seqlens=cu.long())
+    return lambda: chunk_simple_gla(q, k, v, g_gamma=g, scale=1.0, **kw)[0]
 
 
-def opennlp(q, k, v, slope):
+def opennlp(q, k, v, slope, cu):
     try:
         from lightning_attn.ops import lightning_attn_func
     except Exception:
+        return NOT_INSTALLED
+    if cu is not None:
         return None
     qt, kt, vt = (x.detach().transpose(1, 2).contiguous().requires_grad_(x.requires_grad)
                   for x in (q, k, v))
@@ -102,8 +101,10 @@ def opennlp(q, k, v, slope):
 
 
 def sdpa(backend_name):
-    def peer(q, k, v, slope):
+    def peer(q, k, v, slope, cu):
         from torch.nn.attention import SDPBackend, sdpa_kernel
+        if cu is not None or q.shape[1] > 65536:  # no packed form here; quadratic past 64K
+            return None
         be = {"flash": SDPBackend.FLASH_ATTENTION,
               "cudnn": SDPBackend.CUDNN_ATTENTION}[backend_name]
         qt, kt, vt = (x.detach().transpose(1, 2).requires_grad_(x.requires_grad) for x in (q, k, v))
@@ -119,27 +120,34 @@ def sdpa(backend_name):
     return peer
 
 
-PEERS = [("ours", ours), ("fla", fla_chunk), ("lightning-attn", opennlp),
-         ("sdpa-flash", sdpa("flash")), ("sdpa-cudnn", sdpa("cudnn"))]
+PEERS = [("fla", fla_chunk), ("lightning-attn", opennlp), ("sdpa-flash", sdpa("flash")),
+         ("sdpa-cudnn", sdpa("cudnn"))]
 
 
-def time_peer(make_fn, h, t, backward):
-    q, k, v, slope = make(h, t, grad=backward)
+def time_fn(make_fn, row, backward, override=None):
+    """Median ms of one peer on one row; None where it cannot run; NOT_INSTALLED."""
+    from lightning_tune import make
+    name, b, t, h, lens = row
+    q, k, v, slope, cu = make(b, t, h, lens, backward)
     try:
-        fn = make_fn(q, k, v, slope)
-        if fn is None:
-            return None
-        heavy = make_fn.__name__ == "peer" and t >= 65536  # softmax at 64K: few repeats
-        kw = dict(warmup=1, rep=1) if heavy else {}
-        if backward:
-            do = torch.randn_like(fn())
-            leaves = [x for x in (q, k, v)]
-            return bench(_fwd_bwd(fn, q, k, v, do), grad_to_none=leaves, **kw)
-        with torch.no_grad():
-            return bench(fn, **kw)
+        with triton_plan.override(**(override or {})):
+            fn = make_fn(q, k, v, slope, cu)
+            if fn is None or fn == NOT_INSTALLED:
+                return fn
+            heavy = make_fn.__name__ == "peer" and t >= 65536  # softmax at 64K: few repeats
+            kw = dict(warmup=1, rep=1) if heavy else dict(warmup=10, rep=60)
+            if backward:
+                out = fn()
+                do = torch.randn_like(out)
+
+                def run():
+                    fn().backward(do)
+                return bench(run, grad_to_none=[q, k, v], **kw)
+            with torch.no_grad():
+                return bench(fn, **kw)
     except Exception as exc:  # a peer that cannot run this shape
-        print(f"  [{make_fn.__name__} h={h} t={t} bwd={backward}: {type(exc).__name__}: "
-              f"{str(exc)[:120]}]", file=sys.stderr)
+        print(f"  [{make_fn.__name__} {name} bwd={backward}: {type(exc).__name__}: "
+              f"{str(exc)[:160]}]", file=sys.stderr, flush=True)
         return None
     finally:
         del q, k, v
@@ -161,7 +169,7 @@ def graph_per_call(fns):
     with torch.cuda.graph(g):
         for f in fns:
             f()
-    return bench(g.replay) / len(fns)
+    return bench(g.replay, warmup=10, rep=50) / len(fns)
 
 
 def decode_times(b, h=64, peers=True, **decode_kw):
@@ -202,152 +210,186 @@ def decode_times(b, h=64, peers=True, **decode_kw):
         ("ours", ours_fn),)
     for name, mk in makers:
         try:
+            if name == "fla":
+                import fla  # noqa: F401
             res[name] = graph_per_call([mk(s) for s in states])
+        except ImportError:
+            res[name] = NOT_INSTALLED
         except Exception as exc:
             print(f"  [{name} decode graph: {type(exc).__name__}: {str(exc)[:120]}]",
                   file=sys.stderr)
             res[name] = None
+    del states
+    torch.cuda.empty_cache()
     return res
 
 
-# ---- sweep of our variants ---------------------------------------------------------------
+# ---- the table ---------------------------------------------------------------------------
 
-SWEEP_TILES = [
-    dict(block_t=64, block_v=32, num_warps=4, num_stages=3),
-    dict(block_t=32, block_v=32, num_warps=4, num_stages=3),
-    dict(block_t=32, block_v=32, num_warps=4, num_stages=4),
-    dict(block_t=64, block_v=16, num_warps=4, num_stages=3),
-    dict(block_t=64, block_v=32, num_warps=4, num_stages=3, bwd_block_v=64),
-]
-# (heads, tokens, [(name, plan overrides)]): "auto" is the shipped rule
-SWEEP_SHAPES = [
-    (64, 16384, [("auto", {})]),
-    (8, 65536, [("auto", {}), ("1xSM", dict(target_programs=132))]),
-]
-DECODE_SWEEP = [dict(block_v=32, num_warps=4), dict(block_v=64, num_warps=4),
-                dict(block_v=64, num_warps=8), dict(block_v=16, num_warps=2),
-                dict(block_v=128, num_warps=8)]
+def fmt(x):
+    if x == NOT_INSTALLED:
+        return x
+    return "n/a" if x is None else (f"{x:.4f}" if x < 0.1 else f"{x:.3f}")
 
 
-def sweep():
-    rows = []
-    for tiles in SWEEP_TILES:
-        for h, t, splits in SWEEP_SHAPES:
-            for split_name, split in splits:
-                row = dict(tiles, h=h, t=t, split=split_name)
-                with triton_plan.override(**tiles, **split):
-                    try:
-                        q, k, v, slope = make(h, t, grad=True)
-                        fn = ours(q, k, v, slope)
-                        with torch.no_grad():
-                            row["fwd"] = bench(fn, warmup=10, rep=40)
-                        do = torch.randn_like(v)
-                        row["f+b"] = bench(_fwd_bwd(fn, q, k, v, do), warmup=10, rep=40,
-                                           grad_to_none=[q, k, v])
-                    except Exception as exc:
-                        row["error"] = f"{type(exc).__name__}: {str(exc)[:80]}"
-                rows.append(row)
-                print("sweep", json.dumps({k: (round(x, 4) if isinstance(x, float) else x)
-                                           for k, x in row.items()}), flush=True)
+def ratio(a, b):
+    return a / b if isinstance(a, float) and isinstance(b, float) and b else None
+
+
+def table(bw, mm, tuned, budget_left, rows, on_row=lambda: None):
+    """Appends the table's rows to `rows` (calling `on_row` after each) and returns it."""
+    from lightning_tune import BWD_ROWS, FWD_ROWS, tuning_override
+    default_ov = tuning_override(triton_tune.DEFAULT)
+    for backward, cases in ((False, FWD_ROWS), (True, BWD_ROWS)):
+        for row in cases:
+            name, b, t, h, lens = row
+            r = {"case": name, "floor": floor_ms(b * t * h, backward, bw)}
+            r["ours"] = time_fn(ours, row, backward)
+            r["default"] = time_fn(ours, row, backward, default_ov) if tuned else r["ours"]
+            for pname, peer in PEERS:
+                if pname.startswith("sdpa") and time.time() > budget_left:
+                    r[pname] = None  # out of time: softmax peers are only context
+                    continue
+                r[pname] = time_fn(peer, row, backward)
+            print(f"{elapsed()} {name:<32} ours {fmt(r['ours'])} default {fmt(r['default'])} "
+                  f"fla {fmt(r['fla'])} floor {fmt(r['floor'])}", flush=True)
+            rows.append(r)
+            on_row()
+    for b in DECODE:
+        dt = decode_times(b)
+        floor = 2 * b * 64 * D * E * 4 / bw * 1e3
+        r = {"case": f"decode B={b} H64", "floor": floor, "ours": dt["ours"], "fla": dt["fla"],
+             "torch": dt["torch"], "eager": dt["ours eager"]}
+        if isinstance(dt["ours"], float):
+            r["TB/s"] = 2 * b * 64 * D * E * 4 / (dt["ours"] * 1e-3) / 1e12
+        rows.append(r)
+        on_row()
+        print(f"{elapsed()} decode B={b}: {dt}", flush=True)
     return rows
 
 
-def breakdown(h, t):
-    """Per-kernel CUDA time of one forward+backward of ours (torch profiler)."""
-    from torch.profiler import ProfilerActivity, profile
-    q, k, v, slope = make(h, t, grad=True)
-    do = torch.randn_like(v)
-    run = _fwd_bwd(ours(q, k, v, slope), q, k, v, do)
-    for _ in range(3):
-        run()
-    torch.cuda.synchronize()
-    with profile(activities=[ProfilerActivity.CUDA]) as prof:
-        for _ in range(5):
-            run()
-        torch.cuda.synchronize()
-    print(f"breakdown h={h} t={t} (5 fwd+bwd):")
-    print(prof.key_averages().table(sort_by="cuda_time_total", row_limit=12,
-                                    max_name_column_width=60))
+def print_table(rows, versions, bw, mm):
+    print(f"\n{versions['card']}  torch {versions['torch']}  triton {versions['triton']}  "
+          f"fla {versions['fla']}  lightning-attn {versions['lightning-attn']}  "
+          f"copy {bw / 1e12:.2f} TB/s  bf16 mm {mm / 1e12:.0f} TFLOP/s")
+    print("times in ms, bf16, D=E=128; ours = this card's tuning, default = the shipped default; "
+          "decode: fp32 state, per layer, CUDA-graph replay")
+    cols = ["ours", "default", "fla", "lightning-attn", "sdpa-flash", "sdpa-cudnn", "torch",
+            "floor"]
+    print("| case | " + " | ".join(cols) + " | ours/fla | ours/floor | default/ours | note |")
+    print("|" + "---|" * (len(cols) + 5))
+    for r in rows:
+        note = ""
+        if "TB/s" in r:
+            note = (f"{r['TB/s']:.2f} TB/s = {100 * r['TB/s'] * 1e12 / bw:.0f}% of copy; "
+                    f"eager {fmt(r['eager'])}")
+        print(f"| {r['case']} | " + " | ".join(fmt(r.get(c)) for c in cols)
+              + f" | {fmt(ratio(r.get('ours'), r.get('fla')))}"
+              f" | {fmt(ratio(r.get('ours'), r.get('floor')))}"
+              f" | {fmt(ratio(r.get('default'), r.get('ours')))} | {note} |")
+    goal_rows = [r for r in rows if not r["case"].startswith("decode")]
+    met = [r["case"] for r in goal_rows if (ratio(r.get("ours"), r.get("fla")) or 9) <= 0.5]
+    print(f"\nrows at <= 0.5x fla: {len(met)} of {len(goal_rows)}; forward rows at <= 1.4x floor: "
+          f"{sum(1 for r in goal_rows if r['case'].startswith('fwd ') and (ratio(r.get('ours'), r.get('floor')) or 9) <= 1.4)}")
 
 
-def fmt(x):
-    return "n/a" if x is None else f"{x:.3f}"
+def versions_info():
+    v = {"torch": torch.__version__, "triton": triton.__version__,
+         "card": torch.cuda.get_device_name(), "cuda": torch.version.cuda}
+    for mod, key in (("fla", "fla"), ("lightning_attn", "lightning-attn")):
+        try:
+            m = __import__(mod)
+            v[key] = getattr(m, "__version__", "installed")
+        except Exception:
+            v[key] = NOT_INSTALLED
+    return v
 
 
 def main():
     ap = argparse.ArgumentParser()
-    ap.add_argument("--sweep", action="store_true")
-    ap.add_argument("--no-table", action="store_true", help="only the ceilings (and the sweep)")
-    ap.add_argument("--decode-only", action="store_true", help="table rows for decode only")
-    ap.add_argument("--json", default=None, help="also write the numbers to this file")
+    ap.add_argument("--check", action="store_true", help="GPU correctness checks first")
+    ap.add_argument("--tune", action="store_true", help="sweep schedules, pick this card's tuning")
+    ap.add_argument("--tune-budget-s", type=float, default=170)
+    ap.add_argument("--no-table", action="store_true")
+    ap.add_argument("--no-long", action="store_true", help="skip the 1M-token checks")
+    ap.add_argument("--tuning", default=None, help="a lightning_tuning.json to use")
+    ap.add_argument("--out", default=os.environ.get("OUT", "."))
+    ap.add_argument("--total-budget-s", type=float, default=470,
+                    help="softmax peers are skipped once this much time has gone")
     args = ap.parse_args()
+    os.makedirs(args.out, exist_ok=True)
     torch.backends.cuda.matmul.allow_tf32 = True
-    versions = {"torch": torch.__version__, "triton": triton.__version__,
-                "card": torch.cuda.get_device_name()}
-    try:
-        import fla
-        versions["fla"] = getattr(fla, "__version__", "?")
-    except Exception:
-        versions["fla"] = None
+    versions = versions_info()
     print(versions, flush=True)
+    if args.tuning:
+        triton_tune.load(args.tuning)
     bw, mm = ceilings()
-    print(f"copy bandwidth {bw / 1e12:.2f} TB/s (read+write), bf16 matmul {mm / 1e12:.0f} TFLOP/s",
-          flush=True)
+    print(f"{elapsed()} copy {bw / 1e12:.2f} TB/s (read+write), bf16 matmul {mm / 1e12:.0f} "
+          f"TFLOP/s", flush=True)
     out = {"versions": versions, "bw": bw, "mm": mm}
-    if args.sweep:
-        out["sweep"] = sweep()
-        for b in (1, 64, 256):
-            for kw in DECODE_SWEEP:
-                t_ = decode_times(b, peers=False, **kw)["ours"]
-                rate = f"{2 * b * 64 * D * E * 4 / (t_ * 1e-3) / 1e12:.2f} TB/s" if t_ else ""
-                print("decode sweep", b, kw, fmt(t_), rate, flush=True)
-        for h, t in ((64, 16384),):
-            try:
-                breakdown(h, t)
-            except Exception as exc:
-                print("breakdown failed:", exc)
-    if args.no_table:
-        if args.json:
-            with open(args.json, "w") as f:
-                json.dump(out, f, indent=1)
-        return
+    failed = []
+    warm = tuned = None
 
-    rows = []
-    for backward in ((False, True) if not args.decode_only else ()):
-        for h, t in PREFILL:
-            fl_f, fl_b = floors(h, t, bw, mm)
-            floor = fl_b if backward else fl_f
-            r = {"case": f"{'fwd+bwd' if backward else 'fwd'} H={h} T={t // 1024}K",
-                 "floor": floor}
-            for name, fn in PEERS:
-                r[name] = time_peer(fn, h, t, backward)
-                print(f"  {r['case']:<22} {name:<15} {fmt(r[name])} ms", flush=True)
-            rows.append(r)
-    for b in DECODE:
-        dt = decode_times(b)
-        floor = 2 * b * 64 * D * E * 4 / bw * 1e3
-        rows.append({"case": f"decode B={b} H=64", "floor": floor, "ours": dt["ours"],
-                     "fla": dt["fla"], "torch": dt["torch"], "eager": dt["ours eager"],
-                     "TB/s": 2 * b * 64 * D * E * 4 / (dt["ours"] * 1e-3) / 1e12})
-        print(f"  decode B={b}: {dt}", flush=True)
-    out["rows"] = rows
-    if args.json:
-        with open(args.json, "w") as f:
-            json.dump(out, f, indent=1)
+    def save():  # after every phase: a run killed by its time limit keeps what it measured
+        out["wall_s"] = time.time() - T0
+        out["check_failures"] = failed + [f for f in chk.FAILS if f not in failed]
+        with open(os.path.join(args.out, "lightning.json"), "w") as f:
+            json.dump(out, f, indent=1, default=str)
 
-    print(f"\n{versions['card']}  torch {versions['torch']}  triton {versions['triton']}  "
-          f"fla {versions['fla']}  copy {bw / 1e12:.2f} TB/s  bf16 mm {mm / 1e12:.0f} TFLOP/s")
-    print("times in ms, B=1, D=E=128, bf16; decode: fp32 state, per layer, CUDA-graph replay")
-    cols = ["ours", "fla", "lightning-attn", "sdpa-flash", "sdpa-cudnn", "torch", "floor"]
-    print(f"| {'case':<22} | " + " | ".join(f"{c:>14}" for c in cols)
-          + " | ours/fla | ours/floor | note |")
-    print("|" + "---|" * (len(cols) + 4))
-    for r in rows:
-        ratio_fla = (r["ours"] / r["fla"]) if r.get("ours") and r.get("fla") else None
-        ratio_floor = (r["ours"] / r["floor"]) if r.get("ours") else None
-        note = (f"{r['TB/s']:.2f} TB/s; eager {fmt(r['eager'])}" if "TB/s" in r else "")
-        print(f"| {r['case']:<22} | " + " | ".join(f"{fmt(r.get(c)):>14}" for c in cols)
-              + f" | {fmt(ratio_fla):>8} | {fmt(ratio_floor):>10} | {note} |")
+    def phase(name, fn):
+        """One phase; a crash is reported (and counted as a failure) and the run goes on, so
+        one bad phase never costs the others' numbers."""
+        try:
+            return fn()
+        except Exception:
+            import traceback
+            traceback.print_exc()
+            failed.append(f"phase {name} crashed")
+            return None
+
+    import check_lightning_gpu as chk
+    jobs = chk.schedule_jobs() if args.check else []
+    if args.tune:  # compile the sweep's kernels (and run the schedule checks) in other processes
+        import lightning_tune
+        warm = phase("warm", lambda: lightning_tune.start_warm(check_jobs=jobs))
+    if args.check:
+        def checks():
+            chk.short_checks()
+            chk.check_bad_slots()
+            chk.check_no_sync_and_graph()
+            if warm is not None and warm.checks is not None:
+                for line, fails in warm.checks.get(timeout=300):
+                    print(line, flush=True)
+                    chk.FAILS.extend(fails)
+            else:
+                chk.schedule_checks()
+        phase("checks", checks)
+        save()
+        print(f"{elapsed()} checks: {'all passed' if not chk.FAILS else 'FAILED ' + str(chk.FAILS)}",
+              flush=True)
+    if args.tune:
+        tuned = phase("tune", lambda: lightning_tune.run(args.out, args.tune_budget_s, bw, warm))
+        if tuned is not None:
+            out["tuning"] = tuned.to_json()
+        save()
+        print(f"{elapsed()} tuned", flush=True)
+    if args.check and not args.no_long:
+        phase("long checks", lambda: (chk.check_long(1 << 20, 4, grads=False),
+                                      chk.check_long(1 << 20, 2, grads=True)))
+        save()
+        print(f"{elapsed()} long checks done", flush=True)
+    if args.check:
+        failed += chk.FAILS
+    if not args.no_table:
+        out["rows"] = []
+        phase("table", lambda: table(bw, mm, tuned is not None, T0 + args.total_budget_s,
+                                     out["rows"], save))
+        phase("print", lambda: print_table(out["rows"], versions, bw, mm))
+    save()
+    print(f"{elapsed()} wrote {os.path.join(args.out, 'lightning.json')}"
+          + (f"; CHECK FAILURES: {failed}" if failed else "; all checks passed" if args.check
+             else ""), flush=True)
+    sys.exit(1 if failed else 0)
 
 
 if __name__ == "__main__":

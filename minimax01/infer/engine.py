@@ -20,6 +20,7 @@ from collections.abc import Sequence as Seq
 
 import torch
 
+from ..ops.lightning import check_slot_idx
 from .detok import TextStream
 from .planner import plan_memory
 from .prepare import cast_model, prepare_for_serving  # noqa: F401  (cast_model: its old home)
@@ -182,6 +183,7 @@ class Engine:
     def _decode(self, seqs: list[Sequence]) -> torch.Tensor:
         tokens = torch.tensor([s.output_ids[-1] for s in seqs], device=self.device)
         slots = [s.slot for s in seqs]
+        check_slot_idx(slots, self.cache.pool.scratch)  # host-side: the kernels never read back
         if self.graphs is not None:
             try:
                 return self.graphs.run(tokens, slots)

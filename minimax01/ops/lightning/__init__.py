@@ -11,6 +11,8 @@ import os
 
 import torch
 
+from .checks import (check_cu_seqlens, check_decode_slots, check_max_seqlen, check_slope,
+                     check_slot_idx, debug_checks, require_float, require_tensor)
 from .chunk import chunk_lightning_attn
 from .decode import torch_lightning_decode
 from .naive import naive_lightning_attn
@@ -20,7 +22,7 @@ from .slopes import alibi_slopes, lightning_slopes
 BACKENDS = ("naive", "recurrent", "chunk", "triton")
 
 __all__ = ["lightning_attn", "lightning_decode", "alibi_slopes", "lightning_slopes", "BACKENDS",
-           "triton_available"]
+           "triton_available", "check_slot_idx", "debug_checks"]
 
 
 def triton_available(device: torch.device | None = None) -> bool:
@@ -40,7 +42,11 @@ def _default_backend(q: torch.Tensor) -> str:
     return "chunk"
 
 
-def _check_inputs(q, k, v, slope, initial_state, cu_seqlens, block_size):
+def _check_inputs(q, k, v, slope, initial_state, cu_seqlens, block_size, max_seqlen, backend):
+    """Shapes, dtypes and host-side values; no device sync on the Triton path (checks.py)."""
+    for name, x in (("q", q), ("k", k), ("v", v)):
+        require_tensor(x, name, "[B, T, H, D]")
+        require_float(x, name)
     if q.dim() != 4 or k.dim() != 4 or v.dim() != 4:
         raise ValueError(f"q, k, v must be [B, T, H, D]; got {tuple(q.shape)}, {tuple(k.shape)}, "
                          f"{tuple(v.shape)}")
@@ -50,20 +56,14 @@ def _check_inputs(q, k, v, slope, initial_state, cu_seqlens, block_size):
     if not (q.dtype == k.dtype == v.dtype):
         raise ValueError(f"q, k, v must share a dtype; got {q.dtype}, {k.dtype}, {v.dtype}")
     b, t, h, d = q.shape
-    if slope.shape != (h,):
-        raise ValueError(f"slope must have shape [H]=[{h}], got {tuple(slope.shape)}")
+    check_slope(slope, h)
     n = b
     if cu_seqlens is not None:
-        if b != 1:
-            raise ValueError(f"with cu_seqlens the batch must be 1 (packed), got B={b}")
-        if cu_seqlens.dim() != 1 or cu_seqlens.numel() < 2 or cu_seqlens.dtype.is_floating_point:
-            raise ValueError("cu_seqlens must be a 1-D integer tensor [0, n1, n1+n2, ..., T]")
-        offsets = cu_seqlens.tolist()
-        if offsets[0] != 0 or offsets[-1] != t or any(x > y for x, y in zip(offsets, offsets[1:])):
-            raise ValueError(f"cu_seqlens must start at 0, be non-decreasing and end at T={t}; "
-                             f"got {offsets[:4]}...{offsets[-2:]}")
-        n = len(offsets) - 1
+        n = check_cu_seqlens(cu_seqlens, t, b, host=backend != "triton")
+    check_max_seqlen(max_seqlen, cu_seqlens, t)
     if initial_state is not None:
+        require_tensor(initial_state, "initial_state", "[N, H, D, E] fp32")
+        require_float(initial_state, "initial_state")
         expect = (n, h, d, v.shape[-1])
         if tuple(initial_state.shape) != expect:
             raise ValueError(f"initial_state must have shape {list(expect)}, got "
@@ -73,14 +73,18 @@ def _check_inputs(q, k, v, slope, initial_state, cu_seqlens, block_size):
 
 
 def lightning_attn(q, k, v, slope, *, initial_state=None, output_final_state=False, cu_seqlens=None,
-                   block_size=None, backend=None):
+                   block_size=None, backend=None, max_seqlen=None):
     """Causal linear attention with decay exp(-slope[h]), no scale, no normalisation.
 
-    q, k: [B, T, H, D]; v: [B, T, H, E]; slope: [H] fp32. With `cu_seqlens` (B == 1) the state
-    restarts at every document (or at that document's row of `initial_state`).
+    q, k: [B, T, H, D]; v: [B, T, H, E]; slope: [H] fp32, finite, >= 0. With `cu_seqlens`
+    (B == 1) the state restarts at every document (or at that document's row of
+    `initial_state`). `max_seqlen` (optional host int, the longest document) lets the Triton
+    backend plan the work split of device-resident `cu_seqlens` exactly; a CPU `cu_seqlens`
+    gives it everything. Neither is needed: without them nothing is read back from the GPU.
     Returns (o [B, T, H, E] in q.dtype, final state [N, H, D, E] fp32 or None)."""
-    _check_inputs(q, k, v, slope, initial_state, cu_seqlens, block_size)
-    backend = backend or _default_backend(q)
+    if backend is None:
+        backend = _default_backend(q) if isinstance(q, torch.Tensor) else "chunk"
+    _check_inputs(q, k, v, slope, initial_state, cu_seqlens, block_size, max_seqlen, backend)
     if backend == "naive":
         o, state = naive_lightning_attn(q, k, v, slope, initial_state, cu_seqlens)
     elif backend == "recurrent":
@@ -91,7 +95,7 @@ def lightning_attn(q, k, v, slope, *, initial_state=None, output_final_state=Fal
         from .triton_ops import triton_lightning_attn
 
         o, state = triton_lightning_attn(q, k, v, slope, initial_state, cu_seqlens, block_size,
-                                         output_final_state)
+                                         output_final_state, max_seqlen)
     else:
         raise ValueError(f"unknown lightning backend {backend!r}; choose from {BACKENDS}")
     if not output_final_state:
@@ -103,8 +107,15 @@ def lightning_attn(q, k, v, slope, *, initial_state=None, output_final_state=Fal
 
 def lightning_decode(q, k, v, state, slope, *, slot_idx=None, backend=None):
     """One token for each of B sequences. q, k: [B, H, D]; v: [B, H, E]; state: [N, H, D, E] fp32,
-    updated in place (rows `slot_idx` [B] when given, else N == B). Returns o [B, H, E]."""
-    if q.dim() != 3 or k.shape != q.shape or v.shape[:2] != q.shape[:2]:
+    updated in place (rows `slot_idx` [B] when given, else N == B). Returns o [B, H, E].
+
+    `slot_idx` rows must be distinct and in [0, N): checked here when it is a CPU tensor; a GPU
+    tensor is not read back (build it from host data checked with `check_slot_idx`): a bad row
+    there updates nothing and gives NaN outputs (debug checks: a device assert)."""
+    for name, x in (("q", q), ("k", k), ("v", v), ("state", state)):
+        require_tensor(x, name, "a tensor")
+        require_float(x, name)
+    if q.dim() != 3 or k.shape != q.shape or v.dim() != 3 or v.shape[:2] != q.shape[:2]:
         raise ValueError(f"decode expects q, k [B, H, D] and v [B, H, E]; got {tuple(q.shape)}, "
                          f"{tuple(k.shape)}, {tuple(v.shape)}")
     b, h, d = q.shape
@@ -112,13 +123,19 @@ def lightning_decode(q, k, v, state, slope, *, slot_idx=None, backend=None):
         raise ValueError(f"state must be [N, {h}, {d}, {v.shape[-1]}], got {list(state.shape)}")
     if state.dtype not in (torch.float32, torch.float64):
         raise ValueError(f"state must be fp32 (or fp64 for tests), got {state.dtype}")
+    check_slope(slope, h)
     if slot_idx is None and state.shape[0] != b:
         raise ValueError(f"without slot_idx the state needs B={b} rows, got {state.shape[0]}")
-    if slot_idx is not None and slot_idx.shape != (b,):
-        raise ValueError(f"slot_idx must have shape [{b}], got {list(slot_idx.shape)}")
+    if slot_idx is not None:
+        check_decode_slots(slot_idx, b, state.shape[0])
     backend = backend or _default_backend(q)
     if backend == "triton":
         from .triton_ops import triton_lightning_decode
 
         return triton_lightning_decode(q, k, v, state, slope, slot_idx)
+    if slot_idx is not None and slot_idx.device.type != "cpu":
+        # indexing would wrap a negative row onto the pool's last rows: a device assert instead
+        # (graph-capturable, no sync; the torch path is the reference, not the hot path)
+        torch._assert_async(((slot_idx >= 0) & (slot_idx < state.shape[0])).all(),
+                            "slot_idx out of range")
     return torch_lightning_decode(q, k, v, state, slope, slot_idx)

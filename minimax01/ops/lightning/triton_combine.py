@@ -1,14 +1,15 @@
 """Stitch segment states into start states: the cheap middle pass of a split sequence.
 
-When a long document is cut into segments that run on separate programs, each segment first
-computes its local state from zero (scan_kernel with STATE_ONLY). A segment's true start state is
-then the carry of the segments before it (after it, for the backward's reverse scan):
+When a long document is cut into segments that run on separate programs, each segment but the
+last (in scan order) first computes its local state from zero (scan_kernel with STATE_ONLY). A
+segment's true start state is then the carry of the segments before it (after it, for the
+backward's reverse scan):
 
-    start[p] = carry;  carry = lam^len[p] * carry + local[p]
+    start[first] = s0;  start[p+1] = lam^len[p] * start[p] + local[p]
 
 a scan over a handful of D x E matrices per document. The kernel overwrites each local state
-with its start state in place and writes the document's final carry (the final state forward,
-the initial state's gradient backward)."""
+with its start state in place; the main scan then starts every segment from its start state and
+the document's last segment writes the final state (the initial state's gradient backward)."""
 
 from __future__ import annotations
 
@@ -19,12 +20,11 @@ from .triton_jit import kernel
 
 @kernel
 def combine_kernel(
-    BUF, S0, FINAL, ITEMS, DOC_FIRST, SLOPE,
+    BUF, S0, ITEMS, DOC_FIRST, SLOPE,
     H, DK, DV,
     s0_r, s0_h, s0_k, s0_v,
-    f_r, f_h, f_k, f_v,
     BLOCK_K: tl.constexpr, BLOCK_V: tl.constexpr,
-    REVERSE: tl.constexpr, HAS_S0: tl.constexpr, STORE_FINAL: tl.constexpr,
+    REVERSE: tl.constexpr, HAS_S0: tl.constexpr,
 ):
     pid = tl.program_id(0)
     nv = (DV + BLOCK_V - 1) // BLOCK_V
@@ -49,17 +49,15 @@ def combine_kernel(
         carry = tl.zeros([BLOCK_K, BLOCK_V], dtype=tl.float32)
 
     tile = h * DK * DV + ck[:, None] * DV + cv[None, :]
-    for j in range(0, last - first):
+    n = last - first
+    for j in range(0, n):
         if REVERSE:
             it = last - 1 - j
         else:
             it = first + j
         p = BUF + it.to(tl.int64) * (H * DK * DV) + tile
-        local = tl.load(p, mask=mask, other=0.0)
+        more = j + 1 < n  # the last segment in scan order has no local state
+        local = tl.load(p, mask=(mask & more) != 0, other=0.0)
         tl.store(p, carry, mask=mask)
-        length = tl.load(ITEMS + 2 * it + 1) - tl.load(ITEMS + 2 * it)
+        length = tl.load(ITEMS + 4 * it.to(tl.int64) + 1) - tl.load(ITEMS + 4 * it.to(tl.int64))
         carry = carry * tl.exp2(c * length.to(tl.float32)) + local
-
-    if STORE_FINAL:
-        pf = FINAL + doc.to(tl.int64) * f_r + h * f_h + ck[:, None] * f_k + cv[None, :] * f_v
-        tl.store(pf, carry, mask=mask)
