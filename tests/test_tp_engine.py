@@ -13,12 +13,19 @@ One forked group per TP size runs every case (parallel/tensor_parallel.py, infer
     expert parallel and int8 weights;
   * loading per rank from a synthetic checkpoint in the official sharded layout (legacy names,
     413 shards, index) and from a pre-quantised int8 checkpoint (hf dialect), plain and expert
-    parallel.
+    parallel, and a 16-bit checkpoint quantised to int8 while each rank loads;
+  * `generate` as a rank (torchrun's environment): the same seeded sample as one process;
+  * benchmarks/tp_serving.py --tiny --device cpu (TP 2): its correctness check and every row.
 
 With 4 query heads and 2 KV heads, TP 2 splits the KV heads and TP 4 replicates them; a 250-token
 vocabulary leaves TP 4's last shard shorter (padded logits)."""
 
 from __future__ import annotations
+
+import contextlib
+import importlib.util
+import json
+from pathlib import Path
 
 import pytest
 import torch
@@ -34,9 +41,14 @@ from minimax01.infer.tp_engine import StepChannel, follow, rank_engine
 from minimax01.model.cache import HybridCache
 from minimax01.parallel.tensor_parallel import load_tp_model, parallelize_for_inference
 from minimax01.parallel.tp_modules import TPGroup
+from minimax01.cli import main
 from minimax01.quant import quantize_model
+from minimax01.tokenizer import ByteTokenizer
 
 TOL = 1e-5
+BENCH = Path(__file__).resolve().parents[1] / "benchmarks" / "tp_serving.py"
+GENERATE = ["generate", "--prompt", "hello", "--no-bos", "--max-new-tokens", "12",
+            "--temperature", "0.8", "--seed", "3", "--device", "cpu"]
 
 
 def config() -> ModelConfig:
@@ -203,14 +215,46 @@ def checkpoint_case(rank, world, official, int8_hf):
             e = model.model.layers[0].mlp.experts
             assert e.gate_up_proj.dtype == torch.int8
             assert e.gate_up_proj.shape[1] == 2 * ref.config.intermediate_size // world
+    # a 16-bit checkpoint quantised while loading, per rank: row-split weights get exactly the
+    # bytes one process gets; input-split ones (out_proj, down_proj) per-rank row scales
+    ref = MiniMaxForCausalLM.from_pretrained(official, quantization="int8")
+    model = load_tp_model(official, TPGroup(), quantization="int8")
+    rows = model.model.layers[0].self_attn.qkv_proj
+    part = 3 * ref.config.head_dim * ref.config.num_attention_heads // world
+    want = ref.model.layers[0].self_attn.qkv_proj
+    assert torch.equal(rows.weight, want.weight[rank * part:(rank + 1) * part])
+    assert torch.equal(rows.weight_scale, want.weight_scale[rank * part:(rank + 1) * part])
+    with torch.inference_mode():
+        got, exp = model(ids).logits, ref(ids).logits
+    assert rel(got, exp) <= 3e-2 and got.argmax(-1).eq(exp.argmax(-1)).float().mean() >= 0.9
 
 
-def _all_cases(rank, world, official, int8_hf):
+def generate_case(rank, world, official, out_dir):
+    """`generate` under torchrun's environment: this process is a rank; rank 0 prints."""
+    out = out_dir / f"generate.{world}.{rank}.txt"
+    with open(out, "w") as f, contextlib.redirect_stdout(f):
+        assert main(GENERATE + ["--checkpoint", str(official)]) == 0
+
+
+def bench_case(rank, world, out_dir):
+    """benchmarks/tp_serving.py --tiny --device cpu (what torchrun would run on each rank)."""
+    spec = importlib.util.spec_from_file_location("tp_serving", BENCH)
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    with open(out_dir / f"bench.{rank}.txt", "w") as f, contextlib.redirect_stdout(f):
+        assert bench.main(["--tiny", "--device", "cpu", "--json",
+                           str(out_dir / "bench.json")]) == 0
+
+
+def _all_cases(rank, world, official, int8_hf, out_dir):
     control = dist.new_group(backend="gloo")
     engine_case(rank, world, control)
     count_case(rank, world)
     variants_case(rank, world)
     checkpoint_case(rank, world, official, int8_hf)
+    generate_case(rank, world, official, out_dir)
+    if world == 2:
+        bench_case(rank, world, out_dir)
 
 
 @pytest.fixture(scope="module")
@@ -218,14 +262,31 @@ def checkpoints(tmp_path_factory):
     torch.manual_seed(0)
     model = MiniMaxForCausalLM(small_config()).eval()
     official = write_official(model, tmp_path_factory.mktemp("official"))
+    ByteTokenizer().save(official)
     int8_hf = tmp_path_factory.mktemp("int8hf")
     quantize_model(model, "int8").save_pretrained(int8_hf, dialect="hf", max_shard_size="40KB")
     return official, int8_hf
 
 
 @pytest.mark.parametrize("world", [2, 4])
-def test_tensor_parallel_equals_one_process(world, checkpoints):
-    run_workers(_all_cases, world, *checkpoints)
+def test_tensor_parallel_equals_one_process(world, checkpoints, tmp_path, capsys):
+    official, _ = checkpoints
+    run_workers(_all_cases, world, *checkpoints, tmp_path)
+    # generate: rank 0 printed one process's text (sampled, seeded), the other ranks nothing
+    assert main(GENERATE + ["--checkpoint", str(official)]) == 0
+    want = capsys.readouterr().out
+    assert len(want) > len("hello") and (tmp_path / f"generate.{world}.0.txt").read_text() == want
+    assert all((tmp_path / f"generate.{world}.{r}.txt").read_text() == "" for r in range(1, world))
+    if world == 2:  # the benchmark's smoke mode: correct, and every row measured
+        report = json.loads((tmp_path / "bench.json").read_text())
+        assert report["ok"] and report["tp"] == 2
+        rows = {r["what"]: r for r in report["rows"]}
+        assert "identical tokens" in rows["greedy TP == TP 1 (small fp32-activation model)"]["value"]
+        decode = [r for w, r in rows.items() if w.startswith("decode step")]
+        prefill = [r for w, r in rows.items() if w.startswith("prefill")]
+        assert len(decode) == 4 and all(r["ms"] > 0 for r in decode)
+        assert len(prefill) == 2 and all(r["tok_s"] > 0 for r in prefill)
+        assert any("collectives" in r["value"] for r in decode)
 
 
 def test_plan_errors_name_the_field():

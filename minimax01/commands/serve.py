@@ -150,10 +150,9 @@ def run_rank(args) -> int:
     """One tensor-parallel rank (see the module docstring): rank 0 serves, the others follow."""
     import signal
 
-    import torch.distributed as dist
-
     from ..infer.server import create_app, serve
-    from ..infer.tp_engine import agree_num_slots, follow, init_tensor_parallel, rank_engine
+    from ..infer.tp_engine import (agree_num_slots, finish_tensor_parallel, follow,
+                                   init_tensor_parallel, rank_engine)
     from ..tokenizer import load_tokenizer
     from .tp_ranks import rank_model, setup_rank_logging
 
@@ -185,7 +184,7 @@ def run_rank(args) -> int:
             print(f"error: tensor-parallel rank {tp.rank}: the group broke ({type(e).__name__}: "
                   f"{e})", file=sys.stderr, flush=True)
             os._exit(1)  # the process group cannot be torn down cleanly any more
-        dist.destroy_process_group()
+        finish_tensor_parallel(tp)
         return 0
     name = args.model_name or (Path(args.checkpoint).resolve().name if args.checkpoint
                                else args.preset)
@@ -201,6 +200,11 @@ def run_rank(args) -> int:
     if engine.failed is not None:
         print(f"error: {engine.failed}", file=sys.stderr, flush=True)
         os._exit(1)
-    channel.stop()
-    dist.destroy_process_group()
+    try:
+        channel.stop()
+    except Exception as e:  # noqa: BLE001 - another rank is gone: nothing left to stop cleanly
+        print(f"error: tensor-parallel rank 0 could not stop the other ranks ({type(e).__name__}: "
+              f"{str(e).splitlines()[0] if str(e) else ''})", file=sys.stderr, flush=True)
+        os._exit(1)
+    finish_tensor_parallel(tp)
     return 0

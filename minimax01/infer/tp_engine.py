@@ -182,13 +182,22 @@ def init_tensor_parallel(device: str | None, timeout_s: float):
         dev = torch.device("cuda", local)
         torch.cuda.set_device(dev)
     timeout = datetime.timedelta(seconds=timeout_s)
-    if not dist.is_initialized():
+    owns = not dist.is_initialized()
+    if owns:
         if dev.type == "cuda":
             dist.init_process_group("nccl", timeout=timeout, device_id=dev)
         else:
             dist.init_process_group("gloo", timeout=timeout)
     control = dist.new_group(backend="gloo", timeout=timeout)
-    return TPGroup(), StepChannel(control), dev
+    tp = TPGroup()
+    tp.owns_process_group = owns  # whoever initialised the group destroys it
+    return tp, StepChannel(control), dev
+
+
+def finish_tensor_parallel(tp) -> None:
+    """Destroy the process group if `init_tensor_parallel` made it."""
+    if getattr(tp, "owns_process_group", False) and dist.is_initialized():
+        dist.destroy_process_group()
 
 
 def agree_num_slots(model, device: torch.device, num_slots: int | None, max_context: int,

@@ -38,12 +38,15 @@ class TPGroup:
         self.size = dist.get_world_size(group) if on else 1
         self.rank = dist.get_rank(group) if on else 0
         self.counts = {"all_reduce": 0, "all_gather": 0}
+        self.skip = False  # benchmarks only: compute without communicating (wrong results), to
+                           # measure the collectives' share of a step (benchmarks/tp_serving.py)
 
     def all_reduce(self, x: torch.Tensor) -> torch.Tensor:
         """Sum over the ranks, in place; returns x."""
         if self.size > 1:
             self.counts["all_reduce"] += 1
-            dist.all_reduce(x, group=self.group)
+            if not self.skip:
+                dist.all_reduce(x, group=self.group)
         return x
 
     def all_gather_rows(self, x: torch.Tensor) -> torch.Tensor:
@@ -51,6 +54,8 @@ class TPGroup:
         if self.size == 1:
             return x[None]
         self.counts["all_gather"] += 1
+        if self.skip:
+            return x[None].expand(self.size, *x.shape)
         out = x.new_empty((self.size * x.shape[0], *x.shape[1:]))
         gather = getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor
         gather(out, x.contiguous(), group=self.group)
