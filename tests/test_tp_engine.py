@@ -302,3 +302,29 @@ class _Fake(TPGroup):
     def __init__(self, size):
         super().__init__()
         self.size, self.rank = size, 0
+
+
+def test_step_record_round_trip_and_refuses_garbage():
+    from minimax01.infer.step_record import StepRecord
+
+    r = StepRecord(reset=[2], decode_tokens=[5, 6], decode_slots=[0, 1], decode_lengths=[9, 3],
+                   prefill_ids=[1, 2, 3], prefill_slots=[2], prefill_starts=[0],
+                   prefill_lengths=[3], prefill_keep=[2])
+    assert StepRecord.decode(r.encode()) == r and not r.empty and StepRecord().empty
+    with pytest.raises(ValueError, match="field lengths"):
+        StepRecord.decode(r.encode()[:-1])
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["serve", "--preset", "debug", "--tensor-parallel", "3", "--device", "cpu"],
+     "--tensor-parallel: tensor parallel size 3 does not divide num_attention_heads=4"),
+    (["serve", "--preset", "debug", "--expert-parallel"], "--expert-parallel needs --tensor-parallel"),
+    (["serve", "--preset", "debug", "--tensor-parallel", "2", "--device", "cuda:1"],
+     "--tensor-parallel: give --device cuda"),
+    (["generate", "--checkpoint", ".", "--prompt", "x", "--tensor-parallel", "0"],
+     "--tensor-parallel must be >= 1"),
+])
+def test_tensor_parallel_flags_fail_in_one_line(argv, message, capsys):
+    assert main(argv) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: ") and message in err and err.count("\n") == 1, err
