@@ -22,7 +22,9 @@ the records they receive, exactly as `serve --tensor-parallel N` does.
      reads what a real context of that length holds); batches that do not fit are marked;
   4. prefill tokens/s of one prompt of 8K / 128K / 1M tokens in chunks of --prefill-chunk;
   5. the collectives' share: the same decode / prefill with the communication skipped
-     (TPGroup.skip: wrong numbers, same compute), share = 1 - t_skip / t.
+     (TPGroup.skip: wrong numbers, same compute), share = 1 - t_skip / t. On one GPU the
+     one-rank NCCL collectives still run (TPGroup.always), so CUDA-graph capture of NCCL
+     all-reduce / all-gather inside the decode step is exercised before a multi-GPU run.
 
 Prints one table on rank 0 (and --json PATH). Exit status 1 if the correctness check fails
 (the measurements still run)."""
@@ -97,6 +99,8 @@ class Bench:
         self.tp, self.channel, self.device = init_tensor_parallel(args.device, args.tp_timeout)
         self.rank, self.size = self.tp.rank, self.tp.size
         self.cuda = self.device.type == "cuda"
+        # one GPU: still run the (one-rank) NCCL collectives, so CUDA graphs capture them
+        self.tp.always = self.cuda and self.size == 1 and not args.no_collectives
         self.rows: list[dict] = []
 
     # ------------------------------------------------------------------ helpers
@@ -308,8 +312,8 @@ class Bench:
                         continue
                     t = self.time_decode(engine, b, c)
                     share = ""
-                    if self.size > 1 and b in (min(a.batches), max(x for x in a.batches
-                                                                   if x <= slots)):
+                    biggest = max(x for x in a.batches if x <= slots)
+                    if (self.size > 1 or self.tp.always) and b in (min(a.batches), biggest):
                         ts = self.with_skipped_collectives(engine,
                                                            lambda: self.time_decode(engine, b, c))
                         share = f", collectives {max(0.0, 1 - ts / t):.0%}"
@@ -318,7 +322,7 @@ class Bench:
             if c in a.prefill_lengths:
                 t = self.time_prefill(engine, c)
                 share = ""
-                if self.size > 1 and c == min(a.prefill_lengths):
+                if (self.size > 1 or self.tp.always) and c == min(a.prefill_lengths):
                     ts = self.with_skipped_collectives(engine, lambda: self.time_prefill(engine, c))
                     share = f", collectives {max(0.0, 1 - ts / t):.0%}"
                 self.rows.append(dict(what=f"prefill {c:,} tokens",
@@ -369,6 +373,9 @@ def main(argv=None) -> int:
     p.add_argument("--iters", type=int, default=20)
     p.add_argument("--no-cuda-graphs", action="store_true")
     p.add_argument("--skip-perf", action="store_true", help="only the correctness check")
+    p.add_argument("--no-collectives", action="store_true",
+                   help="one GPU: skip the one-rank NCCL collectives (run by default so the "
+                        "CUDA graphs capture them)")
     p.add_argument("--tp-timeout", type=float, default=600.0)
     p.add_argument("--json", default=None)
     a = p.parse_args(argv)

@@ -328,3 +328,17 @@ def test_tensor_parallel_flags_fail_in_one_line(argv, message, capsys):
     assert main(argv) == 2
     err = capsys.readouterr().err
     assert err.startswith("error: ") and message in err and err.count("\n") == 1, err
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_benchmark_smoke_on_one_gpu(tmp_path):
+    """One GPU: one-rank NCCL collectives captured in the decode CUDA graphs, greedy check."""
+    import subprocess
+    import sys
+
+    out = tmp_path / "bench.json"
+    r = subprocess.run([sys.executable, str(BENCH), "--tiny", "--device", "cuda", "--json",
+                        str(out)], capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0, r.stdout + r.stderr
+    assert json.loads(out.read_text())["ok"]

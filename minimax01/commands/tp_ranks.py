@@ -89,7 +89,7 @@ def setup_rank_logging(level: str, rank: int) -> None:
                         format=f"%(asctime)s %(levelname)s [rank {rank}] %(name)s: %(message)s")
 
 
-def rank_model(args, tp, device, dtype_name: str | None = None):
+def rank_model(args, tp, device):
     """This rank's model: a checkpoint's slices, or --preset weights (small presets: the whole
     model built from --seed exactly as one process would, then sliced; big ones: random per
     rank on the meta device)."""

@@ -38,12 +38,15 @@ class TPGroup:
         self.size = dist.get_world_size(group) if on else 1
         self.rank = dist.get_rank(group) if on else 0
         self.counts = {"all_reduce": 0, "all_gather": 0}
-        self.skip = False  # benchmarks only: compute without communicating (wrong results), to
-                           # measure the collectives' share of a step (benchmarks/tp_serving.py)
+        # benchmarks only (benchmarks/tp_serving.py): `skip` computes without communicating
+        # (wrong results) to measure the collectives' share of a step; `always` runs the
+        # collectives even in a group of one (NCCL inside CUDA graphs, on one GPU)
+        self.skip = False
+        self.always = False
 
     def all_reduce(self, x: torch.Tensor) -> torch.Tensor:
         """Sum over the ranks, in place; returns x."""
-        if self.size > 1:
+        if self.size > 1 or self.always:
             self.counts["all_reduce"] += 1
             if not self.skip:
                 dist.all_reduce(x, group=self.group)
@@ -51,7 +54,7 @@ class TPGroup:
 
     def all_gather_rows(self, x: torch.Tensor) -> torch.Tensor:
         """x [M, ...] of every rank stacked: [size, M, ...]."""
-        if self.size == 1:
+        if self.size == 1 and not self.always:
             return x[None]
         self.counts["all_gather"] += 1
         if self.skip:
