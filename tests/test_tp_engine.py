@@ -10,7 +10,8 @@ One forked group per TP size runs every case (parallel/tensor_parallel.py, infer
     sub-layer (attention and MoE of every layer) and one all-gather (logits); the unfused
     lightning norm adds its own per lightning layer;
   * the model with a HybridCache (padded batch prefill, then decode steps) for the unfused norm,
-    expert parallel and int8 weights;
+    expert parallel and int8 weights, and in the serving (sync-free, CUDA-graph) form of the MoE
+    pipeline;
   * loading per rank from a synthetic checkpoint in the official sharded layout (legacy names,
     413 shards, index) and from a pre-quantised int8 checkpoint (hf dialect), plain and expert
     parallel, and a 16-bit checkpoint quantised to int8 while each rank loads;
@@ -36,6 +37,7 @@ from test_sliced_load import small_config, write_official
 from minimax01 import MiniMaxForCausalLM, ModelConfig
 from minimax01.config import hybrid_layer_types
 from minimax01.infer.engine import Engine
+from minimax01.infer.prepare import prepare_for_serving
 from minimax01.infer.request import SamplingParams
 from minimax01.infer.tp_engine import StepChannel, follow, rank_engine
 from minimax01.model.cache import HybridCache
@@ -201,6 +203,18 @@ def variants_case(rank, world):
         got = cached_generation(parallelize_for_inference(source, TPGroup(), **kw), batch)
         for step, (a, b) in enumerate(zip(got, want)):
             assert rel(a, b) <= TOL, (name, step, rel(a, b))
+    # the serving (CUDA-graph) form of the pipelines, run here on the CPU: sync-free matmuls,
+    # the reduce kept, and expert parallel's sync-free row block (gather, local counts, scatter)
+    for ep in (False, True):
+        model = parallelize_for_inference(full, TPGroup(), expert_parallel=ep)
+        restore = prepare_for_serving(model, sync_free=True)
+        for layer in model.model.layers:
+            assert layer.mlp.pipeline.sync_free and layer.mlp.pipeline.reduce is not None
+            if ep:
+                layer.mlp.pipeline.exchange.sync_free = True
+        for step, (a, b) in enumerate(zip(cached_generation(model, batch), ref)):
+            assert rel(a, b) <= TOL, ("sync-free", ep, step, rel(a, b))
+        restore()
 
 
 def checkpoint_case(rank, world, official, int8_hf):
