@@ -8,7 +8,9 @@ Each `step()`:
      forward (each document continues from its slot's state, so long prompts go in chunks); on
      GPU it runs on a second stream, overlapping the memory-bound decode (paper §3.3);
   4. one sampling call covers the decoded rows and the prompts that just finished.
-Greedy output equals `generate()` token for token (tests/test_engine.py)."""
+Greedy output equals `generate()` token for token (tests/test_engine.py). Steps 2-3 are driven by
+the step's `StepRecord` (plain lists, `run_step`): under tensor parallelism rank 0 hands it to
+`step_broadcast` first and the other ranks run the same record (infer/tp_engine.py)."""
 
 from __future__ import annotations
 
