@@ -213,7 +213,8 @@ class Bench:
         return rank.eval()
 
     def slot_bytes(self, cfg: ModelConfig, context: int) -> int:
-        d, item = cfg.head_dim, torch.empty((), dtype=getattr(torch, self.args.dtype)).element_size()
+        d = cfg.head_dim
+        item = torch.empty((), dtype=getattr(torch, self.args.dtype)).element_size()
         lin = sum(t == LINEAR for t in cfg.layer_types)
         return (lin * cfg.num_attention_heads * d * d * 4
                 + (cfg.num_hidden_layers - lin) * 2 * cfg.num_key_value_heads * context * d * item)
@@ -334,7 +335,7 @@ class Bench:
                                       value=f"{peak / GiB:.1f} GiB"))
                 torch.cuda.reset_peak_memory_stats(self.device)
             engine.close()
-            del engine
+            engine = None
             self.free()
 
     def report(self, ok: bool) -> None:

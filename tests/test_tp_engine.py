@@ -295,7 +295,8 @@ def test_tensor_parallel_equals_one_process(world, checkpoints, tmp_path, capsys
         report = json.loads((tmp_path / "bench.json").read_text())
         assert report["ok"] and report["tp"] == 2
         rows = {r["what"]: r for r in report["rows"]}
-        assert "identical tokens" in rows["greedy TP == TP 1 (small fp32-activation model)"]["value"]
+        check = rows["greedy TP == TP 1 (small fp32-activation model)"]["value"]
+        assert "identical tokens" in check
         decode = [r for w, r in rows.items() if w.startswith("decode step")]
         prefill = [r for w, r in rows.items() if w.startswith("prefill")]
         assert len(decode) == 4 and all(r["ms"] > 0 for r in decode)
@@ -332,7 +333,8 @@ def test_step_record_round_trip_and_refuses_garbage():
 @pytest.mark.parametrize("argv, message", [
     (["serve", "--preset", "debug", "--tensor-parallel", "3", "--device", "cpu"],
      "--tensor-parallel: tensor parallel size 3 does not divide num_attention_heads=4"),
-    (["serve", "--preset", "debug", "--expert-parallel"], "--expert-parallel needs --tensor-parallel"),
+    (["serve", "--preset", "debug", "--expert-parallel"],
+     "--expert-parallel needs --tensor-parallel"),
     (["serve", "--preset", "debug", "--tensor-parallel", "2", "--device", "cuda:1"],
      "--tensor-parallel: give --device cuda"),
     (["generate", "--checkpoint", ".", "--prompt", "x", "--tensor-parallel", "0"],

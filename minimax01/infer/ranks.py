@@ -7,9 +7,10 @@ session so that a terminal's Ctrl-C reaches only this launcher. The launcher the
 
   * forwards SIGTERM / SIGINT to rank 0 only: rank 0 drains its requests and tells the other
     ranks to stop (a second signal kills every rank at once);
-  * when a rank other than 0 fails (exits non-zero) while rank 0 runs, prints which one and its status, stops
-    rank 0 (SIGTERM, then SIGKILL after `kill_after` seconds) and the rest, and exits 1 -- the
-    other ranks cannot go on without it, and would otherwise wait on its collectives;
+  * when a rank other than 0 fails (exits non-zero) while rank 0 runs, prints which one and its
+    status, stops rank 0 (SIGTERM, then SIGKILL after `kill_after` seconds) and the rest, and
+    exits 1 -- the other ranks cannot go on without it, and would otherwise wait on its
+    collectives;
   * when rank 0 exits, gives the others `kill_after` seconds to follow, then exits with rank 0's
     status (1 if another rank failed)."""
 
