@@ -83,7 +83,7 @@ def small_config(tiny: bool) -> ModelConfig:
     if tiny:
         return ModelConfig(vocab_size=301, hidden_size=64, intermediate_size=64,
                            num_hidden_layers=4, num_attention_heads=8, num_key_value_heads=4,
-                           head_dim=8, rotary_dim=4, layer_types=hybrid_layer_types(4, 2),
+                           head_dim=16, rotary_dim=8, layer_types=hybrid_layer_types(4, 2),
                            num_local_experts=8, num_experts_per_tok=2, block_size=16,
                            dtype="float32", rope_theta=10_000.0)
     return ModelConfig(vocab_size=1003, hidden_size=256, intermediate_size=512,
