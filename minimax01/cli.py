@@ -50,6 +50,7 @@ def main(argv: list[str] | None = None) -> int:
         args._extra = extra
     else:
         args = parser.parse_args(argv)
+    args._argv = list(argv)  # a command that starts ranks of itself (serve --tensor-parallel)
     if getattr(args, "_missing", None):
         print(f"error: the '{args._missing}' command is not available in this build", file=sys.stderr)
         return 2

@@ -1,6 +1,10 @@
 """`python -m minimax01 generate --checkpoint DIR --prompt TEXT [sampling options]`: load a
 checkpoint and its tokenizer, continue the prompt, print the continuation to stdout as it is
-generated (each piece flushed; stats on stderr)."""
+generated (each piece flushed; stats on stderr).
+
+`--tensor-parallel N` starts N ranks (or runs as one under torchrun), each loading its slices;
+every rank runs the same `generate()` loop on the all-gathered logits with the same seed (rank
+0's, broadcast), so all sample the same tokens and stop together; rank 0 prints."""
 
 from __future__ import annotations
 
@@ -10,6 +14,7 @@ import time
 from pathlib import Path
 
 from ..cli import CLIError
+from .tp_ranks import add_tp_arguments, check_before_launch, read_config, tp_mode
 
 
 def add_arguments(parser) -> None:
@@ -34,6 +39,7 @@ def add_arguments(parser) -> None:
                         help="int8 | fp8: 8-bit expert and attention weights (a 16-bit "
                              "checkpoint is quantised while loading); none: 16-bit only; "
                              "default: as stored")
+    add_tp_arguments(parser)
 
 
 def _check(args) -> None:
@@ -54,12 +60,18 @@ def _check(args) -> None:
 def run(args) -> int:
     import torch
 
-    from ..infer.detok import TextStream
-    from ..infer.generate import generate
     from ..model import MiniMaxForCausalLM
     from ..tokenizer import load_tokenizer
 
     _check(args)
+    mode = tp_mode(args)
+    if mode == "launch":
+        from ..infer.ranks import launch
+
+        check_before_launch(args, read_config(args))
+        return launch(args._argv, args.tensor_parallel)
+    if mode == "rank":
+        return _run_rank(args)
     try:
         device = torch.device(args.device)
     except RuntimeError as e:
@@ -70,6 +82,36 @@ def run(args) -> int:
     model = MiniMaxForCausalLM.from_pretrained(args.checkpoint, dtype=args.dtype, device=device,
                                                quantization=args.quantization)
     tokenizer = load_tokenizer(args.checkpoint)
+    return _generate(args, model, tokenizer, device, start, args.seed, True)
+
+
+def _run_rank(args) -> int:
+    """One tensor-parallel rank: the same loop everywhere, rank 0 writes."""
+    import torch
+    import torch.distributed as dist
+
+    from ..infer.tp_engine import finish_tensor_parallel, init_tensor_parallel
+    from ..tokenizer import load_tokenizer
+    from .tp_ranks import rank_model
+
+    start = time.perf_counter()
+    tp, _, device = init_tensor_parallel(args.device, args.tp_timeout)
+    model = rank_model(args, tp, device)
+    tokenizer = load_tokenizer(args.checkpoint)
+    seed = torch.tensor([args.seed if args.seed is not None else
+                         int(torch.randint(0, 2 ** 62, ()).item())], device=device)
+    dist.broadcast(seed, 0)  # the same draws on every rank (the logits are the same bytes)
+    code = _generate(args, model, tokenizer, device, start, int(seed.item()), tp.rank == 0)
+    finish_tensor_parallel(tp)
+    return code
+
+
+def _generate(args, model, tokenizer, device, start, seed, output: bool) -> int:
+    import torch
+
+    from ..infer.detok import TextStream
+    from ..infer.generate import generate
+
     loaded = time.perf_counter()
     ids = tokenizer.encode(args.prompt, add_bos=not args.no_bos)
     vocab = model.config.vocab_size
@@ -81,7 +123,7 @@ def run(args) -> int:
     new: list[int] = []
 
     def write(text: str) -> None:
-        if text:
+        if text and output:
             sys.stdout.write(text)
             sys.stdout.flush()
 
@@ -95,10 +137,12 @@ def run(args) -> int:
 
     write(args.prompt if args.echo else "")
     generate(model, torch.tensor([ids], device=device), max_new_tokens=args.max_new_tokens,
-             temperature=args.temperature, top_k=args.top_k, top_p=args.top_p, seed=args.seed,
+             temperature=args.temperature, top_k=args.top_k, top_p=args.top_p, seed=seed,
              stop_tokens=[eos] if eos is not None else None, on_token=on_token)
     write(stream.finish() + "\n")
     done = time.perf_counter()
-    print(f"[{len(ids)} prompt + {len(new)} new tokens; load {loaded - start:.1f}s, generate "
-          f"{done - loaded:.2f}s, {len(new) / max(done - loaded, 1e-9):.1f} tok/s]", file=sys.stderr)
+    if output:
+        print(f"[{len(ids)} prompt + {len(new)} new tokens; load {loaded - start:.1f}s, generate "
+              f"{done - loaded:.2f}s, {len(new) / max(done - loaded, 1e-9):.1f} tok/s]",
+              file=sys.stderr)
     return 0

@@ -1,14 +1,20 @@
 """`python -m minimax01 serve --checkpoint DIR [--host 127.0.0.1 --port 8000]`: an
 OpenAI-compatible HTTP server (see docs/inference.md). `--preset NAME` serves randomly
-initialised weights instead, for trying the server without a checkpoint."""
+initialised weights instead, for trying the server without a checkpoint.
+
+`--tensor-parallel N` starts N ranks here (infer/ranks.py) -- or runs as one of them under
+torchrun -- each holding its slice of the model; rank 0 serves HTTP and schedules, the others
+follow its steps (infer/tp_engine.py)."""
 
 from __future__ import annotations
 
 import logging
 import os
+import sys
 from pathlib import Path
 
 from ..cli import CLIError
+from .tp_ranks import add_tp_arguments, check_before_launch, read_config, tp_mode
 
 
 def add_arguments(parser) -> None:
@@ -50,6 +56,7 @@ def add_arguments(parser) -> None:
     parser.add_argument("--seed", type=int, default=0, help="seed of unseeded sampling (and of "
                                                             "--preset weights)")
     parser.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
+    add_tp_arguments(parser)
 
 
 def _positive(name: str, value) -> None:
@@ -57,13 +64,16 @@ def _positive(name: str, value) -> None:
         raise CLIError(f"--{name} must be positive, got {value}")
 
 
-def run(args) -> int:
-    import torch
+def _template(args) -> str | None:
+    if not args.chat_template:
+        return None
+    path = Path(args.chat_template)
+    if not path.is_file():
+        raise CLIError(f"--chat-template: no file at {path}")
+    return path.read_text()
 
-    from ..infer.engine import Engine, cast_model
-    from ..infer.server import create_app, serve
-    from ..tokenizer import load_tokenizer
 
+def _check(args) -> None:
     for name in ("max-context", "num-slots", "prefill-chunk"):
         _positive(name, getattr(args, name.replace("-", "_")))
     if not 0 < args.gpu_memory_utilization <= 1:
@@ -74,17 +84,31 @@ def run(args) -> int:
                        f"{args.graceful_timeout}")
     if not 0 < args.port < 65536:
         raise CLIError(f"--port must be in 1..65535, got {args.port}")
+
+
+def run(args) -> int:
+    import torch
+
+    from ..infer.engine import Engine, cast_model
+    from ..infer.server import create_app, serve
+    from ..tokenizer import load_tokenizer
+
+    _check(args)
+    mode = tp_mode(args)
+    if mode == "launch":
+        from ..infer.ranks import launch
+
+        check_before_launch(args, read_config(args))
+        _template(args)
+        return launch(args._argv, args.tensor_parallel)
+    if mode == "rank":
+        return run_rank(args)
     logging.basicConfig(level=args.log_level.upper(),
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     if device.type == "cuda" and not torch.cuda.is_available():
         raise CLIError(f"--device {args.device}: CUDA is not available on this machine")
-    template = None
-    if args.chat_template:
-        path = Path(args.chat_template)
-        if not path.is_file():
-            raise CLIError(f"--chat-template: no file at {path}")
-        template = path.read_text()
+    template = _template(args)
     if args.checkpoint:
         from ..model import MiniMaxForCausalLM
 
@@ -119,4 +143,68 @@ def run(args) -> int:
                      chat_template=template)
     serve(app, args.host, args.port, graceful_timeout=args.graceful_timeout,
           log_level=args.log_level)
+    return 0
+
+
+def run_rank(args) -> int:
+    """One tensor-parallel rank (see the module docstring): rank 0 serves, the others follow."""
+    import signal
+
+    from ..infer.server import create_app, serve
+    from ..infer.tp_engine import (agree_num_slots, finish_tensor_parallel, follow,
+                                   init_tensor_parallel, rank_engine)
+    from ..tokenizer import load_tokenizer
+    from .tp_ranks import rank_model, setup_rank_logging
+
+    template = _template(args)
+    tp, channel, device = init_tensor_parallel(args.device, args.tp_timeout)
+    setup_rank_logging(args.log_level, tp.rank)
+    log = logging.getLogger(__name__)
+    if tp.rank > 0:  # rank 0 decides when to stop (after draining) and tells the others
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            signal.signal(sig, lambda *_: log.info("signal ignored: rank 0 stops this rank"))
+    model = rank_model(args, tp, device)
+    tokenizer = None
+    if tp.rank == 0:
+        tokenizer = load_tokenizer(args.checkpoint if args.checkpoint else "byte")
+    cuda = device.type == "cuda"
+    max_context = args.max_context or min(model.config.max_position_embeddings,
+                                          32768 if cuda else 4096)
+    prefill_chunk = args.prefill_chunk or (16384 if cuda else 1024)
+    num_slots = agree_num_slots(model, device, args.num_slots, max_context, prefill_chunk, None,
+                                args.gpu_memory_utilization)
+    engine = rank_engine(model, tokenizer, channel, tp.rank, max_context=max_context,
+                         num_slots=num_slots, prefill_chunk=prefill_chunk,
+                         cuda_graphs=not args.no_cuda_graphs, seed=args.seed,
+                         gpu_memory_utilization=args.gpu_memory_utilization)
+    if tp.rank > 0:
+        try:
+            follow(engine, channel)
+        except Exception as e:  # noqa: BLE001 - rank 0 or a peer is gone
+            print(f"error: tensor-parallel rank {tp.rank}: the group broke ({type(e).__name__}: "
+                  f"{e})", file=sys.stderr, flush=True)
+            os._exit(1)  # the process group cannot be torn down cleanly any more
+        finish_tensor_parallel(tp)
+        return 0
+    name = args.model_name or (Path(args.checkpoint).resolve().name if args.checkpoint
+                               else args.preset)
+    app = create_app(engine, tokenizer, model_name=name, api_key=args.api_key,
+                     chat_template=template)
+    engine.on_fatal = lambda message: os.kill(os.getpid(), signal.SIGTERM)
+    channel.start_heartbeat(min(10.0, args.tp_timeout / 4))
+    log.info("tensor parallel %d%s on %s: %d slots x %d tokens", tp.size,
+             " (expert parallel)" if args.expert_parallel else "", device, engine.pool.num_slots,
+             engine.max_context)
+    serve(app, args.host, args.port, graceful_timeout=args.graceful_timeout,
+          log_level=args.log_level)
+    if engine.failed is not None:
+        print(f"error: {engine.failed}", file=sys.stderr, flush=True)
+        os._exit(1)
+    try:
+        channel.stop()
+    except Exception as e:  # noqa: BLE001 - another rank is gone: nothing left to stop cleanly
+        print(f"error: tensor-parallel rank 0 could not stop the other ranks ({type(e).__name__}: "
+              f"{str(e).splitlines()[0] if str(e) else ''})", file=sys.stderr, flush=True)
+        os._exit(1)
+    finish_tensor_parallel(tp)
     return 0

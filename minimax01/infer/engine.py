@@ -8,7 +8,9 @@ Each `step()`:
      forward (each document continues from its slot's state, so long prompts go in chunks); on
      GPU it runs on a second stream, overlapping the memory-bound decode (paper §3.3);
   4. one sampling call covers the decoded rows and the prompts that just finished.
-Greedy output equals `generate()` token for token (tests/test_engine.py)."""
+Greedy output equals `generate()` token for token (tests/test_engine.py). Steps 2-3 are driven by
+the step's `StepRecord` (plain lists, `run_step`): under tensor parallelism rank 0 hands it to
+`step_broadcast` first and the other ranks run the same record (infer/tp_engine.py)."""
 
 from __future__ import annotations
 
@@ -16,6 +18,7 @@ import contextlib
 import logging
 import operator
 import uuid
+from collections.abc import Callable
 from collections.abc import Sequence as Seq
 
 import torch
@@ -28,6 +31,7 @@ from .request import Completion, RequestError, SamplingParams, StepOutput
 from .sampling import BROKEN, sample_rows, token_logprobs
 from .scheduler import Scheduler, Sequence
 from .slot_cache import SlotCache, SlotPool
+from .step_record import StepRecord
 
 log = logging.getLogger(__name__)
 
@@ -49,8 +53,9 @@ class Engine:
                  num_slots: int | None = None, prefill_chunk: int | None = None,
                  max_batch: int | None = None, cuda_graphs: bool | None = None,
                  overlap: bool | None = None, gpu_memory_utilization: float = 0.9,
-                 seed: int = 0):
+                 seed: int = 0, step_broadcast: Callable[[StepRecord], None] | None = None):
         self._restore_model = prepare_for_serving(model)
+        self.step_broadcast = step_broadcast  # tensor parallel: send each step to the other ranks
         self.model = model
         self.config = cfg = model.config
         self.tokenizer = tokenizer
@@ -157,18 +162,14 @@ class Engine:
     @torch.inference_mode()
     def step(self) -> list[StepOutput]:
         outputs = [self._final(s) for s in self.scheduler.reap()]  # aborted since the last step
+        before = {id(s) for s in self.scheduler.running}
         plan = self.scheduler.schedule()
-        rows: list[Sequence] = []
-        logits = []
-        if plan.prefill and self.prefill_stream is not None:  # prefill waits for earlier work only
-            self.prefill_stream.wait_stream(torch.cuda.current_stream(self.device))
-        if plan.decode:
-            logits.append(self._decode(plan.decode))
-            rows += plan.decode
-        if plan.prefill:
-            lg, done = self._prefill(plan.prefill)
-            logits.append(lg)
-            rows += done
+        admitted = [s.slot for s in self.scheduler.running if id(s) not in before]
+        record, done = self.step_record(plan, admitted)
+        if self.step_broadcast is not None:  # the other ranks run the same record
+            self.step_broadcast(record)
+        logits = self.run_step(record)
+        rows = plan.decode + done
         for seq, _, n in plan.prefill:
             seq.num_cached += n
             if len(seq.prompt_ids) > 4 * self.scheduler.prefill_chunk:  # long prompt: progress
@@ -177,12 +178,46 @@ class Engine:
         for seq in plan.decode:
             seq.num_cached += 1
         if rows:
-            outputs += self._sample(rows, torch.cat(logits, 0))
+            outputs += self._sample(rows, logits)
         return outputs
 
-    def _decode(self, seqs: list[Sequence]) -> torch.Tensor:
-        tokens = torch.tensor([s.output_ids[-1] for s in seqs], device=self.device)
-        slots = [s.slot for s in seqs]
+    @staticmethod
+    def step_record(plan, admitted: list[int]) -> tuple[StepRecord, list[Sequence]]:
+        """What the forwards of a scheduled step need, as plain lists (infer/step_record.py),
+        and the sequences whose prompt this step finishes."""
+        r = StepRecord(reset=list(admitted))
+        for s in plan.decode:
+            r.decode_tokens.append(s.output_ids[-1])
+            r.decode_slots.append(s.slot)
+            r.decode_lengths.append(s.num_cached)
+        done = []
+        for seq, start, n in plan.prefill:
+            r.prefill_ids += seq.prompt_ids[start:start + n]
+            r.prefill_slots.append(seq.slot)
+            r.prefill_starts.append(start)
+            r.prefill_lengths.append(n)
+            if start + n == len(seq.prompt_ids):
+                r.prefill_keep.append(len(r.prefill_ids) - 1)
+                done.append(seq)
+        return r, done
+
+    @torch.inference_mode()
+    def run_step(self, record: StepRecord) -> torch.Tensor | None:
+        """The forwards of one step: the decode rows, then the packed prefill. Returns the
+        logits of the decode rows and of the finished prompts, in that order (None: no work).
+        Under tensor parallelism every rank runs this with the same record."""
+        logits = []
+        if record.prefill_slots and self.prefill_stream is not None:  # waits for earlier work
+            self.prefill_stream.wait_stream(torch.cuda.current_stream(self.device))
+        if record.decode_slots:
+            logits.append(self._decode(record))
+        if record.prefill_slots:
+            logits.append(self._prefill(record))
+        return torch.cat(logits, 0) if logits else None
+
+    def _decode(self, record: StepRecord) -> torch.Tensor:
+        tokens = torch.tensor(record.decode_tokens, device=self.device)
+        slots = record.decode_slots
         check_slot_idx(slots, self.cache.pool.scratch)  # host-side: the kernels never read back
         if self.graphs is not None:
             try:
@@ -191,30 +226,22 @@ class Engine:
                 log.warning("CUDA graph decode failed (%s); decoding eagerly from now on", e)
                 self.graphs = None
         slot_idx = torch.tensor(slots, dtype=torch.long, device=self.device)
-        active = torch.ones(len(seqs), dtype=torch.bool, device=self.device)
-        step = self.cache.begin_decode(slot_idx, active, [s.num_cached for s in seqs])
+        active = torch.ones(len(slots), dtype=torch.bool, device=self.device)
+        step = self.cache.begin_decode(slot_idx, active, record.decode_lengths)
         return self.model(tokens[:, None], cache=step).logits[:, -1]
 
-    def _prefill(self, items) -> tuple[torch.Tensor, list[Sequence]]:
+    def _prefill(self, record: StepRecord) -> torch.Tensor:
         stream = self.prefill_stream
         with torch.cuda.stream(stream) if stream is not None else contextlib.nullcontext():
-            ids, slots, starts, lens, ends, done = [], [], [], [], [], []
-            for seq, start, n in items:
-                ids += seq.prompt_ids[start:start + n]
-                slots.append(seq.slot)
-                starts.append(start)
-                lens.append(n)
-                if start + n == len(seq.prompt_ids):
-                    ends.append(len(ids) - 1)
-                    done.append(seq)
-            step = self.cache.begin_prefill(slots, starts, lens)
-            input_ids = torch.tensor([ids], device=self.device)
-            keep = torch.tensor(ends, dtype=torch.long, device=self.device)
+            step = self.cache.begin_prefill(record.prefill_slots, record.prefill_starts,
+                                            record.prefill_lengths)
+            input_ids = torch.tensor([record.prefill_ids], device=self.device)
+            keep = torch.tensor(record.prefill_keep, dtype=torch.long, device=self.device)
             logits = self.model(input_ids, cu_seqlens=step.cu_seqlens, cache=step,
                                 logits_to_keep=keep).logits[0]
         if stream is not None:
             torch.cuda.current_stream(self.device).wait_stream(stream)
-        return logits, done
+        return logits
 
     def _sample(self, rows: list[Sequence], logits: torch.Tensor) -> list[StepOutput]:
         """Sample every row at once; a row that cannot be sampled (NaN/inf logits, or a failure

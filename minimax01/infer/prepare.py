@@ -15,6 +15,7 @@ and keeps the restore function: `engine.close()` gives the model back as it was.
 from __future__ import annotations
 
 from collections.abc import Callable
+from dataclasses import replace
 
 import torch
 
@@ -42,8 +43,9 @@ def prepare_for_serving(model, sync_free: bool | None = None) -> Callable[[], No
     before = [m.pipeline for m in moes]
     model.eval()
     if sync_free:
-        for m in moes:
-            m.pipeline = SERVING
+        for m in moes:  # a pipeline with a reduce (tensor parallel) keeps it and its exchange
+            m.pipeline = SERVING if m.pipeline.reduce is None else \
+                replace(m.pipeline, sync_free=True, aux_loss=False)
 
     def restore() -> None:
         for m, p in zip(moes, before):

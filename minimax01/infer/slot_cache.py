@@ -68,10 +68,15 @@ class SlotPool:
         if not self._free:
             raise IndexError("no free cache slot")
         slot = self._free.pop()
+        self.reset(slot)
+        return slot
+
+    def reset(self, slot: int) -> None:
+        """Empty a slot (zero lightning state, nothing cached); what `allocate` does to the slot
+        it returns (tensor-parallel ranks without a scheduler call it, infer/tp_engine.py)."""
         for s in self.states.values():
             s[slot].zero_()
         self.lengths[slot] = 0
-        return slot
 
     def release(self, slot: int) -> None:
         if not 0 <= slot < self.num_slots or slot in self._free:

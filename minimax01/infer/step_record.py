@@ -1,0 +1,49 @@
+"""The record of one engine step: exactly what its forwards need, as plain integer lists.
+
+The engine builds it from the scheduler's plan (`Engine.step_record`) and runs it
+(`Engine.run_step`); under tensor parallelism rank 0 sends it to the other ranks, which run the
+same forwards from it without a scheduler, requests or a tokenizer (infer/tp_engine.py). On the
+wire it is one flat int64 vector: the field lengths, then the fields, never a pickle."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field, fields
+
+
+@dataclass
+class StepRecord:
+    reset: list[int] = field(default_factory=list)            # slots given to new sequences
+    decode_tokens: list[int] = field(default_factory=list)    # last token of each decode row
+    decode_slots: list[int] = field(default_factory=list)
+    decode_lengths: list[int] = field(default_factory=list)   # tokens its slot caches
+    prefill_ids: list[int] = field(default_factory=list)      # packed prompt chunks
+    prefill_slots: list[int] = field(default_factory=list)
+    prefill_starts: list[int] = field(default_factory=list)   # tokens each slot caches before
+    prefill_lengths: list[int] = field(default_factory=list)
+    prefill_keep: list[int] = field(default_factory=list)     # packed positions whose logits
+                                                              # are kept (finished prompts)
+
+    def encode(self) -> list[int]:
+        parts = [getattr(self, f.name) for f in fields(self)]
+        out = [len(p) for p in parts]
+        for p in parts:
+            out += p
+        return out
+
+    @classmethod
+    def decode(cls, ints: list[int]) -> "StepRecord":
+        names = [f.name for f in fields(cls)]
+        k = len(names)
+        if len(ints) < k:
+            raise ValueError(f"step record: {len(ints)} integers, expected at least {k}")
+        lengths, pos, values = ints[:k], k, {}
+        if any(n < 0 for n in lengths) or k + sum(lengths) != len(ints):
+            raise ValueError("step record: field lengths do not match the payload")
+        for name, n in zip(names, lengths):
+            values[name] = ints[pos:pos + n]
+            pos += n
+        return cls(**values)
+
+    @property
+    def empty(self) -> bool:
+        return not (self.reset or self.decode_slots or self.prefill_slots)
