@@ -23,6 +23,7 @@ from collections.abc import Sequence as Seq
 
 import torch
 
+from ..dtypes import dtype_name
 from ..ops.lightning import check_slot_idx
 from .detok import TextStream
 from .planner import plan_memory
@@ -34,8 +35,6 @@ from .slot_cache import SlotCache, SlotPool
 from .step_record import StepRecord
 
 log = logging.getLogger(__name__)
-
-_DTYPE_NAMES = {torch.float32: "float32", torch.bfloat16: "bfloat16", torch.float16: "float16"}
 
 
 class Engine:
@@ -67,7 +66,7 @@ class Engine:
         if num_slots is None:
             if cuda:
                 free, _ = torch.cuda.mem_get_info(self.device)
-                plan = plan_memory(cfg, free, max_context, dtype=_DTYPE_NAMES[self.dtype],
+                plan = plan_memory(cfg, free, max_context, dtype=dtype_name(self.dtype),
                                    prefill_chunk=prefill_chunk, max_slots=max_batch or 256,
                                    utilization=gpu_memory_utilization)
                 num_slots = plan.num_slots

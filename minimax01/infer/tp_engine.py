@@ -29,6 +29,8 @@ import time
 import torch
 import torch.distributed as dist
 
+from ..dtypes import dtype_name
+
 from .engine import Engine
 from .request import EngineError
 from .step_record import StepRecord
@@ -206,12 +208,11 @@ def agree_num_slots(model, device: torch.device, num_slots: int | None, max_cont
     own heads' caches) and all take the smallest, so every pool has the same slots."""
     if num_slots is not None or device.type != "cuda":
         return num_slots
-    from .engine import _DTYPE_NAMES
     from .planner import plan_memory
 
     free, _ = torch.cuda.mem_get_info(device)
     dtype = next(model.parameters()).dtype
-    plan = plan_memory(model.config, free, max_context, dtype=_DTYPE_NAMES[dtype],
+    plan = plan_memory(model.config, free, max_context, dtype=dtype_name(dtype),
                        prefill_chunk=prefill_chunk, max_slots=max_batch or 256,
                        utilization=utilization)
     n = torch.tensor([plan.num_slots], device=device)

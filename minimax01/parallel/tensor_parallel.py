@@ -157,7 +157,7 @@ def load_tp_model(path: str | Path, tp: TPGroup, *, dtype=None, device=None, qua
     weights split along their input dim -- out_proj, o_proj, down_proj -- get per-rank row scales,
     a valid quantisation but not the bytes of a pre-quantised checkpoint; "none"; None: as
     stored)."""
-    from ..checkpoint.hf import DTYPE_NAMES, dtype_name, resolve_dtype
+    from ..dtypes import dtype_name, resolve_dtype, torch_dtype
     from ..checkpoint.quantized import choose
     from ..checkpoint.sliced import SlicedReader
     from ..quant import check_supported
@@ -166,7 +166,7 @@ def load_tp_model(path: str | Path, tp: TPGroup, *, dtype=None, device=None, qua
     start = time.perf_counter()
     with SlicedReader(path) as sr:
         qc = choose(sr.quantization, quantization)
-        dtype = resolve_dtype(dtype) or DTYPE_NAMES[sr.config.dtype]
+        dtype = resolve_dtype(dtype) or torch_dtype(sr.config.dtype)
         full = sr.config.replace(dtype=dtype_name(dtype))
         meta = MiniMaxForCausalLM.from_config_on_meta(full)
         if qc is not None:
