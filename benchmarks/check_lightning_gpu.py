@@ -19,10 +19,11 @@ every tile set, fused dk+dv tile set and the longest-first order the sweep may c
 segment table. The sweep only uses what passed here.
 
 Each case runs in a fresh subprocess (benchmarks/lightning_isolate.py) under
-CUDA_LAUNCH_BLOCKING=1 with a timeout, so an illegal memory access costs that case alone and
-names the kernel in flight; a crashed case is then rerun under compute-sanitizer memcheck
-(capped at --sanitize-timeout seconds) for the faulting kernel and source line.
-Prints one line per case: ok / FAIL / CRASH / TIMEOUT. Exits non-zero on any failure."""
+CUDA_LAUNCH_BLOCKING=1 (not the CUDA-graph case) with a timeout, so an illegal memory access
+costs that case alone and names the kernel in flight; a crashed case is then rerun under
+compute-sanitizer memcheck (capped at --sanitize-timeout seconds) for the faulting kernel and
+source line. Prints one line per case: ok / FAIL / CRASH / TIMEOUT. Exits non-zero on any
+failure."""
 
 from __future__ import annotations
 
@@ -331,6 +332,7 @@ LPT_CASE = "lpt"
 DECODE_CASE = "decode"
 CHOSEN_CASE = "chosen tuning"
 SLOW_CASES = ("long 1M", "default H8 64K")
+NO_LAUNCH_BLOCKING = ("no-sync+graph",)
 DEFAULT_CASES = ("default shapes", "default dtypes+varlen", "default H8 64K", "no-sync+graph")
 
 
@@ -341,7 +343,8 @@ def cases() -> dict:
 
     from minimax01.ops.lightning.triton_tune import DEFAULT
 
-    out = {"default shapes": (_default_shapes, 120), "default dtypes+varlen": (_default_dtypes_varlen, 120),
+    out = {"default shapes": (_default_shapes, 120),
+           "default dtypes+varlen": (_default_dtypes_varlen, 120),
            "default H8 64K": (_default_h8, 120), "no-sync+graph": (_nosync, 90),
            DECODE_CASE: (_decode, 90), "long 1M": (_long, 180)}
     seen = {DEFAULT.fwd}
@@ -445,6 +448,8 @@ def run_isolated(names=None, parallel=8, launch_blocking=True, sanitize=2, sanit
         if small or (under_sanitizer and name in SLOW_CASES):
             argv.append("--small")
         job_env = dict(env)
+        if name in NO_LAUNCH_BLOCKING:  # graph capture and synchronous launches do not mix
+            job_env.pop("CUDA_LAUNCH_BLOCKING", None)
         timeout = all_cases[name][1]
         if under_sanitizer:
             wrapped = sanitizer_argv(argv)
@@ -471,8 +476,8 @@ def run_isolated(names=None, parallel=8, launch_blocking=True, sanitize=2, sanit
         lines = [ln for ln in job.out.splitlines() if ln.startswith(("ok  ", "FAIL", "     "))]
         if job.sanitizer:
             summary = sanitizer_summary(job.out)
-            results[job.name]["sanitizer"] = summary or [f"no memcheck report (rc {job.rc}"
-                                                         f"{', timed out' if job.timed_out else ''})"]
+            why = f"rc {job.rc}{', timed out' if job.timed_out else ''}"
+            results[job.name]["sanitizer"] = summary or [f"no memcheck report ({why})"]
             log(f"  sanitizer [{job.name}] ({job.seconds:.0f} s):")
             for ln in results[job.name]["sanitizer"]:
                 log(f"      {ln}")
@@ -505,10 +510,13 @@ def run_isolated(names=None, parallel=8, launch_blocking=True, sanitize=2, sanit
                 sanitized.append(None)
                 log("  (compute-sanitizer not found: no memcheck rerun)")
 
-    # longest first (the 1M-token case, the fused passes), but the TMA cases (which crashed
-    # in the first GPU run) early, so that their sanitizer reruns overlap the other cases
-    order = sorted(names, key=lambda n: (not n.startswith("long"), "tma" not in n,
-                                         -all_cases[n][1]))
+    # the longest (1M tokens) first, then what the sweep needs whatever else passes (the
+    # default schedule, decode), then the TMA cases (they crashed in the first GPU run: their
+    # memcheck reruns then overlap the rest), then the others, longest first
+    def rank(n):
+        return (0 if n.startswith("long") else 1 if n in DEFAULT_CASES + (DECODE_CASE,) else
+                2 if "tma" in n else 3, -all_cases[n][1])
+    order = sorted(names, key=rank)
     jobs = [job_for(n, i) for i, n in enumerate(order)]
     run_jobs(list(extra_jobs) + jobs, parallel, on_done, deadline=deadline)
     return results

@@ -520,9 +520,10 @@ def run(out_dir, budget_s, bw, allow: dict, attempts=4, log=print,
         json.dump({"card": torch.cuda.get_device_name(), "rows": state.get("rows", []),
                    "bad": state.get("bad", []), "crashes": crashes,
                    "complete": "chosen" in state, "chosen": tn.to_json()}, f, indent=1)
-    log(f"\nchosen tuning for {key}, measured by this run "
-        f"({'complete' if 'chosen' in state else 'INCOMPLETE: stages ' + str(list(state.get('done', {})))}"
-        f"; the line for SHIPPED in minimax01/ops/lightning/triton_tune.py):\n    {key!r}: {tn!r},\n")
+    how = ("complete" if "chosen" in state else
+           f"INCOMPLETE: stages {list(state.get('done', {}))}")
+    log(f"\nchosen tuning for {key}, measured by this run ({how}; the line for SHIPPED in "
+        f"minimax01/ops/lightning/triton_tune.py):\n    {key!r}: {tn!r},\n")
     return tn
 
 
