@@ -2,21 +2,27 @@
 SDPA (causal softmax, flash and cuDNN) and the memory floor, on one card in one run.
 
     python benchmarks/lightning.py                          # the table (bf16, D = E = 128)
-    python benchmarks/lightning.py --check --tune --out DIR # the GPU session: everything below
+    python benchmarks/lightning.py --check --tune --out DIR # the GPU session (under 9 minutes)
 
-With --check, first the GPU correctness checks of every kernel schedule against the fp32
-reference (benchmarks/check_lightning_gpu.py; the 1M-token checks run after the sweep, on the
-chosen tuning); with --tune, the sweep of benchmarks/lightning_tune.py picks this card's tuning
-and the table then uses it ("ours"), beside the shipped default ("default") in the same process.
-Rows: the issue's prefill cases (forward and forward+backward; H64 T = 4K / 16K / 64K, H8 T =
-64K / 256K, 22 packed documents in 64K tokens at H64, B = 8 x 8K at H64) and decode at batch 1 /
-64 / 256 (per layer, CUDA-graph replay over enough layers that the fp32 states do not stay in L2).
+--check: the GPU correctness cases of benchmarks/check_lightning_gpu.py, each in its own
+process (CUDA_LAUNCH_BLOCKING=1, a timeout; a crash costs that case alone and names the kernel
+in flight; up to --sanitize-crashes crashed cases are rerun under compute-sanitizer memcheck),
+while compile-only processes fill Triton's cache with the sweep's kernels and a side process
+compiles the peers'. --tune (implies --check): the sweep of benchmarks/lightning_tune.py over
+the candidates whose cases passed, in a child process that is resumed past a crash; the pick
+is checked once more in its own process, then used by the table ("ours"), beside the shipped
+default ("default"), fla and the others, in this process (which runs no kernel of ours before
+the table). Rows: the issue's prefill cases (forward and forward+backward; H64 T = 4K / 16K /
+64K, H8 T = 64K / 256K, 22 packed documents in 64K tokens at H64, B = 8 x 8K at H64) and decode
+at batch 1 / 64 / 256 (per layer, CUDA-graph replay over enough layers that the fp32 states do
+not stay in L2).
 
-Times are medians of triton.testing.do_bench on random inputs. Floor = bytes / measured copy
-rate: the forward moves q, k, v in and o out; forward+backward adds do in and dq, dk, dv out;
-decode reads and writes the fp32 state. Peers that are not installed print "not installed";
-shapes a peer cannot run print n/a. Writes DIR/lightning.json (everything) and, with --tune,
-DIR/lightning_tuning.json."""
+Times are medians of triton.testing.do_bench on random inputs (softmax peers at 64K: one timed
+call). Floor = bytes / measured copy rate: the forward moves q, k, v in and o out;
+forward+backward adds do in and dq, dk, dv out; decode reads and writes the fp32 state. Peers
+that are not installed print "not installed"; shapes a peer cannot run print n/a. Writes
+DIR/lightning.json (everything), DIR/check_results.json and, with --tune,
+DIR/lightning_tuning.json and DIR/lightning_sweep.json; prints the card's SHIPPED line."""
 
 from __future__ import annotations
 
@@ -59,7 +65,22 @@ def ceilings():
     x = torch.randn(8192, 8192, device="cuda", dtype=DT)
     y = torch.randn_like(x)
     mm = 2 * 8192 ** 3 / (bench(lambda: x @ y) * 1e-3)
+    del x, y
+    torch.cuda.empty_cache()  # the check processes share the card
     return bw, mm
+
+
+def once(fn, grad_to_none=None):
+    """ms of one call after one warm-up call (do_bench runs a slow peer 8 times or more)."""
+    fn()
+    for x in grad_to_none or ():
+        x.grad = None
+    a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    a.record()
+    fn()
+    b.record()
+    torch.cuda.synchronize()
+    return a.elapsed_time(b)
 
 
 def floor_ms(tokens, backward, bw):
@@ -134,17 +155,17 @@ def time_fn(make_fn, row, backward, override=None):
             fn = make_fn(q, k, v, slope, cu)
             if fn is None or fn == NOT_INSTALLED:
                 return fn
-            heavy = make_fn.__name__ == "peer" and t >= 65536  # softmax at 64K: few repeats
-            kw = dict(warmup=1, rep=1) if heavy else dict(warmup=10, rep=60)
+            heavy = make_fn.__name__ == "peer" and t >= 65536  # softmax at 64K: seconds a call
+            timer = once if heavy else (lambda f, **kw: bench(f, warmup=10, rep=60, **kw))
             if backward:
                 out = fn()
                 do = torch.randn_like(out)
 
                 def run():
                     fn().backward(do)
-                return bench(run, grad_to_none=[q, k, v], **kw)
+                return timer(run, grad_to_none=[q, k, v])
             with torch.no_grad():
-                return bench(fn, **kw)
+                return timer(fn)
     except Exception as exc:  # a peer that cannot run this shape
         print(f"  [{make_fn.__name__} {name} bwd={backward}: {type(exc).__name__}: "
               f"{str(exc)[:160]}]", file=sys.stderr, flush=True)
@@ -305,20 +326,72 @@ def versions_info():
     return v
 
 
+def warm_peers():
+    """Compile the peers' kernels (fla, lightning-attn) at the table's shapes in a side process
+    while the checks run (Triton's disk cache); their autotuning runs again in the table, on
+    an idle GPU, so that it is not skewed by the checks running beside it."""
+    from lightning_tune import BWD_ROWS, FWD_ROWS
+    n = 0
+    for backward, rows in ((False, FWD_ROWS), (True, BWD_ROWS)):
+        for name, b, t, h, lens in rows:
+            for make_fn in (fla_chunk, opennlp):
+                try:
+                    from lightning_tune import make
+                    q, k, v, slope, cu = make(b, min(t, 16384), h, lens if lens is None else
+                                              [4096] * 4, backward)
+                    fn = make_fn(q, k, v, slope, cu)
+                    if fn is None or fn == NOT_INSTALLED:
+                        continue
+                    if backward:
+                        fn().float().sum().backward()
+                    else:
+                        with torch.no_grad():
+                            fn()
+                    n += 1
+                except Exception as exc:
+                    print(f"  [warm peers {make_fn.__name__} {name}: {type(exc).__name__}: "
+                          f"{str(exc)[:100]}]", flush=True)
+    torch.cuda.synchronize()
+    print(f"warm peers: {n} runs", flush=True)
+
+
+def summarize_checks(results):
+    bad = {n: r for n, r in results.items() if r["status"] != "ok"}
+    print(f"{elapsed()} checks: {len(results) - len(bad)} of {len(results)} cases passed"
+          + ("" if not bad else "; NOT PASSED: " + ", ".join(f"{n} ({r['status']})"
+                                                           for n, r in bad.items())), flush=True)
+    return [f"check {n}: {r['status']}" for n, r in bad.items()]
+
+
 def main():
     ap = argparse.ArgumentParser()
-    ap.add_argument("--check", action="store_true", help="GPU correctness checks first")
-    ap.add_argument("--tune", action="store_true", help="sweep schedules, pick this card's tuning")
-    ap.add_argument("--tune-budget-s", type=float, default=170)
+    ap.add_argument("--check", action="store_true", help="GPU correctness checks first, each "
+                    "case in its own process (benchmarks/check_lightning_gpu.py)")
+    ap.add_argument("--tune", action="store_true", help="sweep the schedules whose checks "
+                    "passed (implies --check), pick this card's tuning")
+    ap.add_argument("--check-budget-s", type=float, default=130,
+                    help="cases not started by then are not run (their options not swept)")
+    ap.add_argument("--tune-budget-s", type=float, default=130)
+    ap.add_argument("--parallel", type=int, default=8, help="check processes at a time")
+    ap.add_argument("--warm-procs", type=int, default=4,
+                    help="compile-only processes filling the kernel cache during the checks")
+    ap.add_argument("--only", default=None, help="comma-separated check cases (default: all)")
+    ap.add_argument("--sanitize-crashes", type=int, default=2,
+                    help="rerun this many crashed cases under compute-sanitizer memcheck")
+    ap.add_argument("--sanitize-timeout", type=float, default=60)
     ap.add_argument("--no-table", action="store_true")
-    ap.add_argument("--no-long", action="store_true", help="skip the 1M-token checks")
+    ap.add_argument("--no-long", action="store_true", help="skip the 1M-token case")
     ap.add_argument("--tuning", default=None, help="a lightning_tuning.json to use")
     ap.add_argument("--out", default=os.environ.get("OUT", "."))
-    ap.add_argument("--total-budget-s", type=float, default=470,
+    ap.add_argument("--total-budget-s", type=float, default=450,
                     help="softmax peers are skipped once this much time has gone")
+    ap.add_argument("--warm-peers", action="store_true", help=argparse.SUPPRESS)
     args = ap.parse_args()
+    if args.warm_peers:
+        warm_peers()
+        return
+    args.check = args.check or args.tune
     os.makedirs(args.out, exist_ok=True)
-    torch.backends.cuda.matmul.allow_tf32 = True
     versions = versions_info()
     print(versions, flush=True)
     if args.tuning:
@@ -328,17 +401,18 @@ def main():
           f"TFLOP/s", flush=True)
     out = {"versions": versions, "bw": bw, "mm": mm}
     failed = []
-    warm = tuned = None
+    tuned = None
 
     def save():  # after every phase: a run killed by its time limit keeps what it measured
         out["wall_s"] = time.time() - T0
-        out["check_failures"] = failed + [f for f in chk.FAILS if f not in failed]
+        out["check_failures"] = failed
         with open(os.path.join(args.out, "lightning.json"), "w") as f:
             json.dump(out, f, indent=1, default=str)
 
     def phase(name, fn):
         """One phase; a crash is reported (and counted as a failure) and the run goes on, so
-        one bad phase never costs the others' numbers."""
+        one bad phase never costs the others' numbers. (Kernels run in this process only in
+        the table: the checks and the sweep run theirs in child processes.)"""
         try:
             return fn()
         except Exception:
@@ -348,46 +422,64 @@ def main():
             return None
 
     import check_lightning_gpu as chk
-    jobs = chk.schedule_jobs() if args.check else []
-    if args.tune:  # compile the sweep's kernels (and run the schedule checks) in other processes
-        import lightning_tune
-        warm = phase("warm", lambda: lightning_tune.start_warm(check_jobs=jobs))
+    import lightning_tune
+    from lightning_isolate import Job, python_argv
+    results = None
+    import tempfile
+    work = tempfile.mkdtemp(prefix="lightning_run_")  # case files, traces: not for $OUT
     if args.check:
-        def checks():
-            chk.short_checks()
-            chk.check_bad_slots()
-            chk.check_no_sync_and_graph()
-            if warm is not None and warm.checks is not None:
-                for line, fails in warm.checks.get(timeout=300):
-                    print(line, flush=True)
-                    chk.FAILS.extend(fails)
-            else:
-                chk.schedule_checks()
-        phase("checks", checks)
+        names = ([n.strip() for n in args.only.split(",")] if args.only else
+                 [n for n in chk.cases() if n != chk.CHOSEN_CASE
+                  and not (args.no_long and n.startswith("long"))])
+        extra = []
+        if args.tune:
+            extra += lightning_tune.warm_jobs(args.warm_procs, work, args.check_budget_s)
+        if not args.no_table:
+            extra.append(Job("warm peers", python_argv(os.path.abspath(__file__),
+                                                       "--warm-peers"), args.check_budget_s))
+        results = phase("checks", lambda: chk.run_isolated(
+            names, parallel=args.parallel + len(extra), sanitize=args.sanitize_crashes,
+            sanitize_timeout=args.sanitize_timeout, work_dir=work, extra_jobs=extra,
+            deadline=time.time() + args.check_budget_s,
+            log=lambda m: print(m, flush=True))) or {}
+        out["checks"] = {n: {k: v for k, v in r.items() if k != "lines"}
+                         for n, r in results.items()}
+        with open(os.path.join(args.out, "check_results.json"), "w") as f:
+            json.dump(results, f, indent=1)
+        failed += summarize_checks(results)
         save()
-        print(f"{elapsed()} checks: {'all passed' if not chk.FAILS else 'FAILED ' + str(chk.FAILS)}",
-              flush=True)
     if args.tune:
-        tuned = phase("tune", lambda: lightning_tune.run(args.out, args.tune_budget_s, bw, warm))
+        allow = lightning_tune.allowed(results)
+        out["allowed"] = lightning_tune.allowed_to_json(allow)
+        tuned = phase("tune", lambda: lightning_tune.run(args.out, args.tune_budget_s, bw, allow,
+                                                         log=lambda m: print(m, flush=True),
+                                                         work_dir=work))
+        if tuned is not None and tuned != triton_tune.DEFAULT:
+            # the pick as a whole, in its own process, before this process runs it
+            path = os.path.join(args.out, "lightning_tuning.json")
+            res = phase("chosen check", lambda: chk.run_isolated(
+                [chk.CHOSEN_CASE], parallel=1, sanitize=0, work_dir=work,
+                env={"MINIMAX01_LIGHTNING_TUNING": path},
+                log=lambda m: print(m, flush=True))) or {}
+            if not chk.passed(res, chk.CHOSEN_CASE):
+                failed.append("check chosen tuning: not passed (table uses the default)")
+                tuned = None
         if tuned is not None:
             out["tuning"] = tuned.to_json()
+            triton_tune.load({lightning_tune.card_key(): tuned})
         save()
         print(f"{elapsed()} tuned", flush=True)
-    if args.check and not args.no_long:
-        phase("long checks", lambda: (chk.check_long(1 << 20, 4, grads=False),
-                                      chk.check_long(1 << 20, 2, grads=True)))
-        save()
-        print(f"{elapsed()} long checks done", flush=True)
-    if args.check:
-        failed += chk.FAILS
     if not args.no_table:
         out["rows"] = []
         phase("table", lambda: table(bw, mm, tuned is not None, T0 + args.total_budget_s,
                                      out["rows"], save))
         phase("print", lambda: print_table(out["rows"], versions, bw, mm))
+    if tuned is not None:
+        print(f"\nH200 tuning entry (SHIPPED in minimax01/ops/lightning/triton_tune.py):\n"
+              f"    {lightning_tune.card_key()!r}: {tuned!r},", flush=True)
     save()
     print(f"{elapsed()} wrote {os.path.join(args.out, 'lightning.json')}"
-          + (f"; CHECK FAILURES: {failed}" if failed else "; all checks passed" if args.check
+          + (f"; FAILURES: {failed}" if failed else "; all checks passed" if args.check
              else ""), flush=True)
     sys.exit(1 if failed else 0)
 

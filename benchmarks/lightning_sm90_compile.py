@@ -40,16 +40,18 @@ pkg.__path__ = [ROOT]
 sys.modules["lk"] = pkg
 
 
-def load(name):
+def load(name, path=None):
     """A kernel file as module lk.NAME (its relative imports resolve inside lk)."""
-    spec = importlib.util.spec_from_file_location(f"lk.{name}", os.path.join(ROOT, name + ".py"))
+    spec = importlib.util.spec_from_file_location(f"lk.{name}",
+                                                  path or os.path.join(ROOT, name + ".py"))
     m = importlib.util.module_from_spec(spec)
     sys.modules[f"lk.{name}"] = m
     spec.loader.exec_module(m)
     return m
 
 
-load("triton_jit")
+# the lightning triton_jit re-exports ops/triton_jit.py (one level up): load that one in its place
+load("triton_jit", os.path.join(ROOT, "..", "triton_jit.py"))
 load("triton_items")
 scan = load("triton_scan").scan_kernel.fn
 dkdv = load("triton_dkdv").dkdv_kernel.fn

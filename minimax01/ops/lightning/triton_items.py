@@ -7,8 +7,10 @@ only fixes the segment length L and an upper bound on the number of items
     items[j]     = (start, end, doc, flags)   flags: 1 first item of its document, 2 last, 4 real
     doc_first[d] = index of document d's first item (doc_first[n_docs] = number of real items)
 
-Items past the real count are (0, 0, n_docs, 0): the scans skip them. Offsets are clamped into
-[0, T] and made non-decreasing, so bad offsets give wrong numbers, never out-of-bounds accesses."""
+Items past the real count are (0, 0, n_docs, 0): the scans skip them. Each document's offsets
+are clamped into [0, T] (end >= start), and no item is written past the bound: bad offsets
+(out of order, overlapping documents, whose item count the bound does not cover) give wrong
+numbers, never out-of-bounds accesses (tests/test_lightning_bounds.py checks every access)."""
 
 from __future__ import annotations
 
@@ -33,10 +35,11 @@ def items_kernel(CU, ITEMS, DOC_FIRST, n_docs, n_items, n_tok, seg_len, BLOCK: t
         n_seg = tl.where(md, tl.maximum((b - a + seg_len - 1) // seg_len, 1), 0).to(tl.int32)
         incl = tl.cumsum(n_seg, axis=0) + carry
         first = incl - n_seg
-        tl.store(DOC_FIRST + d + 1, incl, mask=md)
+        tl.store(DOC_FIRST + d + 1, tl.minimum(incl, n_items), mask=md)
         for s in range(0, tl.max(n_seg, axis=0)):
             sv = n_seg * 0 + s  # the segment index as a vector
-            ms = md & (sv < n_seg)
+            # the bound holds for offsets in order; overlapping bad ones could pass it
+            ms = md & (sv < n_seg) & (first + sv < n_items)
             it = (first + sv).to(tl.int64) * 4
             lo = a + sv.to(tl.int64) * seg_len
             hi = tl.minimum(lo + seg_len, b)
