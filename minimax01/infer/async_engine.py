@@ -131,7 +131,10 @@ class AsyncEngine:
             try:
                 outputs = engine.step()
             except Exception as e:  # keep serving: end what was in flight with an error
-                log.exception("engine step failed")
+                if isinstance(e, EngineError):  # an expected failure, already explained
+                    log.error("engine step failed: %s", e)
+                else:
+                    log.exception("engine step failed")
                 outputs = self._fail_all(f"{type(e).__name__}: {e}")
             for out in outputs:
                 self._deliver(out)

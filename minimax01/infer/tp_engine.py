@@ -137,7 +137,7 @@ class TPEngine(Engine):
             log.error("%s; stopping every rank", self.failed)
             if self.on_fatal is not None:
                 self.on_fatal(self.failed)
-            raise
+            raise EngineError(self.failed, "engine_unavailable") from None  # logged once, above
 
 
 def follow(engine: Engine, channel: StepChannel) -> int:
