@@ -84,7 +84,27 @@ def hf_to_fields(cfg: dict[str, Any]) -> dict[str, Any]:
         if "block_size" in cfg:
             out["block_size"] = int(cfg["block_size"])
     out.update(cfg.get("minimax01") or {})
+    _read_sliding(cfg, dialect, out)
     return out
+
+
+def _read_sliding(cfg: dict[str, Any], dialect: str, out: dict[str, Any]) -> None:
+    """Sliding-window layers (SPEC-external, ours). transformers' MiniMax applies a non-null
+    `sliding_window` to every softmax layer, so the hf dialect reads those layers as
+    sliding_attention; our own mixed layouts carry "sliding_attention" entries and the window in
+    the `minimax01` block. The legacy dialect has no sliding attention: refused."""
+    top = cfg.get("sliding_window")
+    if dialect == "legacy":
+        if top is not None or "sliding_attention" in (out.get("layer_types") or []) \
+                or out.get("sliding_window") is not None:
+            raise ValueError("config.json: sliding-window attention (sliding_window / "
+                             "sliding_attention) cannot be expressed in the legacy MiniMaxText01 "
+                             "dialect; save the model with dialect='hf'")
+        return
+    if top is not None:
+        types = out.get("layer_types") or []
+        out["layer_types"] = ["sliding_attention" if t == "full_attention" else t for t in types]
+        out["sliding_window"] = int(top)
 
 
 def fields_to_hf(config: "ModelConfig", dialect: str) -> dict[str, Any]:
@@ -93,6 +113,19 @@ def fields_to_hf(config: "ModelConfig", dialect: str) -> dict[str, Any]:
     out: dict[str, Any] = {k: getattr(config, k) for k in _COMMON}
     out.update(hidden_act="silu", attention_dropout=0.0, output_router_logits=False,
                router_jitter_noise=0.0, sliding_window=None, use_cache=True)
+    private: dict[str, Any] = {}
+    layer_types = list(config.layer_types)
+    if "sliding_attention" in layer_types:
+        if dialect == "legacy":
+            raise ValueError("the 'legacy' dialect (official MiniMaxText01) cannot express "
+                             "sliding_attention layers; use dialect='hf'")
+        if "full_attention" not in layer_types:
+            # exactly what transformers' MiniMax computes: its sliding_window covers every
+            # softmax layer
+            layer_types = ["full_attention" if t == "sliding_attention" else t for t in layer_types]
+            out["sliding_window"] = config.sliding_window
+        else:  # full and sliding layers mixed: ours alone; transformers refuses the layer type
+            private["sliding_window"] = config.sliding_window
     if dialect == "legacy":
         out.update(architectures=["MiniMaxText01ForCausalLM"], model_type=LEGACY_MODEL_TYPE,
                    attn_type_list=[0 if t == "linear_attention" else 1 for t in config.layer_types],
@@ -106,7 +139,7 @@ def fields_to_hf(config: "ModelConfig", dialect: str) -> dict[str, Any]:
             raise ValueError("the 'hf' dialect (transformers' MiniMax) cannot express postnorm=False; "
                              "use dialect='legacy'")
         out.update(architectures=["MiniMaxForCausalLM"], model_type=HF_MODEL_TYPE,
-                   layer_types=list(config.layer_types), block_size=config.block_size,
+                   layer_types=layer_types, block_size=config.block_size,
                    rope_parameters={"rope_type": "default", "rope_theta": config.rope_theta,
                                     "partial_rotary_factor": config.rotary_dim / config.head_dim},
                    dtype=config.dtype)
@@ -114,5 +147,11 @@ def fields_to_hf(config: "ModelConfig", dialect: str) -> dict[str, Any]:
             out[theirs] = getattr(config, ours)
     # our own fields that neither dialect has, kept so a round trip is lossless
     out["minimax01"] = {"lightning_norm_eps": config.lightning_norm_eps,
-                        "capacity_factor": config.capacity_factor}
+                        "capacity_factor": config.capacity_factor, **private}
     return out
+
+
+def preferred_dialect(config: "ModelConfig") -> str:
+    """The dialect to write when none is asked for: legacy (the official layout), or hf where
+    legacy cannot express the config (sliding-window layers)."""
+    return "hf" if "sliding_attention" in config.layer_types else "legacy"
