@@ -14,6 +14,9 @@ COMMANDS = {
     "serve": "OpenAI-compatible HTTP server for a checkpoint",
     "eval": "long-context evaluations (niah, passkey) and perplexity",
     "convert": "convert a checkpoint between the legacy and hf dialects",
+    "ablate": "run an ablation suite (configs/ablations/) and write a comparison table",
+    "plot": "draw a run's loss / eval / throughput / MoE-load curves from metrics.jsonl",
+    "power": "power analysis: samples and seeds an experiment needs; compare two runs",
 }
 
 
