@@ -27,16 +27,30 @@ def run(args) -> int:
         cfg.validate()
         print(cfg.to_toml(), end="")
         return 0
-    from ..train.trainer import Trainer, TrainingDiverged
+    from ..train.trainer import Trainer, TrainingDiverged, make_world
 
-    trainer = Trainer(cfg)
-    try:
-        result = trainer.fit()
-    except TrainingDiverged as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 1
-    finally:
-        trainer.world.shutdown()
+    if cfg.train.stages:  # train/stages.py: one run per stage, in out_dir/stages/
+        from ..train.stages import run_stages
+
+        cfg.validate()
+        world = make_world(cfg)
+        try:
+            results = run_stages(cfg, world)
+        except TrainingDiverged as e:
+            print(f"error: {e}", file=sys.stderr)
+            return 1
+        finally:
+            world.shutdown()
+        result = results[-1]
+    else:
+        trainer = Trainer(cfg)
+        try:
+            result = trainer.fit()
+        except TrainingDiverged as e:
+            print(f"error: {e}", file=sys.stderr)
+            return 1
+        finally:
+            trainer.world.shutdown()
     if result.stopped_by_signal:
         return 128 + int(result.stopped_by_signal)
     return 0

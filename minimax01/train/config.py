@@ -51,6 +51,7 @@ class DataConfig:
     eval_fraction: float = 0.02     # share of documents (or 4 KiB text pieces) held out
     synthetic_tasks: list[str] = field(default_factory=lambda: ["passkey", "needle", "mqar"])
     synthetic_length: int = 0       # characters per synthetic document; 0: about seq_len tokens
+    length_mixture: list[list[float]] = field(default_factory=list)  # [[lo, hi, weight]] tokens
 
 
 @dataclass
@@ -79,6 +80,7 @@ class TrainSection:
     seq_len: int = 1024             # tokens per row
     grad_accum: int = 1             # micro-batches per optimizer step (at full batch size)
     seed: int = 0
+    stages: list[dict[str, Any]] | str = field(default_factory=list)  # train/stages.py
     dtype: str = "bfloat16"         # autocast dtype: bfloat16 | float32 (master weights stay fp32)
     device: str = "auto"            # auto | cpu | cuda | cuda:N (single process)
     out_dir: str = "runs/default"
@@ -221,6 +223,9 @@ class RunConfig:
         if o.warmup_steps < 0 or o.grad_clip < 0 or o.weight_decay < 0:
             raise ValueError("optim.warmup_steps, optim.grad_clip and optim.weight_decay must be "
                              ">= 0")
+        from .stages import check_run  # train.stages and data.length_mixture
+
+        check_run(self)
         marks = list(o.batch_warmup_tokens)
         if marks != sorted(marks) or any(m <= 0 for m in marks):
             raise ValueError(f"optim.batch_warmup_tokens must be increasing positive token "

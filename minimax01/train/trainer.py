@@ -62,8 +62,9 @@ class Trainer:
     """`Trainer(cfg).fit()`. Everything that can be wrong with the config or the data is
     checked in the constructor, before anything is written."""
 
-    def __init__(self, cfg: RunConfig, world=None):
+    def __init__(self, cfg: RunConfig, world=None, init=None):
         self.cfg = cfg
+        self.init = init  # init(model, optimizer) when not resuming (train/stages.py)
         self.model_cfg = cfg.validate()
         self.world = world if world is not None else make_world(cfg)
         spec = cfg.data.tokenizer
@@ -188,7 +189,10 @@ class Trainer:
             if p.exists():
                 shutil.rmtree(p)
         tmp.mkdir(parents=True)
-        save_state_dict(state, self.model_cfg, tmp, tokenizer=self.tokenizer)
+        from ..hf_config import preferred_dialect
+
+        save_state_dict(state, self.model_cfg, tmp, preferred_dialect(self.model_cfg),
+                        tokenizer=self.tokenizer)
         if final.exists():
             os.rename(final, old)
         os.rename(tmp, final)
@@ -235,6 +239,8 @@ class Trainer:
             state = ckpt.load_checkpoint(self.resume_from, model, optimizer, world)
             step, tokens = int(state["step"]), int(state["tokens"])
             self.data.load_state_dict(state["data"])
+        elif self.init is not None:
+            self.init(model, optimizer)
         if world.is_main:
             truncate_metrics(self.out_dir / "metrics.jsonl", step)
         log = MetricsLogger(self.out_dir, world.is_main, t.steps, min(step, t.steps), t.progress,
