@@ -100,11 +100,15 @@ def run(args: argparse.Namespace) -> int:
 
             save_png(ppl_figure({ckpt.name: result}, args.train_length), args.plot)
     else:
-        from ..eval.retrieval import extrapolation_lengths
+        from ..eval.retrieval import MIN_LENGTH, extrapolation_lengths
 
         task = {"niah": "needle"}.get(args.task, args.task)
-        lengths = args.lengths or (extrapolation_lengths(args.train_length) if args.train_length
-                                   else [512, 1024, 2048])
+        lengths = args.lengths or [n for n in (extrapolation_lengths(args.train_length)
+                                               if args.train_length else [512, 1024, 2048])
+                                   if n >= MIN_LENGTH[task]]
+        if not lengths:
+            raise CLIError(f"{args.task} examples need at least {MIN_LENGTH[task]} characters; "
+                           f"give --lengths")
         total = len(lengths) * len(args.depths) * args.samples
         with tqdm(total=total, desc=f"{args.task}", unit="ex") as bar:
             result = evaluate_retrieval(model, tokenizer, task, lengths, args.depths,

@@ -15,6 +15,7 @@ from . import mrniah
 
 EVAL_SEED_OFFSET = 1_000_003  # keeps evaluation examples apart from training examples of a seed
 TASKS = ("passkey", "needle", "mrniah")
+MIN_LENGTH = {"passkey": 64, "needle": 64, "mrniah": 160}  # characters an example needs
 
 
 @dataclass
