@@ -282,3 +282,35 @@ def test_init_from_an_hf_model(tmp_path):
         assert k == k2 and torch.equal(v, v2.float())
     with pytest.raises(FileNotFoundError, match="neither a training checkpoint"):
         st._initializer(tmp_path, False, sub.optim)(model, build_optimizer(model, sub.optim))
+
+
+def test_shipped_context_extension_configs():
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[1] / "configs" / "ablations"
+    for path, lengths in ((root / "context_extension.toml", [4096, 32768]),
+                          (root / "tiny" / "context_extension.toml", [256, 2048])):
+        cfg = load_toml(path)
+        cfg.validate()
+        plan = st.plan(cfg)
+        assert [p["seq_len"] for p in plan] == lengths
+        assert plan[1]["rope_theta"] > plan[0]["rope_theta"] and plan[1]["length_mixture"]
+
+
+def test_corpus_of_whole_documents(tmp_path, capsys):
+    from minimax01.eval import ablation
+
+    text = tmp_path / "t"
+    text.mkdir()
+    for i in range(6):
+        (text / f"f{i}.txt").write_text("x" * (3000 * (i + 1)) + "\n")  # 3K..18K: several pieces
+    spec = tmp_path / "c.toml"
+    spec.write_text(f'[data]\ntext = "{text}"\nnatural_unit = "document"\ndocuments = 4\n'
+                    f'synthetic_fraction = 0.0\nheldout_characters = 100\n')
+    assert ablation.main(["corpus", str(spec), str(tmp_path / "out")]) == 0
+    docs = [json.loads(line)["text"] for line in (tmp_path / "out/train.jsonl").read_text().splitlines()]
+    assert [len(d) for d in docs] == [3001, 6001, 9001, 12001]  # whole files, not 4 KiB pieces
+    assert len((tmp_path / "out/heldout.txt").read_text()) == 15001
+    spec.write_text(spec.read_text().replace("documents = 4", "documents = 5"))
+    assert ablation.main(["corpus", str(spec), str(tmp_path / "out")]) == 2  # another spec
+    assert "another [data] spec" in capsys.readouterr().err

@@ -14,6 +14,8 @@ def add_arguments(parser) -> None:
     parser.add_argument("--preset", metavar="NAME", help=f"a preset: {', '.join(PRESETS)}")
     parser.add_argument("--checkpoint", metavar="DIR",
                         help="a checkpoint folder (reads config.json and the safetensors headers)")
+    parser.add_argument("--config", metavar="FILE.toml",
+                        help="a training config (its [model] section), e.g. configs/ablations/hybrid.toml")
     parser.add_argument("--gpu-memory", type=float, metavar="GiB",
                         help="also show how many sequences `serve` fits on a GPU of this size")
     parser.add_argument("--max-context", default="8192,131072,1048576", metavar="N[,N...]",
@@ -33,12 +35,17 @@ def _checkpoint_lines(path: str) -> tuple[ModelConfig, list[str]]:
 
 
 def run(args) -> int:
-    if (args.preset is None) == (args.checkpoint is None):
-        raise CLIError("give exactly one of --preset NAME or --checkpoint DIR")
+    if sum(x is not None for x in (args.preset, args.checkpoint, args.config)) != 1:
+        raise CLIError("give exactly one of --preset NAME, --checkpoint DIR or --config FILE.toml")
     lines: list[str] = []
     if args.preset is not None:
         cfg = ModelConfig.from_preset(args.preset)
         lines += [f"Preset {args.preset}", ""]
+    elif args.config is not None:
+        from ..train.config import load_toml
+
+        cfg = load_toml(args.config).model.build()
+        lines += [f"Config {args.config}", ""]
     else:
         cfg, lines = _checkpoint_lines(args.checkpoint)
     contexts = _contexts(args) if args.gpu_memory is not None else None

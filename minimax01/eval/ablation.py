@@ -26,7 +26,7 @@ import torch
 
 SUITE_KEYS = {"runs", "reference", "param_tolerance", "budget", "flops", "tokens"}
 DATA_KEYS = {"text", "documents", "synthetic_fraction", "tasks", "min_length", "max_length",
-             "heldout_characters", "seed"}
+             "heldout_characters", "seed", "natural_unit"}
 EVAL_KEYS = {"tasks", "depths", "samples", "factor", "ppl_windows", "throughput_lengths",
              "batch_size", "seed"}
 
@@ -148,14 +148,29 @@ def check_matched(suite: Suite) -> None:
 
 
 # ---------------------------------------------------------------------- the corpus
-def _natural_pieces(source: str):
-    """Natural text, 4 KiB pieces (or whole documents) from a data source, in file order."""
+def _natural_pieces(source: str, unit: str = "piece"):
+    """Natural text from a data source, in file order: its units (text files: ~4 KiB pieces)
+    or, with unit = "document", whole documents (a long-context corpus needs long ones)."""
     from ..train.data.sources import open_source
 
+    if unit not in ("piece", "document"):
+        raise ValueError(f"[data] natural_unit must be 'piece' or 'document', got {unit!r}")
     for shard in open_source(source):
-        for unit in shard.units(0):
-            if unit.text.strip():
-                yield unit.text
+        parts: list[str] = []
+        for u in shard.units(0):
+            if unit == "piece":
+                if u.text.strip():
+                    yield u.text
+                continue
+            if u.new_doc and parts:
+                yield "".join(parts)
+                parts = []
+            parts.append(u.text)
+            if u.ends_doc:
+                yield "".join(parts)
+                parts = []
+        if parts and "".join(parts).strip():
+            yield "".join(parts)
 
 
 def write_corpus(spec: dict, out: Path) -> dict:
@@ -180,7 +195,8 @@ def write_corpus(spec: dict, out: Path) -> dict:
     if not (0 <= frac <= 1 and docs > 0 and 160 <= lo <= hi):
         raise ValueError("[data]: need documents > 0, 0 <= synthetic_fraction <= 1 and "
                          "160 <= min_length <= max_length")
-    pieces = _natural_pieces(spec.get("text", "stdlib"))
+    pieces = (p for p in _natural_pieces(spec.get("text", "stdlib"),
+                                         spec.get("natural_unit", "piece")) if p.strip())
     counts = {"natural": 0, **{t: 0 for t in tasks}}
     with open(out / "train.jsonl.tmp", "w") as f:
         for i in range(docs):
@@ -337,3 +353,31 @@ def evaluate_run(suite: Suite, name: str, out: Path, device: str | None = None, 
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps(result, indent=1))
     return result
+
+
+def main(argv=None) -> int:
+    """`python -m minimax01.eval.ablation corpus FILE.toml OUT_DIR`: write the corpus a [data]
+    table describes (train.jsonl, heldout.txt, corpus.json), e.g. for a context-extension run."""
+    import argparse
+    import sys
+
+    p = argparse.ArgumentParser(prog="python -m minimax01.eval.ablation")
+    p.add_argument("action", choices=["corpus"])
+    p.add_argument("spec", help="a TOML file with a [data] table (a suite.toml works)")
+    p.add_argument("out_dir")
+    args = p.parse_args(argv)
+    try:
+        raw = tomllib.loads(Path(args.spec).read_text())
+        spec = raw.get("data", {})
+        _check_keys(spec, DATA_KEYS, f"{args.spec} [data]")
+        meta = write_corpus(spec, Path(args.out_dir))
+    except (OSError, ValueError, tomllib.TOMLDecodeError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    print(f"corpus in {args.out_dir}: {meta['documents']} documents {meta['counts']}, "
+          f"{meta['heldout_characters']} held-out characters")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -9,7 +9,8 @@ from dataclasses import dataclass, field
 
 import torch
 
-from ..infer.generate import generate
+from ..infer.generate import left_pad
+from ..model.cache import HybridCache
 from ..train.data.synthetic import make_example
 from . import mrniah
 
@@ -72,6 +73,39 @@ def extrapolation_lengths(train_length: int, factor: float = 4.0) -> list[int]:
         out.append(n)
         n *= 2
     return out
+
+
+PREFILL_CHUNK = 2048  # prompt tokens per forward: bounds attention memory at long contexts
+
+
+@torch.inference_mode()
+def generate(model, prompts: list[list[int]], max_new_tokens: int,
+             chunk: int = PREFILL_CHUNK) -> torch.Tensor:
+    """Greedy continuation of left-padded prompts, like `infer.generate` at temperature 0, but
+    the prompt goes through the cache in chunks of `chunk` tokens, so a 128K-token prompt never
+    builds a 128K x 128K attention mask. Returns [B, T + max_new_tokens]."""
+    cfg = model.config
+    device = next(model.parameters()).device
+    pad = cfg.pad_token_id if cfg.pad_token_id is not None else 0
+    ids, mask = left_pad(prompts, pad, device)
+    b, t = ids.shape
+    cache = HybridCache(cfg, b, t + max_new_tokens, device=device,
+                        dtype=next(model.parameters()).dtype)
+    was_training = model.training
+    model.eval()
+    try:
+        for a in range(0, t, chunk):
+            logits = model(ids[:, a:a + chunk], attention_mask=mask[:, a:a + chunk], cache=cache,
+                           logits_to_keep=1).logits
+        out = [ids]
+        for step in range(max_new_tokens):
+            token = logits[:, -1].argmax(-1)
+            out.append(token[:, None])
+            if step < max_new_tokens - 1:
+                logits = model(token[:, None], cache=cache).logits
+    finally:
+        model.train(was_training)
+    return torch.cat(out, 1)
 
 
 def make_task_example(task: str, index: int, seed: int, length: int, depth: float):
