@@ -3,7 +3,6 @@
 before saving) and the file is a valid, non-empty PNG of the expected size."""
 
 import json
-import math
 
 import pytest
 import torch

@@ -314,3 +314,19 @@ def test_corpus_of_whole_documents(tmp_path, capsys):
     spec.write_text(spec.read_text().replace("documents = 4", "documents = 5"))
     assert ablation.main(["corpus", str(spec), str(tmp_path / "out")]) == 2  # another spec
     assert "another [data] spec" in capsys.readouterr().err
+
+
+def test_mixture_over_text_files_measures_whole_files(tmp_path):
+    folder = tmp_path / "files"
+    folder.mkdir()
+    for i in range(8):  # short files of 'a', long files (several 4 KiB pieces) of 'b'
+        (folder / f"s{i}.txt").write_text("a" * (50 + i) + "\n")
+        (folder / f"l{i}.txt").write_text(("b" * 99 + "\n") * (60 + i))
+    tok = ByteTokenizer()
+    mix = LengthMixture(open_source(str(folder)), tok, [[0, 1000, 1.0], [1000, math.inf, 1.0]],
+                        32, tok.pad_id, 0, 0.0, True, True, True)
+    mix.check()
+    for r in range(200):
+        b = mix.bucket_of_row(r)
+        letters = {chr(t) for t in mix.next_row()[0] if t < 256} - {"\n"}
+        assert letters == ({"a"} if b == 0 else {"b"})

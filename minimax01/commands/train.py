@@ -32,7 +32,6 @@ def run(args) -> int:
     if cfg.train.stages:  # train/stages.py: one run per stage, in out_dir/stages/
         from ..train.stages import run_stages
 
-        cfg.validate()
         world = make_world(cfg)
         try:
             results = run_stages(cfg, world)
