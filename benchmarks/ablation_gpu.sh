@@ -8,7 +8,8 @@
 #   STAGE=4 ...  train hybrid_swa   (7:1, sliding-window softmax)
 #   STAGE=5 ...  evaluate the four + tables and figures  -> $OUT/ablate/
 #   STAGE=6 ...  context extension 4K -> 32K (two stages) -> $OUT/context/training.png
-#   STAGE=7 ...  evaluate both stages' models by length, up to 2x / 16x the training lengths
+#   STAGE=7 ...  evaluate both stages' models by length (2K .. 64K: up to 16x / 2x their training
+#                lengths); re-run until it reports nothing left
 #   STAGE=all    everything in order (no time box)
 #
 # A training chunk stops itself with SIGTERM after CHUNK_SECONDS (default 480): the run saves a
@@ -58,8 +59,16 @@ train_one() {
     --phase train --only "$1"
 }
 
-ablate_eval() {
-  python -m minimax01 ablate "$SUITE" --out "$RUNS/ablate" --flops "$FLOPS" --phase eval &&
+ablate_eval() {  # one run at a time while the time box allows (a re-run continues), then report
+  local r
+  for r in softmax lightning hybrid hybrid_swa; do
+    [ -f "$RUNS/ablate/evals/$r.json" ] && continue
+    if [ "$STAGE" != all ] && [ "$SECONDS" -gt $((CHUNK - 150)) ]; then
+      echo "== time box reached before evaluating $r: run STAGE=$STAGE again =="; return 143
+    fi
+    python -m minimax01 ablate "$SUITE" --out "$RUNS/ablate" --flops "$FLOPS" --phase eval \
+      --only "$r" || return
+  done
   python -m minimax01 ablate "$SUITE" --out "$RUNS/ablate" --flops "$FLOPS" --phase report
 }
 
@@ -87,12 +96,16 @@ for s in st:
 ") || return
   while read -r dir len lengths ctx; do
     local name; name=$(basename "$dir")
+    [ -f "$out/ppl_$name.json" ] && continue  # evaluated in an earlier chunk
+    if [ "$STAGE" != all ] && [ "$SECONDS" -gt $((CHUNK - 240)) ]; then
+      echo "== time box reached before evaluating $name: run STAGE=$STAGE again =="; return 143
+    fi
     python -m minimax01 eval passkey --checkpoint "$dir/model" --train-length "$len" \
-      --lengths "$lengths" --depths 0,0.25,0.5,0.75,1 --samples 2 --batch-size 2 \
-      --json "$out/passkey_$name.json" --plot "$out/passkey_$name.png" || return
+      --lengths "$lengths" --depths 0,0.25,0.5,0.75,1 --samples "${CTX_SAMPLES:-1}" --batch-size 2 \
+      --json "$out/passkey_$name.json" --plot "$out/passkey_$name.png" </dev/null || return
     python -m minimax01 eval ppl --checkpoint "$dir/model" --train-length "$len" \
       --data "$RUNS/context/data/heldout.txt" --context "$ctx" --chunk 4096 --max-windows 2 \
-      --json "$out/ppl_$name.json" --plot "$out/ppl_$name.png" || return
+      --json "$out/ppl_$name.json" --plot "$out/ppl_$name.png" </dev/null || return
   done <<< "$plan"
 }
 

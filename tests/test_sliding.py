@@ -191,6 +191,14 @@ def test_caches_and_parallel_code_without_windows_are_refused():
 
     with pytest.raises(ValueError, match="NoWindowCache does not support sliding_attention"):
         model(x, cache=NoWindowCache(model.config, 1, 16))
+    # the serving engine's slot cache (infer/) has no windows yet: refused, naming the layer
+    from minimax01.infer.slot_cache import SlotCache, SlotPool
+
+    slots = SlotCache(SlotPool(model.config, 1, 32))
+    cu = slots.begin_prefill([0], [0], [8])
+    with pytest.raises(ValueError, match="SlotCache does not support sliding_attention layers "
+                                         r"\(layer 1\)"):
+        model(x, cu_seqlens=cu, cache=slots)
     model.model.layers[1].self_attn.attn_fn = causal_attention  # what ring attention plugs in
     with pytest.raises(ValueError, match="context parallelism"):
         model(x)
