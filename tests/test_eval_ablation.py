@@ -143,3 +143,14 @@ def test_bad_suites_are_refused(tmp_path, capsys):
     soft.write_text(soft.read_text().replace("lr = 3e-3", "lr = 1e-3"))
     assert main(["ablate", str(folder), "--dry-run"]) == 2
     assert "[optim] lr differs" in capsys.readouterr().err
+
+
+def test_loss_at_interpolates_between_records():
+    from minimax01.eval.ablation_report import loss_at
+
+    curve = [{"tokens": 100, "loss": 5.0}, {"tokens": 200, "loss": 4.0}, {"tokens": 400, "loss": 2.0}]
+    assert loss_at(curve, 1.0) == 2.0
+    assert loss_at(curve, 0.5) == 4.0
+    assert loss_at(curve, 0.75) == pytest.approx(3.0)
+    assert loss_at(curve, 0.1) == 5.0  # before the first record
+    assert loss_at([], 0.5) is None

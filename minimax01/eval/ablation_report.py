@@ -28,11 +28,21 @@ def _count(n: float) -> str:
 
 
 def loss_at(curve: list[dict], fraction: float) -> float | None:
-    """Train loss of the first record at or past `fraction` of the run's tokens."""
+    """Train loss at `fraction` of the run's tokens, interpolated linearly between the logged
+    records (runs of one suite log at different token counts); the first record's loss before
+    it."""
     if not curve:
         return None
     target = fraction * curve[-1]["tokens"]
-    return next(r["loss"] for r in curve if r["tokens"] >= target - 1e-9)
+    prev = curve[0]
+    for r in curve:
+        if r["tokens"] >= target - 1e-9:
+            if r is prev or r["tokens"] == prev["tokens"]:
+                return r["loss"]
+            w = (target - prev["tokens"]) / (r["tokens"] - prev["tokens"])
+            return prev["loss"] + w * (r["loss"] - prev["loss"])
+        prev = r
+    return curve[-1]["loss"]
 
 
 def _scores(out: Path, run: str, task: str) -> tuple | None:

@@ -69,6 +69,15 @@ def heatmap(ax, result, title: str | None = None) -> None:
     ax.figure.colorbar(im, ax=ax, shrink=0.8)
 
 
+def _length_axis(ax, ticks) -> None:
+    """Log2 axis with the data's own lengths as ticks (256, 1K, 4K ...)."""
+    ax.set_xscale("log", base=2)
+    ticks = [t for t in ticks if t > 0]
+    if 0 < len(ticks) <= 12 and all(float(t).is_integer() for t in ticks):
+        ax.set_xticks(ticks, [_k(int(t)) for t in ticks])
+        ax.minorticks_off()
+
+
 def _k(n: int) -> str:
     return f"{n // 1024}K" if n >= 1024 and n % 1024 == 0 else str(n)
 
@@ -84,7 +93,7 @@ def retrieval_figure(results, labels: list[str] | None = None, title: str | None
     for r, name in zip(results, labels):
         ax.plot(r.lengths, [r.accuracy(n) for n in r.lengths], marker="o", label=name)
     _train_line(ax, next((r.train_length for r in results if r.train_length), None))
-    ax.set_xscale("log", base=2)
+    _length_axis(ax, sorted({n for r in results for n in r.lengths}))
     ax.set_ylim(-0.05, 1.05)
     ax.set_xlabel("context length")
     ax.set_ylabel("accuracy")
@@ -166,7 +175,7 @@ def comparison_figure(curves: dict, xlabel: str, ylabel: str, title: str, logx: 
         ax.plot(xs, ys, marker="o" if len(xs) < 30 else None, label=name)
     _train_line(ax, train_length)
     if logx:
-        ax.set_xscale("log", base=2)
+        _length_axis(ax, sorted({x for xs, _ in curves.values() for x in xs}))
     if ylim:
         ax.set_ylim(*ylim)
     ax.set_xlabel(xlabel)
