@@ -27,7 +27,7 @@ from .prepare import cast_model, prepare_for_serving  # noqa: F401  (cast_model:
 from .request import Completion, RequestError, SamplingParams, StepOutput
 from .sampling import BROKEN, sample_rows, token_logprobs
 from .scheduler import Scheduler, Sequence
-from .slot_cache import SlotCache, SlotPool
+from .slot_cache import SlotCache, SlotPool, check_servable
 
 log = logging.getLogger(__name__)
 
@@ -50,6 +50,7 @@ class Engine:
                  max_batch: int | None = None, cuda_graphs: bool | None = None,
                  overlap: bool | None = None, gpu_memory_utilization: float = 0.9,
                  seed: int = 0):
+        check_servable(model.config)  # before the model is touched
         self._restore_model = prepare_for_serving(model)
         self.model = model
         self.config = cfg = model.config
