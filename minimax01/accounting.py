@@ -84,15 +84,19 @@ def kv_cache_bytes(cfg: ModelConfig, tokens: int, dtype_bytes: int = 2) -> int:
 
 
 def sequence_bytes(cfg: ModelConfig, tokens: int, dtype_bytes: int = 2) -> int:
-    """All generation-cache memory of one sequence: KV cache plus the fp32 lightning states."""
-    return kv_cache_bytes(cfg, tokens, dtype_bytes) + cfg.lightning_state_bytes()
+    """All generation-cache memory of one sequence: KV cache plus the fp32 lightning states (and
+    the fixed window of K/V of sliding-window layers)."""
+    return (kv_cache_bytes(cfg, tokens, dtype_bytes) + cfg.lightning_state_bytes()
+            + cfg.sliding_cache_bytes(dtype_bytes))
 
 
 # ---------------------------------------------------------------------- tables
 def summary_table(cfg: ModelConfig) -> Table:
     rows = [
         ["layers", f"{cfg.num_hidden_layers} ({cfg.num_linear_layers} lightning + "
-                   f"{cfg.num_full_layers} softmax)"],
+                   f"{cfg.num_full_layers} softmax"
+                   + (f" + {cfg.num_sliding_layers} sliding-window softmax, window "
+                      f"{cfg.sliding_window}" if cfg.num_sliding_layers else "") + ")"],
         ["hidden size", str(cfg.hidden_size)],
         ["attention", f"{cfg.num_attention_heads} heads x {cfg.head_dim} "
                       f"({cfg.num_key_value_heads} KV heads), rotary_dim {cfg.rotary_dim}"],

@@ -12,8 +12,11 @@ COMMANDS = {
     "train": "train a model (single process or under torchrun)",
     "generate": "generate text from a checkpoint",
     "serve": "OpenAI-compatible HTTP server for a checkpoint",
-    "eval": "long-context evaluations (niah, passkey) and perplexity",
+    "eval": "long-context evaluations (niah, passkey, mrniah) and perplexity by position",
     "convert": "convert a checkpoint between the legacy and hf dialects",
+    "ablate": "run an ablation suite (configs/ablations/) and write a comparison table",
+    "plot": "draw a run's loss / eval / throughput / MoE-load curves from metrics.jsonl",
+    "power": "power analysis: samples and seeds an experiment needs; compare two runs",
 }
 
 

@@ -16,9 +16,10 @@ from pathlib import Path
 from typing import Any
 
 from .dtypes import FLOAT_DTYPES
-from .hf_config import FULL, LINEAR, fields_to_hf, hf_to_fields
+from .hf_config import FULL, LINEAR, SLIDING, fields_to_hf, hf_to_fields
 
-LAYER_TYPES = (LINEAR, FULL)
+# SLIDING: softmax attention over the last `sliding_window` keys (ours, not in the released model)
+LAYER_TYPES = (LINEAR, FULL, SLIDING)
 
 # Sanity bounds, checked before anything is built: a config.json is input from anywhere, and
 # building a model of 100,000 layers on the meta device alone takes minutes. MiniMax-Text-01
@@ -63,6 +64,7 @@ class ModelConfig:
     rotary_dim: int = 16
     rope_theta: float = 10_000_000.0
     layer_types: list[str] | None = None
+    sliding_window: int | None = None  # keys a sliding_attention query sees, its own included
     num_local_experts: int = 4
     num_experts_per_tok: int = 2
     rms_norm_eps: float = 1e-5
@@ -147,6 +149,7 @@ class ModelConfig:
             if t not in LAYER_TYPES:
                 raise ValueError(f"ModelConfig.layer_types[{i}]: unknown layer type {t!r}; "
                                  f"expected one of {LAYER_TYPES}")
+        self._validate_sliding()
         for name in ("postnorm", "tie_word_embeddings"):
             if not isinstance(getattr(self, name), bool):
                 raise bad(name, "must be true or false")
@@ -178,6 +181,19 @@ class ModelConfig:
             raise ValueError(f"ModelConfig: {self.num_parameters():.3g} parameters is more than "
                              f"the sanity bound {MAX_PARAMETERS:.3g}")
 
+    def _validate_sliding(self) -> None:
+        w, bad = self.sliding_window, self._bad
+        if w is not None and (not isinstance(w, int) or isinstance(w, bool) or w <= 0):
+            raise bad("sliding_window", "must be a positive integer or None")
+        if w is not None and w > self.max_position_embeddings:
+            raise bad("sliding_window", f"must be at most max_position_embeddings="
+                                        f"{self.max_position_embeddings}")
+        has = SLIDING in self.layer_types
+        if has and w is None:
+            raise bad("sliding_window", "must be set when a layer is sliding_attention")
+        if w is not None and not has:
+            raise bad("sliding_window", "is set but no layer is sliding_attention")
+
     # ------------------------------------------------------------------ derived
     @property
     def attn_width(self) -> int:
@@ -195,12 +211,18 @@ class ModelConfig:
     def num_full_layers(self) -> int:
         return sum(t == FULL for t in self.layer_types)
 
+    @property
+    def num_sliding_layers(self) -> int:
+        return sum(t == SLIDING for t in self.layer_types)
+
     def replace(self, **changes: Any) -> "ModelConfig":
         """A copy with some fields changed. Alphas derived from the layer count are re-derived when
         the layer count changes and they were not given explicitly."""
         data = self.to_dict()
         if "num_hidden_layers" in changes and "layer_types" not in changes:
-            data["layer_types"] = None
+            data["layer_types"] = None  # the default pattern has no sliding layers
+            if "sliding_window" not in changes:
+                data["sliding_window"] = None
         if "num_hidden_layers" in changes or "postnorm" in changes:
             old_default = deepnorm_alpha(self.num_hidden_layers) if self.postnorm else 1.0
             for name in ("full_attn_alpha", "linear_attn_alpha", "mlp_alpha"):
@@ -283,6 +305,11 @@ class ModelConfig:
         heads = self.num_attention_heads
         # softmax: QK^T and PV, causal -> average context seq_len/2 each
         attn = self.num_full_layers * 2 * 2 * heads * d * (seq_len / 2)
+        # sliding window W: a query at position p sees min(p, W) keys; averaged over [0, seq_len)
+        if self.num_sliding_layers:
+            w = self.sliding_window
+            keys = seq_len / 2 if seq_len <= w else w - w * w / (2 * seq_len)
+            attn += self.num_sliding_layers * 2 * 2 * heads * d * keys
         # lightning, chunked with block B: intra (causal, avg B/2 keys) + inter state (q S) + state
         # update (k^T v): 2*d*B/2*2 + 2*d*d*2 per head per token
         b = min(self.block_size, seq_len)
@@ -291,7 +318,14 @@ class ModelConfig:
         return 3 * fwd if training else fwd
 
     def kv_cache_bytes_per_token(self, dtype_bytes: int = 2) -> int:
+        """K/V bytes that grow with the context: the full softmax layers'."""
         return self.num_full_layers * 2 * self.kv_width * dtype_bytes
+
+    def sliding_cache_bytes(self, dtype_bytes: int = 2) -> int:
+        """Bytes of K/V per sequence the sliding-window layers keep, whatever the length."""
+        if not self.num_sliding_layers:
+            return 0
+        return self.num_sliding_layers * 2 * self.kv_width * self.sliding_window * dtype_bytes
 
     def lightning_state_bytes(self) -> int:
         """Bytes of fp32 lightning state per sequence, independent of context length."""

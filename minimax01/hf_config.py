@@ -19,6 +19,7 @@ LEGACY_MODEL_TYPE = "MiniMaxText01"
 M1_MODEL_TYPE = "minimax_m1"  # MiniMax-M1 (MiniMaxM1ForCausalLM): the legacy format, SPEC §10
 HF_MODEL_TYPE = "minimax"
 LINEAR, FULL = "linear_attention", "full_attention"
+SLIDING = "sliding_attention"  # softmax over the last `sliding_window` keys (ours, not in Text-01)
 
 # fields with the same name and meaning in both dialects and in ModelConfig, by JSON type
 REQUIRED_INTS = ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers",
@@ -37,7 +38,8 @@ _LEGACY_RESIDUAL = {"full_attn_alpha": "layernorm_full_attention_alpha",
                     "mlp_beta": "layernorm_mlp_beta"}
 _HF_RESIDUAL = {k: k + "_factor" for k in _LEGACY_RESIDUAL}
 # our own fields that neither dialect has, kept under "minimax01" so a round trip is lossless
-OWN_FIELDS = {"lightning_norm_eps": "float", "capacity_factor": "float?"}
+# (sliding_window: only where transformers' own `sliding_window` cannot say it, see _read_sliding)
+OWN_FIELDS = {"lightning_norm_eps": "float", "capacity_factor": "float?", "sliding_window": "int?"}
 
 
 # ---------------------------------------------------------------------- typed readers
@@ -137,16 +139,54 @@ def hf_to_fields(cfg: dict[str, Any]) -> dict[str, Any]:
     if "block_size" in cfg:
         out["block_size"] = read_int(cfg["block_size"], "block_size")
     own = cfg.get("minimax01")
-    if own is not None:
-        if not isinstance(own, dict):
-            raise _bad("minimax01", "must be an object", own)
-        for k, v in own.items():
-            kind = OWN_FIELDS.get(k)
-            if kind is None:
-                raise ValueError(f"config.json: minimax01.{k}: unknown field (known: "
-                                 f"{', '.join(OWN_FIELDS)})")
-            out[k] = None if v is None and kind.endswith("?") else read_float(v, f"minimax01.{k}")
+    if own is not None and not isinstance(own, dict):
+        raise _bad("minimax01", "must be an object", own)
+    own = own or {}
+    if dialect == "legacy":
+        _refuse_legacy_sliding(cfg, own)
+    for k, v in own.items():
+        kind = OWN_FIELDS.get(k)
+        if kind is None:
+            raise ValueError(f"config.json: minimax01.{k}: unknown field (known: "
+                             f"{', '.join(OWN_FIELDS)})")
+        read = read_int if kind.startswith("int") else read_float
+        out[k] = None if v is None and kind.endswith("?") else read(v, f"minimax01.{k}")
+    if dialect == "hf":
+        _read_sliding(cfg, out)
     return out
+
+
+def _refuse_legacy_sliding(cfg: dict[str, Any], own: dict[str, Any]) -> None:
+    """The legacy dialect has no sliding-window attention: a window there is refused, never
+    dropped (that would silently become full attention)."""
+    types = own.get("layer_types")
+    if cfg.get("sliding_window") is not None or own.get("sliding_window") is not None \
+            or (isinstance(types, list) and SLIDING in types):
+        raise ValueError("config.json: sliding-window attention (sliding_window / "
+                         "sliding_attention) cannot be expressed in the legacy MiniMaxText01 "
+                         "dialect; save the model with dialect='hf'")
+
+
+def _read_sliding(cfg: dict[str, Any], out: dict[str, Any]) -> None:
+    """Sliding-window layers (SPEC-external, ours). transformers' MiniMax applies a non-null
+    top-level `sliding_window` to every softmax layer, so those layers read as sliding_attention;
+    our own mixed layouts (full and sliding layers) carry "sliding_attention" entries in
+    `layer_types` and the window in the `minimax01` block."""
+    top = cfg.get("sliding_window")
+    if top is None:
+        return
+    window = read_int(top, "sliding_window")
+    if out.get("sliding_window") not in (None, window):
+        raise ValueError(f"config.json: sliding_window={window} and minimax01.sliding_window="
+                         f"{out['sliding_window']} disagree")
+    types = out.get("layer_types")
+    if types is None:
+        raise ValueError("config.json: sliding_window needs layer_types (which layers are "
+                         "softmax layers)")
+    if FULL not in types:  # no softmax layer for transformers to window: it changes nothing
+        return
+    out["layer_types"] = [SLIDING if t == FULL else t for t in types]
+    out["sliding_window"] = window
 
 
 def _read_legacy(cfg: dict[str, Any], out: dict[str, Any]) -> None:
@@ -211,6 +251,19 @@ def fields_to_hf(fields: dict[str, Any], dialect: str) -> dict[str, Any]:
     out: dict[str, Any] = {k: f[k] for k in _COMMON}
     out.update(hidden_act="silu", attention_dropout=0.0, output_router_logits=False,
                router_jitter_noise=0.0, sliding_window=None, use_cache=True)
+    layer_types = list(f["layer_types"])
+    own_window = None  # the window in our own block: only for layouts transformers cannot say
+    if SLIDING in layer_types:
+        if dialect == "legacy":
+            raise ValueError("the 'legacy' dialect (official MiniMaxText01) cannot express "
+                             "sliding_attention layers; use dialect='hf'")
+        if FULL not in layer_types:
+            # exactly what transformers' MiniMax computes: its sliding_window covers every
+            # softmax layer
+            layer_types = [FULL if t == SLIDING else t for t in layer_types]
+            out["sliding_window"] = f["sliding_window"]
+        else:  # full and sliding layers mixed: ours alone; transformers refuses the layer type
+            own_window = f["sliding_window"]
     if dialect == "legacy":
         out.update(architectures=["MiniMaxText01ForCausalLM"], model_type=LEGACY_MODEL_TYPE,
                    attn_type_list=[0 if t == LINEAR else 1 for t in f["layer_types"]],
@@ -224,11 +277,21 @@ def fields_to_hf(fields: dict[str, Any], dialect: str) -> dict[str, Any]:
             raise ValueError("the 'hf' dialect (transformers' MiniMax) cannot express postnorm=False; "
                              "use dialect='legacy'")
         out.update(architectures=["MiniMaxForCausalLM"], model_type=HF_MODEL_TYPE,
-                   layer_types=list(f["layer_types"]), block_size=f["block_size"],
+                   layer_types=layer_types, block_size=f["block_size"],
                    rope_parameters={"rope_type": "default", "rope_theta": f["rope_theta"],
                                     "partial_rotary_factor": f["rotary_dim"] / f["head_dim"]},
                    dtype=f["dtype"])
         for ours, theirs in _HF_RESIDUAL.items():
             out[theirs] = f[ours]
-    out["minimax01"] = {k: f[k] for k in OWN_FIELDS}
+    out["minimax01"] = {k: f[k] for k in OWN_FIELDS if k != "sliding_window"}
+    if own_window is not None:
+        out["minimax01"]["sliding_window"] = own_window
     return out
+
+
+def preferred_dialect(config: Any) -> str:
+    """The dialect to write when none is asked for: legacy (the official layout), or hf where
+    legacy cannot express the model (sliding-window layers). `config`: a ModelConfig or its
+    field dict."""
+    types = config["layer_types"] if isinstance(config, dict) else config.layer_types
+    return "hf" if SLIDING in types else "legacy"

@@ -146,3 +146,17 @@ def test_eval_and_serve_take_the_flag(capsys, checkpoint, tmp_path):
     code, _, err = run_cli(capsys, "generate", "--checkpoint", q, "--prompt", "x",
                            "--quantization", "fp8")
     assert code == 2 and "holds int8 weights, not fp8" in err and len(err.strip().splitlines()) == 1
+
+
+def test_plan_without_full_softmax_layers():
+    """Pure lightning (and lightning + sliding-window) models have no K/V that grows: every
+    context up to max_position_embeddings fits; the sliding layers' window is counted."""
+    from minimax01.config import LINEAR, SLIDING
+
+    lin = ModelConfig.from_preset("debug", layer_types=[LINEAR] * 4)
+    p = plan_cluster(lin, 1, 80 * GiB)
+    assert p.kv_bytes_per_token == 0 and p.max_context[8] == lin.max_position_embeddings
+    swa = ModelConfig.from_preset("debug", layer_types=[LINEAR, SLIDING] * 2, sliding_window=64)
+    s = plan_cluster(swa, 1, 80 * GiB)
+    assert s.state_bytes_per_seq == swa.lightning_state_bytes() + swa.sliding_cache_bytes(2)
+    assert any("serve` refuses sliding_attention" in n for n in s.notes)

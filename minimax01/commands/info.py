@@ -1,5 +1,5 @@
-"""`python -m minimax01 info --preset NAME | --checkpoint DIR`: parameters, FLOPs per token and a
-memory table (weights, KV cache and lightning state per sequence) for a model configuration.
+"""`python -m minimax01 info --preset NAME | --checkpoint DIR | --config FILE.toml`: parameters,
+FLOPs per token and a memory table (weights, KV cache and lightning state per sequence) for a model configuration.
 
 `--preset` takes a model preset (minimax01.config.MODEL_PRESETS) or a run preset (what
 `train --preset` takes, minimax01.train.presets.RUN_PRESETS), which shows the model it trains."""
@@ -21,6 +21,9 @@ def add_arguments(parser) -> None:
                              f"({', '.join(runs)}: shows the model it trains)")
     parser.add_argument("--checkpoint", metavar="DIR",
                         help="a checkpoint folder (reads config.json and the safetensors headers)")
+    parser.add_argument("--config", metavar="FILE.toml",
+                        help="a training config (the model of its [model] section), e.g. "
+                             "configs/ablations/hybrid.toml")
     parser.add_argument("--gpu-memory", type=float, metavar="GiB",
                         help="also show how many sequences `serve` fits on a GPU of this size")
     parser.add_argument("--max-context", default="8192,131072,1048576", metavar="N[,N...]",
@@ -55,12 +58,17 @@ def _checkpoint_lines(path: str) -> tuple[ModelConfig, list[str]]:
 
 
 def run(args) -> int:
-    if (args.preset is None) == (args.checkpoint is None):
-        raise CLIError("give exactly one of --preset NAME or --checkpoint DIR")
+    if sum(x is not None for x in (args.preset, args.checkpoint, args.config)) != 1:
+        raise CLIError("give exactly one of --preset NAME, --checkpoint DIR or --config FILE.toml")
     lines: list[str] = []
     if args.preset is not None:
         cfg, title = _preset(args.preset)
         lines += [title, ""]
+    elif args.config is not None:
+        from ..train.config_io import load_toml
+
+        cfg = load_toml(args.config).model.build()
+        lines += [f"Config {args.config}", ""]
     else:
         cfg, lines = _checkpoint_lines(args.checkpoint)
     if args.gpus is not None or args.tensor_parallel is not None or args.quantization \

@@ -11,6 +11,7 @@ from ..cli import CLIError
 from ..train.config import SECTIONS
 from ..train.config_io import parse_overrides, resolve, to_toml
 from ..train.presets import RUN_PRESETS
+from ..train.stages import check_run, run_stages
 
 
 def add_arguments(parser) -> None:
@@ -29,24 +30,30 @@ def add_arguments(parser) -> None:
 def run(args) -> int:
     cfg = resolve(args.preset, args.config, parse_overrides(getattr(args, "_extra", [])))
     if args.print_config:
-        cfg.validate()
+        check_run(cfg)
         print(to_toml(cfg), end="")
         return 0
-    from ..train.trainer import Trainer, TrainingDiverged
+    from ..train.trainer import Trainer, TrainingDiverged, make_world
 
     try:
-        trainer = Trainer(cfg)
-    except OSError as e:  # an unreadable data file, a full disk: one line, like bad input
-        raise CLIError(_os_error(e)) from None
-    try:
-        result = trainer.fit()
+        if cfg.train.stages:  # train/stages.py: one run per stage, in out_dir/stages/
+            check_run(cfg)  # every stage's config, before a process group exists
+            world = make_world(cfg)
+            try:
+                result = run_stages(cfg, world)[-1]
+            finally:
+                world.shutdown()
+        else:
+            trainer = Trainer(cfg)
+            try:
+                result = trainer.fit()
+            finally:
+                trainer.world.shutdown()
     except TrainingDiverged as e:
         print(f"error: {e}", file=sys.stderr)
         return 1
-    except OSError as e:
+    except OSError as e:  # an unreadable data file, a full disk: one line, like bad input
         raise CLIError(_os_error(e)) from None
-    finally:
-        trainer.world.shutdown()
     if result.stopped_by_signal:
         return 128 + int(result.stopped_by_signal)
     return 0

@@ -31,19 +31,23 @@ class PerplexityResult:
         return "\n".join(rows)
 
 
-def _bucket_edges(context: int) -> list[int]:
-    edges, e = [0], 64
+def _bucket_edges(context: int, base: int = 4, first: int = 64) -> list[int]:
+    edges, e = [0], first
     while e < context:
         edges.append(e)
-        e *= 4
+        e *= base
     return edges + [context]
 
 
 @torch.inference_mode()
 def perplexity(model, token_ids: list[int] | torch.Tensor, context: int, chunk: int = 4096,
-               max_windows: int | None = None, progress=None) -> PerplexityResult:
+               max_windows: int | None = None, progress=None,
+               bucket_base: int = 4) -> PerplexityResult:
     """Mean next-token NLL over non-overlapping windows of `context` tokens (the first token of a
-    window is not predicted)."""
+    window is not predicted); buckets of positions [0, 64), [64, 64 * base), ... With `context`
+    past the training length this measures extrapolation."""
+    if bucket_base < 2:
+        raise ValueError(f"bucket_base must be >= 2, got {bucket_base}")
     ids = torch.as_tensor(token_ids, dtype=torch.long)
     if context < 2:
         raise ValueError(f"context must be >= 2, got {context}")
@@ -54,7 +58,7 @@ def perplexity(model, token_ids: list[int] | torch.Tensor, context: int, chunk: 
     windows = ids.numel() // context
     if max_windows is not None:
         windows = min(windows, max_windows)
-    edges = _bucket_edges(context)
+    edges = _bucket_edges(context, bucket_base)
     sums = torch.zeros(len(edges) - 1, dtype=torch.float64)
     counts = torch.zeros(len(edges) - 1, dtype=torch.long)
     was_training = model.training

@@ -31,7 +31,7 @@ from .prepare import cast_model, prepare_for_serving  # noqa: F401  (cast_model:
 from .request import Completion, RequestError, SamplingParams, StepOutput
 from .sampling import BROKEN, sample_rows, token_logprobs
 from .scheduler import Scheduler, Sequence
-from .slot_cache import SlotCache, SlotPool
+from .slot_cache import SlotCache, SlotPool, check_servable
 from .step_record import StepRecord
 
 log = logging.getLogger(__name__)
@@ -53,6 +53,7 @@ class Engine:
                  max_batch: int | None = None, cuda_graphs: bool | None = None,
                  overlap: bool | None = None, gpu_memory_utilization: float = 0.9,
                  seed: int = 0, step_broadcast: Callable[[StepRecord], None] | None = None):
+        check_servable(model.config)  # before the model is touched
         self._restore_model = prepare_for_serving(model)
         self.step_broadcast = step_broadcast  # tensor parallel: send each step to the other ranks
         self.model = model

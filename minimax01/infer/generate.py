@@ -29,16 +29,21 @@ def generate(model, input_ids, max_new_tokens: int = 32, temperature: float = 0.
              top_k: int | None = None, top_p: float | None = None, seed: int | None = None,
              stop_tokens: Sequence[int] | None = None, attention_mask: torch.Tensor | None = None,
              pad_token_id: int | None = None, logit_bias: dict[int, float] | None = None,
-             on_token: Callable[[torch.Tensor], bool | None] | None = None) -> torch.Tensor:
+             on_token: Callable[[torch.Tensor], bool | None] | None = None,
+             prefill_chunk: int | None = None) -> torch.Tensor:
     """Continue each prompt by up to `max_new_tokens` tokens.
 
     `input_ids`: [B, T] tensor (left-padded, with `attention_mask`) or a list of token lists.
     Returns [B, T + n] (n <= max_new_tokens: the loop ends once every row has hit a stop token);
     after its stop token a row is filled with the pad id. Sampling is `sampling.sample` (the
     engine's sampler). `on_token(tokens [B])` is called after every step (to stream the text);
-    when it returns True the loop ends there."""
+    when it returns True the loop ends there. `prefill_chunk`: the prompt goes through the cache
+    this many tokens per forward (the same result; a 128K-token prompt then never builds a
+    128K x 128K attention mask); default: all at once."""
     if max_new_tokens < 0:
         raise ValueError(f"max_new_tokens must be >= 0, got {max_new_tokens}")
+    if prefill_chunk is not None and prefill_chunk < 1:
+        raise ValueError(f"prefill_chunk must be >= 1, got {prefill_chunk}")
     SamplingParams(max_tokens=None, temperature=temperature, top_k=top_k or 0,
                    top_p=1.0 if top_p is None else top_p, seed=seed,
                    logit_bias=logit_bias).validate(model.config.vocab_size)  # before any work
@@ -63,7 +68,10 @@ def generate(model, input_ids, max_new_tokens: int = 32, temperature: float = 0.
     was_training = model.training
     model.eval()
     try:
-        logits = model(input_ids, attention_mask=attention_mask, cache=cache, logits_to_keep=1).logits
+        chunk = prefill_chunk or t
+        for a in range(0, t, chunk):
+            logits = model(input_ids[:, a:a + chunk], attention_mask=attention_mask[:, a:a + chunk],
+                           cache=cache, logits_to_keep=1).logits
         out = [input_ids]
         done = torch.zeros(b, dtype=torch.bool, device=device)
         for step in range(max_new_tokens):

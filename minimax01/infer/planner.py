@@ -80,7 +80,7 @@ def plan_memory(cfg: ModelConfig, free_bytes: int, max_context: int, *, dtype: s
     weights = 0 if weights_loaded else int(cfg.weight_bytes(nbytes))
     chunk = min(prefill_chunk, max_context)
     act = activation_bytes(cfg, chunk, max_slots, nbytes) + margin_bytes
-    state = cfg.lightning_state_bytes()
+    state = cfg.lightning_state_bytes() + cfg.sliding_cache_bytes(nbytes)  # fixed per sequence
     kv = cfg.kv_cache_bytes_per_token(nbytes) * max_context
     room = budget - weights - act
     slots = min(max_slots, room // (state + kv) - 1) if room > 0 else 0
@@ -267,8 +267,8 @@ def plan_cluster(cfg: ModelConfig, gpus: int, gpu_bytes: int, *, quantization=No
     local = cfg.replace(num_attention_heads=s.heads, num_key_value_heads=s.kv_heads,
                         intermediate_size=s.intermediate, vocab_size=s.vocab)
     act = activation_bytes(local, prefill_chunk, max_slots, nbytes) + GiB // 2
-    state = local.lightning_state_bytes()
-    kv_tok = local.kv_cache_bytes_per_token(nbytes)
+    state = local.lightning_state_bytes() + local.sliding_cache_bytes(nbytes)
+    kv_tok = local.kv_cache_bytes_per_token(nbytes)  # 0 without full softmax layers
     room = budget - w["total"] - act - runtime
     label = q or dtype
     if room <= state:
@@ -283,13 +283,17 @@ def plan_cluster(cfg: ModelConfig, gpus: int, gpu_bytes: int, *, quantization=No
     max_context = {}
     for n in (1, 8):
         per = room // (n + 1) - state  # n sequences + the engine's scratch slot
-        max_context[n] = int(min(cap, per // kv_tok)) if per > 0 else 0
+        max_context[n] = (int(min(cap, per // kv_tok)) if kv_tok else cap) if per > 0 else 0
     sequences = {c: int(max(0, min(max_slots, room // (state + kv_tok * c) - 1))) for c in contexts}
     notes = []
     if max_context[1] == cap:
         notes.append(f"contexts are capped at max_position_embeddings {cap:,}")
     if max_context[8] < 1 << 20:
         notes.append("fewer than 8 sequences of 1M tokens fit per replica")
+    if cfg.num_sliding_layers:
+        notes.append(f"the state per sequence includes the {cfg.num_sliding_layers} sliding-window "
+                     f"layers' K/V (window {cfg.sliding_window}); `serve` refuses sliding_attention "
+                     f"layers for now")
     decode = {}
     allreduces = 2 * cfg.num_hidden_layers + 1 if tp > 1 else 0  # attention, MoE; logits gather
     if bandwidth_tb_s:

@@ -22,7 +22,7 @@ from dataclasses import dataclass
 
 import torch
 
-from ..config import LINEAR, ModelConfig
+from ..config import LINEAR, SLIDING, ModelConfig
 from ..ops import lightning_attn, lightning_decode
 from ..ops.lightning import triton_available
 from ..ops.slot_attention import decode_splits, slot_attention, triton_supported, work_list
@@ -31,6 +31,15 @@ from ..ops.slot_attention import decode_splits, slot_attention, triton_supported
 def lightning_backend(device: torch.device) -> str:
     """The Triton lightning kernels on CUDA when Triton is installed, the torch forms otherwise."""
     return "triton" if device.type == "cuda" and triton_available(device) else "chunk"
+
+
+def check_servable(config: ModelConfig) -> None:
+    """The slot pool keeps every softmax layer's whole context and the slot kernels attend over
+    all of it: sliding-window layers are refused (generate() and HybridCache run them)."""
+    for i, kind in enumerate(config.layer_types):
+        if kind == SLIDING:
+            raise ValueError(f"SlotCache does not support sliding_attention layers (layer {i}); "
+                             f"use generate() / HybridCache")
 
 
 class SlotPool:
@@ -49,6 +58,7 @@ class SlotPool:
         self.states: dict[int, torch.Tensor] = {}
         self.keys: dict[int, torch.Tensor] = {}
         self.values: dict[int, torch.Tensor] = {}
+        check_servable(config)
         for i, kind in enumerate(config.layer_types):
             if kind == LINEAR:
                 self.states[i] = torch.zeros(rows, h, d, d, device=self.device, dtype=torch.float32)

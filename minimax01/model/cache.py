@@ -3,6 +3,8 @@
 Lightning layers keep one fp32 state [B, H, D, D] each, whatever the context length; softmax
 layers keep post-RoPE K and V [B, Hkv, max_length, D], preallocated, in the model dtype. All rows
 share slot indices; a key mask hides padding. Positions count real tokens only (pads excluded).
+Sliding-window layers keep only the last `window - 1` slots' K/V ([B, window - 1, Hkv, D]): with
+left padding (the only padding they accept) those hold every key a new query can see.
 
 Layers talk to a cache through three calls, so other caches (the serving engine's slot pool)
 can plug in: `prepare(valid, cu_seqlens) -> position_ids` before the layers, `lightning(...)` and
@@ -12,12 +14,14 @@ from __future__ import annotations
 
 import torch
 
-from ..config import LINEAR, ModelConfig
+from ..config import LINEAR, SLIDING, ModelConfig
 from ..ops import lightning_attn, lightning_decode
-from ..ops.attention import cached_attention
+from ..ops.attention import cached_attention, windowed_attention
 
 
 class HybridCache:
+    supports_sliding_window = True  # the layers refuse sliding_attention with caches without it
+
     def __init__(self, config: ModelConfig, batch_size: int, max_length: int,
                  device: torch.device | str | None = None, dtype: torch.dtype = torch.float32):
         if max_length <= 0 or batch_size <= 0:
@@ -27,12 +31,21 @@ class HybridCache:
         self.states: dict[int, torch.Tensor] = {}
         self.keys: dict[int, torch.Tensor] = {}
         self.values: dict[int, torch.Tensor] = {}
+        self.window = config.sliding_window
+        # a step's queries see at most window-1 earlier slots, and never more than the cache holds
+        keep = min(self.window or 1, max_length) - 1
+        self.ring_keys: dict[int, torch.Tensor] = {}  # sliding layers: the last window-1 slots
+        self.ring_values: dict[int, torch.Tensor] = {}
         for i, kind in enumerate(config.layer_types):
             if kind == LINEAR:
                 self.states[i] = torch.zeros(batch_size, h, d, d, device=device, dtype=torch.float32)
+            elif kind == SLIDING:
+                self.ring_keys[i] = torch.zeros(batch_size, keep, hkv, d, device=device, dtype=dtype)
+                self.ring_values[i] = torch.zeros_like(self.ring_keys[i])
             else:
                 self.keys[i] = torch.zeros(batch_size, hkv, max_length, d, device=device, dtype=dtype)
                 self.values[i] = torch.zeros_like(self.keys[i])
+        self.ring_valid = torch.zeros(batch_size, keep, dtype=torch.bool, device=device)
         self.key_valid = torch.zeros(batch_size, max_length, dtype=torch.bool, device=device)
         self.length = 0  # slots filled, the same for every row
         self.seen = torch.zeros(batch_size, dtype=torch.long, device=device)  # real tokens per row
@@ -47,6 +60,10 @@ class HybridCache:
         if self.length + t > self.max_length:
             raise ValueError(f"cache is full: {self.length} + {t} tokens > max_length "
                              f"{self.max_length}")
+        if self.ring_keys and (bool((valid[:, :-1] & ~valid[:, 1:]).any())
+                               or bool(((self.seen > 0) & ~valid.all(-1)).any())):
+            raise ValueError("HybridCache: sliding_attention layers take left-padded input only "
+                             "(no padding after a sequence's first token)")
         self.key_valid[:, self.length:self.length + t] = valid
         self._step = (t, valid)
         return (self.seen[:, None] + valid.long().cumsum(-1) - 1).clamp(min=0)
@@ -60,6 +77,8 @@ class HybridCache:
         return o
 
     def attend(self, layer_idx, q, k, v, scale, ctx):
+        if layer_idx in self.ring_keys:
+            return self._attend_window(layer_idx, q, k, v, scale)
         start, t = self.length, q.shape[1]
         keys, values = self.keys[layer_idx], self.values[layer_idx]
         keys[:, :, start:start + t] = k.transpose(1, 2).to(keys.dtype)
@@ -68,12 +87,31 @@ class HybridCache:
         return cached_attention(q, keys[:, :, :end], values[:, :, :end], self.key_valid[:, :end],
                                 scale=scale)
 
+    def _attend_window(self, layer_idx, q, k, v, scale):
+        """The step's queries against the ring (the last window-1 slots) and the step's own keys;
+        then the ring moves on to the newest window-1 slots."""
+        _, valid = self._step
+        ring_k, ring_v = self.ring_keys[layer_idx], self.ring_values[layer_idx]
+        keys = torch.cat([ring_k, k.to(ring_k.dtype)], 1)
+        values = torch.cat([ring_v, v.to(ring_v.dtype)], 1)
+        key_valid = torch.cat([self.ring_valid, valid], 1)
+        o = windowed_attention(q, keys, values, self.window, key_valid=key_valid, scale=scale)
+        keep = ring_k.shape[1]
+        if keep:
+            ring_k.copy_(keys[:, keys.shape[1] - keep:])
+            ring_v.copy_(values[:, values.shape[1] - keep:])
+        return o
+
     def commit(self) -> None:
         t, valid = self._step
         self.length += t
         self.seen += valid.sum(-1)
+        keep = self.ring_valid.shape[1]
+        if keep:
+            self.ring_valid.copy_(torch.cat([self.ring_valid, valid], 1)[:, -keep:])
         self._step = None
 
     def memory_bytes(self) -> int:
-        tensors = list(self.states.values()) + list(self.keys.values()) + list(self.values.values())
+        tensors = (list(self.states.values()) + list(self.keys.values()) + list(self.values.values())
+                   + list(self.ring_keys.values()) + list(self.ring_values.values()))
         return sum(x.numel() * x.element_size() for x in tensors)

@@ -14,9 +14,9 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from ..config import LINEAR, ModelConfig
+from ..config import LINEAR, SLIDING, ModelConfig
 from ..ops import lightning_attn
-from ..ops.attention import causal_attention, cached_attention
+from ..ops.attention import cached_attention, causal_attention
 from ..ops.lightning import lightning_slopes
 from ..ops.moe import TRAINING, MoEPipeline, MoEStats, moe_pipeline, route
 from ..ops.norm import rms_norm
@@ -90,7 +90,9 @@ class LightningAttention(nn.Module):
 
 
 class SoftmaxAttention(nn.Module):
-    """GQA softmax attention with partial RoPE (SPEC §4)."""
+    """GQA softmax attention with partial RoPE (SPEC §4). A `sliding_attention` layer (ours, not
+    in the released model) is the same module with `window` set: each query sees only its own and
+    the `window - 1` tokens before it."""
 
     def __init__(self, config: ModelConfig, layer_idx: int):
         super().__init__()
@@ -102,6 +104,7 @@ class SoftmaxAttention(nn.Module):
         self.o_proj = nn.Linear(config.attn_width, config.hidden_size, bias=False)
         self.scale = 1.0 / math.sqrt(self.head_dim)
         self.layer_idx = layer_idx
+        self.window = config.sliding_window if config.layer_types[layer_idx] == SLIDING else None
         self.attn_fn = None  # context-parallel code (ring): attn_fn(q, k, v, ctx, scale) -> o
 
     def forward(self, x: torch.Tensor, ctx: AttnContext) -> torch.Tensor:
@@ -111,14 +114,21 @@ class SoftmaxAttention(nn.Module):
         v = self.v_proj(x).view(b, t, self.num_kv_heads, self.head_dim)
         q, k = apply_rope(q, ctx.cos, ctx.sin), apply_rope(k, ctx.cos, ctx.sin)
         if self.attn_fn is not None:  # computes every call (and refuses what it cannot do)
+            if self.window is not None:  # no plug-in knows windows: it would attend too far
+                raise ValueError(f"sliding_attention layer {self.layer_idx}: context parallelism "
+                                 f"(ring attention) does not support sliding windows")
             o = self.attn_fn(q, k, v, ctx, self.scale)
         elif ctx.cache is not None:
+            if self.window is not None and not getattr(ctx.cache, "supports_sliding_window", False):
+                raise ValueError(f"{type(ctx.cache).__name__} does not support sliding_attention "
+                                 f"layers (layer {self.layer_idx}); use generate() / HybridCache")
             o = ctx.cache.attend(self.layer_idx, q, k, v, self.scale, ctx)
         elif ctx.valid is not None:
-            valid = ctx.valid
-            o = cached_attention(q, k.transpose(1, 2), v.transpose(1, 2), valid, scale=self.scale)
+            o = cached_attention(q, k.transpose(1, 2), v.transpose(1, 2), ctx.valid,
+                                 scale=self.scale, window=self.window)
         else:
-            o = causal_attention(q, k, v, cu_seqlens=ctx.cu_seqlens, scale=self.scale)
+            o = causal_attention(q, k, v, cu_seqlens=ctx.cu_seqlens, scale=self.scale,
+                                 window=self.window)
         return self.o_proj(o.reshape(b, t, -1))
 
 

@@ -1,5 +1,7 @@
 """Softmax attention dispatch (SPEC §4): causal GQA attention over [B, T, H, D] tensors, with
-document boundaries (`cu_seqlens`) or a KV cache with a key padding mask."""
+document boundaries (`cu_seqlens`) or a KV cache with a key padding mask; and sliding-window
+attention (a query sees its own and the `window - 1` keys before it, in its own document), which
+runs in query blocks so memory is O(T * (block + window)), never O(T^2)."""
 
 from __future__ import annotations
 
@@ -44,9 +46,14 @@ def _varlen_cuda(q, k, v, cu_seqlens, scale):
     return out[None]
 
 
-def causal_attention(q, k, v, *, cu_seqlens=None, scale=None):
+def causal_attention(q, k, v, *, cu_seqlens=None, scale=None, window=None):
     """Causal attention without a cache. q: [B, T, H, D]; k, v: [B, T, Hkv, D].
-    With `cu_seqlens` (B == 1) no query attends across a document boundary."""
+    With `cu_seqlens` (B == 1) no query attends across a document boundary; with `window` a
+    query sees at most `window` keys (its own included)."""
+    if window is not None:
+        longest = q.shape[1] if cu_seqlens is None else int((cu_seqlens[1:] - cu_seqlens[:-1]).max())
+        if window < longest:  # else the window hides nothing: plain causal attention is exact
+            return windowed_attention(q, k, v, window, cu_seqlens=cu_seqlens, scale=scale)
     if cu_seqlens is None:
         o = _sdpa(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), is_causal=True, scale=scale)
         return o.transpose(1, 2)
@@ -62,18 +69,59 @@ def causal_attention(q, k, v, *, cu_seqlens=None, scale=None):
     return torch.cat(outs, 1) if outs else torch.empty_like(q)
 
 
-def cached_attention(q, k_all, v_all, key_valid, scale=None):
+def cached_attention(q, k_all, v_all, key_valid, scale=None, window=None):
     """Attention of the last Tq slots against S cached slots.
 
     q: [B, Tq, H, D] at slots S-Tq .. S-1; k_all, v_all: [B, Hkv, S, D] (cache layout);
     key_valid: [B, S] bool, False for padding. Causal by slot index; a query always sees its own
-    slot so padded rows stay finite (their outputs are ignored)."""
+    slot so padded rows stay finite (their outputs are ignored). With `window`, a query sees only
+    keys less than `window` real tokens (positions, padding not counted) behind it."""
     b, tq = q.shape[:2]
     s = k_all.shape[2]
     q_slot = torch.arange(s - tq, s, device=q.device)
     k_slot = torch.arange(s, device=q.device)
     causal = k_slot[None, :] <= q_slot[:, None]  # [Tq, S]
     mask = causal[None] & key_valid[:, None, :]
+    if window is not None:
+        pos = key_valid.long().cumsum(-1)  # [B, S]: real tokens up to each slot
+        mask = mask & (pos[:, s - tq:, None] - pos[:, None, :] < window)
     mask = mask | (k_slot[None, :] == q_slot[:, None])[None]
     o = _sdpa(q.transpose(1, 2), k_all, v_all, attn_mask=mask[:, None], scale=scale)
     return o.transpose(1, 2)
+
+
+def _document_ids(cu_seqlens: torch.Tensor, total: int) -> torch.Tensor:
+    cu = cu_seqlens.to(torch.long)
+    return torch.repeat_interleave(torch.arange(cu.numel() - 1, device=cu.device), cu[1:] - cu[:-1],
+                                   output_size=total)
+
+
+def windowed_attention(q, k, v, window: int, *, cu_seqlens=None, key_valid=None, scale=None,
+                       block_size: int | None = None):
+    """Sliding-window causal attention, by slot index. q: [B, Tq, H, D] at slots S-Tq .. S-1 of
+    k, v: [B, S, Hkv, D] (Tq == S without a cache). A query at slot i sees slots i-window+1 .. i,
+    within its document (`cu_seqlens`, B == 1) and where `key_valid` [B, S] is True; always its
+    own slot. Queries go in blocks of `block_size` (default max(window, 256)) against the
+    block + window - 1 keys they can see."""
+    if window < 1:
+        raise ValueError(f"window must be >= 1, got {window}")
+    tq, s = q.shape[1], k.shape[1]
+    offset = s - tq
+    docs = _document_ids(cu_seqlens, s).to(q.device) if cu_seqlens is not None else None
+    block = block_size or max(window, 256)
+    outs = []
+    for qs in range(0, tq, block):
+        qe = min(qs + block, tq)
+        lo, hi = max(0, offset + qs - window + 1), offset + qe
+        q_slot = torch.arange(offset + qs, hi, device=q.device)
+        k_slot = torch.arange(lo, hi, device=q.device)
+        dist = q_slot[:, None] - k_slot[None, :]
+        mask = ((dist >= 0) & (dist < window))[None]  # [1, Cq, Ck]
+        if docs is not None:
+            mask = mask & (docs[q_slot][:, None] == docs[k_slot][None, :])[None]
+        if key_valid is not None:
+            mask = (mask & key_valid[:, None, lo:hi]) | (dist == 0)[None]
+        o = _sdpa(q[:, qs:qe].transpose(1, 2), k[:, lo:hi].transpose(1, 2),
+                  v[:, lo:hi].transpose(1, 2), attn_mask=mask[:, None], scale=scale)
+        outs.append(o.transpose(1, 2))
+    return torch.cat(outs, 1) if outs else torch.empty_like(q)

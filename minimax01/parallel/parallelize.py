@@ -52,7 +52,12 @@ def parallelize(model: torch.nn.Module, world, cfg: ParallelConfig | None = None
 
 
 def apply_context_parallel(model: torch.nn.Module, cp: CPGroup, cfg: ParallelConfig) -> None:
-    """LASP+ and ring (or all-gather) attention over the CP group in every attention layer."""
+    """LASP+ and ring (or all-gather) attention over the CP group in every attention layer.
+    Sliding-window layers are refused up front: neither ring form masks by window."""
+    for module in model.modules():
+        if isinstance(module, SoftmaxAttention) and module.window is not None:
+            raise ValueError(f"sliding_attention layer {module.layer_idx}: context parallelism "
+                             f"(ring attention) does not support sliding windows; use cp=1")
     for module in model.modules():
         if isinstance(module, LightningAttention):
             module.attn_fn = LaspAttention(cp)

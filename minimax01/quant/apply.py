@@ -16,14 +16,15 @@ from dataclasses import dataclass
 import torch
 import torch.nn as nn
 
-from ..config import LINEAR, ModelConfig
+from ..config import FULL, LINEAR, SLIDING, ModelConfig
 from ..ops.quant.schemes import FORMATS, check_format, fp8_dtype, storage_dtype
 from .modules import QuantizedExperts, QuantizedLinear, module_format
 
 MODULE_GROUPS = ("experts", "attention")
 DEFAULT_MODULES = MODULE_GROUPS
-ATTENTION_LINEARS = {LINEAR: ("qkv_proj", "output_gate", "out_proj"),
-                     "full_attention": ("q_proj", "k_proj", "v_proj", "o_proj")}
+_SOFTMAX_LINEARS = ("q_proj", "k_proj", "v_proj", "o_proj")
+ATTENTION_LINEARS = {LINEAR: ("qkv_proj", "output_gate", "out_proj"), FULL: _SOFTMAX_LINEARS,
+                     SLIDING: _SOFTMAX_LINEARS}
 QUANT_METHOD = "minimax01"
 SCALE_SUFFIX = "_scale"
 

@@ -16,6 +16,7 @@ from typing import Any
 from ..config import ModelConfig
 from ..dtypes import FLOAT_DTYPES
 from ..parallel.world import ParallelConfig
+from .presets import STAGE_PRESETS
 
 SECTIONS = ("model", "data", "optim", "train", "parallel")
 SCHEDULES = ("wsd", "cosine", "linear", "constant")
@@ -53,6 +54,7 @@ class DataConfig:
     synthetic_tasks: list[str] = field(default_factory=lambda: ["passkey", "needle", "mqar"])
     synthetic_length: int = 0       # characters per synthetic document; 0: about seq_len tokens
     strict: bool = False            # a malformed JSONL line is an error (default: skipped, counted)
+    length_mixture: list[list[float]] = field(default_factory=list)  # [[lo, hi, weight]] tokens
 
 
 @dataclass
@@ -83,6 +85,7 @@ class TrainConfig:
     seq_len: int = 1024             # tokens per row
     grad_accum: int = 1             # micro-batches per optimizer step (at full batch size)
     seed: int = 0
+    stages: list[dict[str, Any]] | str = field(default_factory=list)  # tables or a STAGE_PRESETS name
     dtype: str = "bfloat16"         # autocast dtype: bfloat16 | float32 (master weights stay fp32)
     device: str = "auto"            # auto | cpu | cuda | cuda:N (single process)
     out_dir: str = "runs/default"
@@ -121,7 +124,9 @@ class RunConfig:
 
     # ------------------------------------------------------------------ checks
     def validate(self) -> ModelConfig:
-        """Check every section; returns the model config. Raises ValueError naming the key."""
+        """Check every section; returns the model config. Raises ValueError naming the key.
+        `train.stages` is checked for its form here; each stage's own config (the overrides
+        applied) by `minimax01.train.stages.check_run`, which the train command runs."""
         model = self.model.build()
         _check_train(self.train, model)
         _check_data(self.data)
@@ -153,6 +158,12 @@ def _check_train(t: TrainConfig, model: ModelConfig) -> None:
         raise ValueError(f"train.device must be auto, cpu, cuda or cuda:N, got {t.device!r}")
     if not t.out_dir.strip():
         raise ValueError("train.out_dir must not be empty")
+    if isinstance(t.stages, str):
+        if t.stages and t.stages not in STAGE_PRESETS:
+            raise ValueError(f"train.stages: unknown preset {t.stages!r}; available: "
+                             f"{', '.join(STAGE_PRESETS)}")
+    elif not all(isinstance(stage, dict) for stage in t.stages):
+        raise ValueError("train.stages must be a list of tables (one per stage) or a preset name")
 
 
 def _check_data(d: DataConfig) -> None:
@@ -163,6 +174,31 @@ def _check_data(d: DataConfig) -> None:
         raise ValueError(f"data.eval_fraction must be in [0, 1), got {d.eval_fraction}")
     if d.synthetic_length < 0:
         raise ValueError(f"data.synthetic_length must be >= 0, got {d.synthetic_length}")
+    if d.length_mixture:
+        check_mixture(d.length_mixture)
+
+
+def check_mixture(spec, where: str = "data.length_mixture") -> list[tuple[float, float, float]]:
+    """[[lo, hi, weight], ...] (document lengths in tokens, train/data/mixture.py) -> checked
+    (lo, hi, weight) tuples: 0 <= lo < hi (hi may be inf), weight >= 0, one positive weight,
+    no overlaps."""
+    out = []
+    for i, item in enumerate(spec):
+        if not isinstance(item, (list, tuple)) or len(item) != 3:
+            raise ValueError(f"{where}[{i}] must be [lo, hi, weight], got {item!r}")
+        if any(isinstance(x, bool) or not isinstance(x, (int, float)) for x in item):
+            raise ValueError(f"{where}[{i}] must hold numbers, got {item!r}")
+        lo, hi, w = (float(x) for x in item)
+        if not (lo >= 0 and hi > lo and w >= 0 and math.isfinite(lo) and math.isfinite(w)):
+            raise ValueError(f"{where}[{i}] = {list(item)}: need 0 <= lo < hi and weight >= 0")
+        out.append((lo, hi, w))
+    if not out or sum(w for *_, w in out) <= 0:
+        raise ValueError(f"{where} needs at least one bucket with a positive weight")
+    spans = sorted(out)
+    for (_, hi_a, _), (lo_b, _, _) in zip(spans, spans[1:]):
+        if lo_b < hi_a:
+            raise ValueError(f"{where}: buckets overlap at {lo_b:g}")
+    return out
 
 
 def _check_optim(o: OptimConfig, t: TrainConfig) -> None:

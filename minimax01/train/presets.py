@@ -4,10 +4,14 @@ A *run preset* is a model preset (minimax01.config.MODEL_PRESETS, what `info --p
 plus data, optimizer and loop settings. Where a run preset has the name of a model preset it
 trains that model preset (`debug`, `demo`); the others say which one in their name (`1b-8k`:
 the `1b` model at 8K context). Values are what a TOML file would hold (config_io.py reads
-them)."""
+them).
+
+A *stage preset* (STAGE_PRESETS) is a list of stages for `train.stages` (train/stages.py): the
+papers' context-extension schedules."""
 
 from __future__ import annotations
 
+import math
 from typing import Any
 
 RUN_PRESETS: dict[str, dict[str, dict[str, Any]]] = {
@@ -41,6 +45,36 @@ RUN_PRESETS: dict[str, dict[str, dict[str, Any]]] = {
                   "log_every": 10, "eval_every": 500, "eval_batches": 8,
                   "activation_checkpointing": True, "loss_chunk_size": 8192},
     },
+}
+
+# Document-length buckets of the papers' mixtures, in tokens.
+_K = 1024
+_SHORT, _MEDIUM, _LONG = [0, 32 * _K], [32 * _K, 128 * _K], [128 * _K, math.inf]
+
+# Stage presets: the papers' context-extension schedules, a `train.stages` value by name
+# (`train.stages = "minimax-01"`; train/stages.py runs them).
+STAGE_PRESETS: dict[str, list[dict[str, Any]]] = {
+    # MiniMax-01 (arXiv 2501.08313), the long-context extension table (§4.2; Table 6 per issue
+    # 17): after 8K pre-training, three stages. Numbers as read from a secondary copy of the
+    # table (not checked against the PDF here): see docs/training.md.
+    "minimax-01": [
+        {"name": "128k", "seq_len": 128 * _K, "rope_theta": 5e6, "tokens": 300e9,
+         "length_mixture": [_SHORT + [0.30], _MEDIUM + [0.70], _LONG + [0.0]]},
+        {"name": "512k", "seq_len": 512 * _K, "rope_theta": 1e7, "tokens": 32e9,
+         "length_mixture": [_SHORT + [0.35], _MEDIUM + [0.35], _LONG + [0.30]]},
+        {"name": "1m", "seq_len": 1024 * _K, "rope_theta": 1e7, "tokens": 26e9,
+         "length_mixture": [_SHORT + [0.30], _MEDIUM + [0.30], _LONG + [0.40]]},
+    ],
+    # MiniMax-M1 (arXiv 2506.13585) §2: continual pre-training extends the context "in four
+    # stages" from 32K to 1M. The intermediate lengths below, the RoPE base (Text-01's 10M) and
+    # the absence of budgets are our assumptions: the paper gives no per-stage table we could
+    # verify. Set `tokens` before use.
+    "minimax-m1": [
+        {"name": "32k", "seq_len": 32 * _K, "rope_theta": 1e7},
+        {"name": "128k", "seq_len": 128 * _K, "rope_theta": 1e7},
+        {"name": "512k", "seq_len": 512 * _K, "rope_theta": 1e7},
+        {"name": "1m", "seq_len": 1024 * _K, "rope_theta": 1e7},
+    ],
 }
 
 

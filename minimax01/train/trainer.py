@@ -21,6 +21,7 @@ import torch
 
 from .. import __version__
 from ..dtypes import torch_dtype
+from ..hf_config import preferred_dialect
 from ..model import MiniMaxForCausalLM
 from ..parallel import checkpoint as dcp_checkpoint
 from ..parallel.parallelize import parallelize
@@ -62,9 +63,13 @@ class Trainer:
     """`Trainer(cfg).fit()`. Everything that can be wrong with the config or the data is
     checked in the constructor, before anything is written."""
 
-    def __init__(self, cfg: RunConfig, world=None):
+    def __init__(self, cfg: RunConfig, world=None, init=None):
         self.cfg = cfg
+        self.init = init  # init(model, optimizer) when not resuming (train/stages.py)
         self.model_cfg = cfg.validate()
+        if cfg.train.stages:  # one Trainer per stage, never the stages' base config itself
+            raise ValueError("train.stages is set: a staged run goes through "
+                             "minimax01.train.stages.run_stages (the train command does this)")
         self.world = world if world is not None else make_world(cfg)
         spec = cfg.data.tokenizer
         try:
@@ -211,7 +216,9 @@ class Trainer:
         from ..checkpoint.hf import save_state_dict
 
         final = self.out_dir / "model"
-        save_state_dict(state, self.model_cfg, final, tokenizer=self.tokenizer)
+        # legacy (the official layout) unless the model has layers only the hf dialect can say
+        save_state_dict(state, self.model_cfg, final, preferred_dialect(self.model_cfg),
+                        tokenizer=self.tokenizer)
         return final
 
     def sample(self, model) -> str:
@@ -270,6 +277,8 @@ class Trainer:
             self.data.load_state_dict(state["data"])
             lines = state.get("metrics_lines")
             self._evaluated_at = state.get("evaluated_at")
+        elif self.init is not None:
+            self.init(model, optimizer)
         if world.is_main:
             lines = truncate_metrics(self.out_dir / "metrics.jsonl", lines, step)
         log = MetricsLogger(self.out_dir, world.is_main, t.steps, min(step, t.steps), t.progress,

@@ -50,6 +50,12 @@ class TrainData:
                     shard.bad = _Quiet()
         self.stream = self._stream("train")
         self.packer = Packer(self.stream, t.seq_len, self.pad_id)
+        if d.length_mixture:  # rows drawn by document length (train/data/mixture.py)
+            from .mixture import LengthMixture
+
+            self.stream = self.packer = LengthMixture(
+                self.shards, tokenizer, d.length_mixture, t.seq_len, self.pad_id, t.seed,
+                d.eval_fraction, d.shuffle, d.add_bos, d.add_eos)
 
     def _stream(self, split: str) -> TokenStream:
         d = self.cfg.data
@@ -71,6 +77,8 @@ class TrainData:
         probe = Packer(self._stream("train"), self.seq_len, self.pad_id)
         if probe.next_row() is None:
             raise ValueError(f"data.source {self.cfg.data.source}: no training text")
+        if hasattr(self.packer, "check"):
+            self.packer.check()
 
     def eval_batches(self, num_batches: int) -> list[dict]:
         """The first `num_batches` micro-batches of the held-out split (fewer if it is short;
