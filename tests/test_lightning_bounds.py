@@ -84,12 +84,14 @@ def test_batch_rows_in_bounds(ov):
 def test_hostile_device_offsets_in_bounds(cu, ov):
     """Device offsets out of order or overlapping: the host cannot read them, so the kernels
     must stay in bounds whatever they say (the segment table used to be written past its end
-    when overlapping documents made more items than its bound)."""
+    when overlapping documents made more items than its bound). The values are then garbage by
+    contract: rows no document covers are never written (the output is uninitialised there), so
+    only the accesses are checked, and the shape."""
     q, k, v, slope = _inputs(lens=[20, 20])
     cu = torch.tensor(cu, dtype=torch.int32)
     with bounds_checked() as st:
         o, _, _ = _run(q, k, v, slope, cu, device_plan=True, **ov)
-    assert st["accesses"] > 10 and torch.isfinite(o).all()
+    assert st["accesses"] > 10 and o.shape == q.shape[:-1] + v.shape[-1:]
 
 
 def test_device_offsets_in_order_still_exact():
