@@ -74,6 +74,12 @@ DEFAULT = Tuning()
 
 SHIPPED: dict[str, Tuning] = {
     "H100": DEFAULT,
+    # Measured on H200 (141 GB, bf16, D = E = 128; BENCHMARKS.md, 2026-12-02,
+    # `benchmarks/lightning.py --check --tune`): no tile, pipeline or fused-pass candidate beat
+    # the H100 tiles (the sweep kept them); TMA candidates crash on Triton 3.6 and are excluded;
+    # longest-first document order (0.994x, noise-level) and the decode slices were picked.
+    "H200": Tuning(lpt=True, decode=((0, 16, 2, 0), (1024, 64, 8, 0), (4096, 64, 8, 0),
+                                     (16384, 128, 4, 0))),
 }
 
 _LOADED: dict[str, Tuning] = {}
