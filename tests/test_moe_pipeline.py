@@ -226,3 +226,20 @@ def test_grouped_matmul_implementations_agree_including_empty_experts():
     with pytest.raises(ValueError, match="unknown grouped matmul"):
         grouped_mm(x, w, counts, "fast")
     assert math.isclose(float(route(torch.zeros(1, 4), 2).weights.sum()), 1.0)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA only")
+@pytest.mark.parametrize("n,k", [(431, 64), (64, 431), (377, 385), (384, 64)])
+def test_grouped_mm_any_width(n, k):
+    """torch._grouped_mm needs 16-byte strides; widths that are not multiples of 8 (the ablation
+    suite's parameter-matched experts, e.g. 431) are padded, not refused."""
+    from minimax01.ops.moe import grouped_mm
+    torch.manual_seed(0)
+    counts = torch.tensor([5, 0, 17, 2], device="cuda")
+    x = torch.randn(int(counts.sum()), k, device="cuda", dtype=torch.bfloat16)
+    w = torch.randn(4, n, k, device="cuda", dtype=torch.bfloat16)
+    got = grouped_mm(x, w, counts, "grouped").float()
+    ref = grouped_mm(x.float(), w.float(), counts, "loop")
+    assert got.shape == ref.shape
+    assert (got - ref).norm() / ref.norm() < 1e-2

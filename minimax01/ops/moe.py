@@ -191,6 +191,9 @@ def default_matmul(x: torch.Tensor, sync_free: bool = False) -> str:
     return "dense" if sync_free else "loop"
 
 
+_MM_ALIGN = 8  # elements of 2 bytes in 16: the stride unit torch._grouped_mm requires
+
+
 def grouped_mm(x: torch.Tensor, w: torch.Tensor, counts: torch.Tensor,
                impl: str = "loop") -> torch.Tensor:
     """x: [M, K] rows grouped by expert (counts [E]); w: [E, N, K] (nn.Linear layout). Returns
@@ -200,7 +203,14 @@ def grouped_mm(x: torch.Tensor, w: torch.Tensor, counts: torch.Tensor,
     if impl == "grouped":
         dtype = _compute_dtype(x)
         offs = torch.cumsum(counts, 0, dtype=torch.int32)
-        return torch._grouped_mm(x.to(dtype), w.to(dtype).transpose(-2, -1), offs=offs)
+        x, w = x.to(dtype), w.to(dtype)
+        n, k = w.shape[1], w.shape[2]
+        pad_n, pad_k = -n % _MM_ALIGN, -k % _MM_ALIGN
+        if pad_n or pad_k:  # _grouped_mm needs 16-byte strides: zero-pad N and K, slice N back
+            x = F.pad(x, (0, pad_k))
+            w = F.pad(w, (0, pad_k, 0, pad_n))
+        y = torch._grouped_mm(x, w.transpose(-2, -1), offs=offs)
+        return y[:, :n] if pad_n else y
     if impl == "dense":
         row = torch.arange(x.shape[0], device=x.device)
         expert = torch.searchsorted(torch.cumsum(counts, 0), row, right=True)
