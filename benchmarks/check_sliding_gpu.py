@@ -88,8 +88,13 @@ def main() -> int:
     v = torch.randn_like(k)
     cu = torch.arange(0, t + 1, t // 8, dtype=torch.int32, device=dev)
     for name, fn in (("full causal (varlen)", lambda: causal_attention(q, k, v, cu_seqlens=cu)),
-                     ("window 512", lambda: windowed_attention(q, k, v, 512, cu_seqlens=cu)),
-                     ("window 4096", lambda: windowed_attention(q, k, v, 4096, cu_seqlens=cu))):
+                     ("window 512 (flash window)",
+                      lambda: causal_attention(q, k, v, cu_seqlens=cu, window=512)),
+                     ("window 4096 (flash window)",
+                      lambda: causal_attention(q, k, v, cu_seqlens=cu, window=4096)),
+                     ("window 512 (blocked)", lambda: windowed_attention(q, k, v, 512, cu_seqlens=cu)),
+                     ("window 4096 (blocked)",
+                      lambda: windowed_attention(q, k, v, 4096, cu_seqlens=cu))):
         fn()
         torch.cuda.synchronize()
         t0 = time.perf_counter()

@@ -24,8 +24,9 @@ def _sdpa(q, k, v, *, is_causal=False, attn_mask=None, scale=None):
                                           scale=scale)
 
 
-def _varlen_cuda(q, k, v, cu_seqlens, scale):
-    """FlashAttention varlen through torch.nn.attention.varlen when this torch has it."""
+def _varlen_cuda(q, k, v, cu_seqlens, scale, window=None):
+    """FlashAttention varlen through torch.nn.attention.varlen when this torch has it; with
+    `window`, its native sliding window (None when this torch's varlen_attn takes no window)."""
     try:
         from torch.nn.attention.varlen import varlen_attn
     except ImportError:
@@ -38,6 +39,13 @@ def _varlen_cuda(q, k, v, cu_seqlens, scale):
         rep = q.shape[2] // k.shape[2]
         k = k.repeat_interleave(rep, dim=2)
         v = v.repeat_interleave(rep, dim=2)
+    if window is not None:  # a query sees itself and the window - 1 keys before it
+        try:
+            out = varlen_attn(q[0], k[0], v[0], cu, cu, max_len, max_len, scale=scale,
+                              window_size=(window - 1, 0))
+        except TypeError:
+            return None
+        return out[None]
     try:
         out = varlen_attn(q[0], k[0], v[0], cu, cu, max_len, max_len, is_causal=True, scale=scale)
     except TypeError:  # newer signature: causal through window_size
@@ -53,6 +61,12 @@ def causal_attention(q, k, v, *, cu_seqlens=None, scale=None, window=None):
     if window is not None:
         longest = q.shape[1] if cu_seqlens is None else int((cu_seqlens[1:] - cu_seqlens[:-1]).max())
         if window < longest:  # else the window hides nothing: plain causal attention is exact
+            if q.is_cuda and q.shape[0] == 1:  # flash attention's own window (packed rows)
+                cu = cu_seqlens if cu_seqlens is not None else torch.tensor(
+                    [0, q.shape[1]], device=q.device)
+                out = _varlen_cuda(q, k, v, cu, scale, window=window)
+                if out is not None:
+                    return out
             return windowed_attention(q, k, v, window, cu_seqlens=cu_seqlens, scale=scale)
     if cu_seqlens is None:
         o = _sdpa(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), is_causal=True, scale=scale)
