@@ -1,0 +1,80 @@
+"""Fused lightning layers for decode steps (issue 18 item 4): the glue between a model's
+LightningAttention modules and ops/decode's fused kernels, and the rule for when the engine may
+use them.
+
+A cache record that has a `lightning_layer(attn, x, ctx)` method gets the whole lightning layer
+(model/layers.py asks it first; returning None declines, and the layer runs unfused).
+`FusedDecodeStep` is the slot cache's decode record with that method: the linears stay the
+module's own (so quantised weights work), the elementwise tail between them is two launches."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, fields
+
+import torch
+
+from ..config import LINEAR, ModelConfig
+from ..ops.decode import lightning_decode_gated
+from ..parallel.config import ParallelConfig
+from ..parallel.tensor_parallel import TPInfo
+from ..parallel.tp_modules import TPGroup
+from .slot_cache import DecodeStep
+
+__all__ = ["FusedDecodeStep", "fused", "fused_decode_supported", "fused_lightning_forward"]
+
+
+def _degrees(parallel) -> tuple[int, int]:
+    """(tensor-parallel, expert-parallel) degree of `parallel`."""
+    if parallel is None:
+        return 1, 1
+    if isinstance(parallel, bool) or not isinstance(parallel, (int, TPGroup, TPInfo,
+                                                               ParallelConfig)):
+        raise TypeError(f"parallel must be None, a tensor-parallel degree, a TPGroup, TPInfo or "
+                        f"ParallelConfig; got {type(parallel).__name__}")
+    if isinstance(parallel, int):
+        return parallel, 1
+    if isinstance(parallel, TPGroup):
+        return parallel.size, 1
+    if isinstance(parallel, TPInfo):
+        return parallel.tp.size, parallel.tp.size if parallel.expert_parallel else 1
+    return 1, parallel.ep
+
+
+def fused_decode_supported(model_cfg: ModelConfig, parallel=None) -> bool:
+    """True when decode steps of this model may run its lightning layers fused: the model has
+    lightning layers and runs in one process (under tensor parallelism a rank holds a slice of
+    the heads and the RMSNorm spans ranks, parallel/tp_norm.py; under expert parallelism the
+    step is collective-bound and the tp engine owns it)."""
+    tp, ep = _degrees(parallel)
+    return tp == 1 and ep == 1 and LINEAR in model_cfg.layer_types
+
+
+def fused_lightning_forward(attn, x: torch.Tensor, state: torch.Tensor,
+                            slot_idx: torch.Tensor | None = None,
+                            valid: torch.Tensor | None = None, backend: str | None = None):
+    """One decode token through LightningAttention `attn`: x [B, 1, hidden] -> [B, 1, hidden];
+    `state` [N, H, D, D] fp32 rows `slot_idx` updated in place; valid [B, 1] or [B] bool."""
+    b = x.shape[0]
+    if x.dim() != 3 or x.shape[1] != 1:
+        raise ValueError(f"fused decode takes one token per row, x [B, 1, H]; got {list(x.shape)}")
+    x2 = x.reshape(b, -1)
+    u = lightning_decode_gated(attn.qkv_proj(x2), attn.output_gate(x2), state, attn.slope.float(),
+                               attn.norm.weight, attn.norm.eps, slot_idx=slot_idx,
+                               valid=None if valid is None else valid.reshape(b),
+                               backend=backend)
+    return attn.out_proj(u)[:, None]
+
+
+@dataclass
+class FusedDecodeStep(DecodeStep):
+    """The slot cache's decode record, lightning layers fused."""
+
+    def lightning_layer(self, attn, x, ctx):
+        backend = "triton" if self.cache.decode_backend == "triton" else "torch"
+        return fused_lightning_forward(attn, x, self.cache.pool.states[attn.layer_idx],
+                                       self.slot_idx, ctx.valid, backend=backend)
+
+
+def fused(step: DecodeStep) -> FusedDecodeStep:
+    """The same decode record (same tensors, no copies), its lightning layers fused."""
+    return FusedDecodeStep(**{f.name: getattr(step, f.name) for f in fields(step)})

@@ -1,0 +1,62 @@
+"""Fused kernels for small-batch decode (issue 18 item 4): at batch 1 a decode step is launch
+bound (~60 kernels per layer against a 0.26 ms bandwidth floor for `1b`), so the lightning
+layer's elementwise tail is fused.
+
+`lightning_decode_gated(qkv, gate, state, slope, norm_weight, eps, ...)` is one token of a
+lightning layer between its input projections and out_proj (SPEC §3): SiLU, split per head,
+S <- lam S + k^T v, o = q S, RMSNorm over all heads, sigmoid output gate. Backends: "triton"
+(two launches, triton_kernel.py; interpreted on the CPU) and "torch" (reference.py). The module
+glue that calls it from a model (and decides when it may) is infer/fused_decode.py.
+
+Importing this package never imports triton."""
+
+from __future__ import annotations
+
+import torch
+
+from ..lightning import triton_available
+from ..lightning.checks import check_decode_slots, check_slope
+from .reference import torch_lightning_decode_gated
+
+__all__ = ["lightning_decode_gated", "torch_lightning_decode_gated",
+           "triton_lightning_decode_gated", "BACKENDS"]
+
+BACKENDS = ("torch", "triton")
+
+
+def triton_lightning_decode_gated(qkv, gate, state, slope, norm_weight, eps, slot_idx=None,
+                                  valid=None):
+    from .triton_kernel import launch
+
+    return launch(qkv, gate, state, slope, norm_weight, eps, slot_idx, valid)
+
+
+def lightning_decode_gated(qkv, gate, state, slope, norm_weight, eps, *, slot_idx=None,
+                           valid=None, backend=None):
+    """qkv [B, H*3D], gate [B, H*D], state [N, H, D, D] fp32 (in place, rows `slot_idx`),
+    slope [H], norm_weight [H*D], valid [B] bool or None. Returns [B, H*D] in qkv.dtype.
+    backend None: Triton on CUDA (when installed), torch otherwise."""
+    h = slope.shape[0] if torch.is_tensor(slope) else len(slope)
+    if qkv.dim() != 2 or qkv.shape[1] % (3 * h):
+        raise ValueError(f"qkv must be [B, {h} * 3 * head_dim], got {list(qkv.shape)}")
+    b, d = qkv.shape[0], qkv.shape[1] // (3 * h)
+    if gate.shape != (b, h * d) or norm_weight.shape != (h * d,):
+        raise ValueError(f"gate must be [{b}, {h * d}] and norm_weight [{h * d}], got "
+                         f"{list(gate.shape)} and {list(norm_weight.shape)}")
+    if state.dim() != 4 or state.shape[1:] != (h, d, d) or state.dtype != torch.float32:
+        raise ValueError(f"state must be fp32 [N, {h}, {d}, {d}], got {state.dtype} "
+                         f"{list(state.shape)}")
+    check_slope(slope, h)
+    if slot_idx is None and state.shape[0] != b:
+        raise ValueError(f"without slot_idx the state needs B={b} rows, got {state.shape[0]}")
+    if slot_idx is not None:
+        check_decode_slots(slot_idx, b, state.shape[0])
+    if backend is None:
+        backend = "triton" if qkv.is_cuda and triton_available(qkv.device) else "torch"
+    if backend == "triton":
+        return triton_lightning_decode_gated(qkv, gate, state, slope, norm_weight, eps,
+                                             slot_idx, valid)
+    if backend == "torch":
+        return torch_lightning_decode_gated(qkv, gate, state, slope, norm_weight, eps,
+                                            slot_idx, valid)
+    raise ValueError(f"unknown fused decode backend {backend!r}; choose from {BACKENDS}")

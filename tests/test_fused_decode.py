@@ -1,0 +1,143 @@
+"""Fused lightning decode (ops/decode, infer/fused_decode.py): the Triton kernels (interpreted on
+the CPU) against their torch twin, and a whole model decode step with fused lightning layers
+against the model's unfused step (logits and every state row); when the engine may use it."""
+
+import pytest
+import torch
+
+from minimax01 import ModelConfig, MiniMaxForCausalLM
+from minimax01.config import LINEAR
+from minimax01.infer.fused_decode import fused, fused_decode_supported
+from minimax01.infer.slot_cache import SlotCache, SlotPool
+from minimax01.ops.decode import (lightning_decode_gated, torch_lightning_decode_gated,
+                                  triton_lightning_decode_gated)
+from minimax01.ops.lightning import lightning_slopes
+from minimax01.parallel.config import ParallelConfig
+
+pytest.importorskip("triton")
+
+
+def _inputs(b, h, d, n, seed, dtype=torch.float32, device="cpu"):
+    g = torch.Generator().manual_seed(seed)
+    qkv = torch.randn(b, h * 3 * d, generator=g)
+    gate = torch.randn(b, h * d, generator=g)
+    state = torch.randn(n, h, d, d, generator=g) * 0.1
+    w = 1 + 0.1 * torch.randn(h * d, generator=g)
+    to = dict(device=device)
+    return (qkv.to(dtype=dtype, **to), gate.to(dtype=dtype, **to), state.to(**to),
+            lightning_slopes(h, 1, 4).to(**to), w.to(dtype=dtype, **to))
+
+
+@pytest.mark.parametrize("d", [16, 24])
+def test_triton_matches_twin_with_slots_and_padding_rows(d):
+    b, h, n = 3, 4, 6
+    qkv, gate, state, slope, w = _inputs(b, h, d, n, seed=d)
+    slots = torch.tensor([4, 0, 2])
+    valid = torch.tensor([True, False, True])
+    s_ref, s_tri = state.clone(), state.clone()
+    ref = torch_lightning_decode_gated(qkv, gate, s_ref, slope, w, 1e-5, slots, valid)
+    out = triton_lightning_decode_gated(qkv, gate, s_tri, slope, w, 1e-5, slots, valid)
+    torch.testing.assert_close(out, ref, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(s_tri, s_ref, atol=1e-6, rtol=1e-6)
+    assert torch.equal(s_tri[[1, 3, 5]], state[[1, 3, 5]])       # rows not named: untouched
+    lam = torch.exp(-slope)[:, None, None]
+    torch.testing.assert_close(s_tri[0], lam * state[0])          # padding row: decay only
+    assert not torch.allclose(s_tri[4], lam * state[4])           # a real row: k^T v added
+    # without slots: rows 0..B-1
+    s2 = state[:b].clone()
+    out2 = lightning_decode_gated(qkv, gate, s2, slope, w, 1e-5, backend="triton")
+    s3 = state[:b].clone()
+    torch.testing.assert_close(out2, lightning_decode_gated(qkv, gate, s3, slope, w, 1e-5),
+                               atol=1e-5, rtol=1e-5)
+
+
+def test_bad_inputs_get_one_clear_line():
+    qkv, gate, state, slope, w = _inputs(2, 4, 16, 2, seed=0)
+    with pytest.raises(ValueError, match="qkv must be"):
+        lightning_decode_gated(qkv[:, :-1], gate, state, slope, w, 1e-5)
+    with pytest.raises(ValueError, match="gate must be"):
+        lightning_decode_gated(qkv, gate[:, :8], state, slope, w, 1e-5)
+    with pytest.raises(ValueError, match="state must be fp32"):
+        lightning_decode_gated(qkv, gate, state.double(), slope, w, 1e-5)
+    with pytest.raises(ValueError, match="B=2 rows"):
+        lightning_decode_gated(qkv, gate, state[:1], slope, w, 1e-5)
+    with pytest.raises(ValueError, match="unknown fused decode backend"):
+        lightning_decode_gated(qkv, gate, state, slope, w, 1e-5, backend="cuda")
+
+
+def _decode_both(model, backend):
+    """One decode step of 3 sequences (one a padding row) with the unfused and the fused record,
+    each on its own copy of the same pool. Returns (logits, states) of each."""
+    cfg = model.config
+    pool = SlotPool(cfg, num_slots=4, max_context=64)
+    cache = SlotCache(pool, attention="torch")
+    cache.decode_backend = backend
+    g = torch.Generator().manual_seed(3)
+    with torch.no_grad():
+        prompts = [7, 1, 12]
+        pre = cache.begin_prefill([2, 0, 3], [0, 0, 0], prompts)
+        model(torch.randint(0, cfg.vocab_size, (1, sum(prompts)), generator=g),
+              cu_seqlens=pre.cu_seqlens, cache=pre)
+        tokens = torch.randint(0, cfg.vocab_size, (4, 1), generator=g)
+        slots = torch.tensor([2, 0, 3, pool.scratch])
+        active = torch.tensor([True, True, True, False])
+        lengths = [7, 1, 12, 0]
+        saved = ({i: s.clone() for i, s in pool.states.items()},
+                 {i: k.clone() for i, k in pool.keys.items()}, pool.lengths.clone())
+        results = []
+        for wrap in (lambda s: s, fused):
+            for i, s in saved[0].items():
+                pool.states[i].copy_(s)
+            for i, k in saved[1].items():
+                pool.keys[i].copy_(k)
+            pool.lengths.copy_(saved[2])
+            step = wrap(cache.begin_decode(slots, active, lengths))
+            logits = model(tokens, cache=step).logits
+            results.append((logits, {i: s.clone() for i, s in pool.states.items()}))
+    return results
+
+
+@pytest.mark.parametrize("backend", ["torch", "triton"])
+def test_model_decode_step_fused_equals_unfused(backend, monkeypatch):
+    torch.manual_seed(0)
+    model = MiniMaxForCausalLM(ModelConfig.from_preset("debug")).eval()
+    calls = []  # the fused op really ran, once per lightning layer, with this backend
+
+    def spy(*args, **kw):
+        calls.append(kw["backend"])
+        return lightning_decode_gated(*args, **kw)
+
+    monkeypatch.setattr("minimax01.infer.fused_decode.lightning_decode_gated", spy)
+    (l0, s0), (l1, s1) = _decode_both(model, backend)
+    torch.testing.assert_close(l1[:3], l0[:3], atol=2e-5, rtol=2e-5)
+    assert s0.keys() == s1.keys() and s0
+    for i in s0:
+        torch.testing.assert_close(s1[i][:4], s0[i][:4], atol=1e-6, rtol=1e-6)
+    assert calls == [backend] * len(s0)
+    assert len(s0) == sum(t == LINEAR for t in model.config.layer_types)
+
+
+def test_when_the_engine_may_fuse():
+    cfg = ModelConfig.from_preset("debug")
+    assert fused_decode_supported(cfg) and fused_decode_supported(cfg, 1)
+    assert not fused_decode_supported(cfg, 2)                    # tensor parallel
+    assert not fused_decode_supported(cfg, ParallelConfig(ep=2))  # expert parallel
+    assert fused_decode_supported(cfg, ParallelConfig())
+    softmax_only = ModelConfig.from_preset("debug", layer_types=["full_attention"] * 4)
+    assert not fused_decode_supported(softmax_only)
+    with pytest.raises(TypeError, match="parallel must be"):
+        fused_decode_supported(cfg, "tp2")
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@pytest.mark.parametrize("b", [1, 64])
+def test_cuda_fused_decode_bf16(b):
+    h, d, n = 16, 128, 80
+    qkv, gate, state, slope, w = _inputs(b, h, d, n, seed=b, dtype=torch.bfloat16, device="cuda")
+    slots = torch.randperm(n, device="cuda")[:b]
+    s_ref, s_tri = state.clone(), state.clone()
+    ref = torch_lightning_decode_gated(qkv, gate, s_ref, slope, w, 1e-5, slots)
+    out = triton_lightning_decode_gated(qkv, gate, s_tri, slope, w, 1e-5, slots)
+    torch.testing.assert_close(out.float(), ref.float(), atol=2e-2, rtol=2e-2)
+    torch.testing.assert_close(s_tri, s_ref, atol=1e-5, rtol=1e-5)
