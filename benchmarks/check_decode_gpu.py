@@ -1,5 +1,5 @@
-"""Small-batch decode on the GPU (issue 18 item 4): correctness of the fused lightning decode
-(ops/decode) and of paged attention (ops/paged_attention) in bf16, then the per-step time of the
+"""Small-batch decode on the GPU (issue 18 item 4): correctness of the fused lightning decode and
+residual + RMSNorm (ops/decode, infer/fused_decode.py) and of paged attention (ops/paged_attention) in bf16, then the per-step time of the
 `1b` decode at B = 1 / 16 / 64 DISTINCT sequences (own tokens, own lightning states, own K/V),
 fused against unfused, each replayed from a CUDA graph (infer/cuda_graphs.py: the engine's
 forward of one step, without sampling), plus the kernels one eager step launches.
@@ -29,7 +29,8 @@ from minimax01.infer.pool import PagePool  # noqa: E402
 from minimax01.infer.prepare import cast_model, prepare_for_serving  # noqa: E402
 from minimax01.infer.slot_cache import SlotCache, SlotPool  # noqa: E402
 from minimax01.ops.decode import (torch_lightning_decode_gated,  # noqa: E402
-                                  triton_lightning_decode_gated)
+                                  torch_residual_rms_norm, triton_lightning_decode_gated,
+                                  triton_residual_rms_norm)
 from minimax01.ops.lightning import lightning_slopes  # noqa: E402
 from minimax01.ops.paged_attention import (torch_paged_attention,  # noqa: E402
                                            triton_paged_attention, write_kv)
@@ -80,6 +81,9 @@ def check_ops(device, dtype) -> None:
         out = triton_lightning_decode_gated(qkv, gate, s1, slope, w, 1e-5, slots)
         check(f"fused decode op B={b} output", rel(out, ref), 1e-2)
         check(f"fused decode op B={b} state", rel(s1, s0), 1e-5)
+        y0, h0 = torch_residual_rms_norm(gate, w, 1e-5, gate.flip(0), 1.5, 0.7)
+        y1, h1 = triton_residual_rms_norm(gate, w, 1e-5, gate.flip(0), 1.5, 0.7)
+        check(f"residual + RMSNorm B={b}", max(rel(y1, y0), rel(h1, h0)), 1e-2)
     if device.type != "cuda":
         return
     ps, hkv = 16, 4

@@ -9,8 +9,9 @@ from minimax01 import ModelConfig, MiniMaxForCausalLM
 from minimax01.config import LINEAR
 from minimax01.infer.fused_decode import fused, fused_decode_supported
 from minimax01.infer.slot_cache import SlotCache, SlotPool
-from minimax01.ops.decode import (lightning_decode_gated, torch_lightning_decode_gated,
-                                  triton_lightning_decode_gated)
+from minimax01.ops.decode import (lightning_decode_gated, residual_rms_norm,
+                                  torch_lightning_decode_gated, torch_residual_rms_norm,
+                                  triton_lightning_decode_gated, triton_residual_rms_norm)
 from minimax01.ops.lightning import lightning_slopes
 from minimax01.parallel.config import ParallelConfig
 
@@ -49,6 +50,25 @@ def test_triton_matches_twin_with_slots_and_padding_rows(d):
     s3 = state[:b].clone()
     torch.testing.assert_close(out2, lightning_decode_gated(qkv, gate, s3, slope, w, 1e-5),
                                atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("postnorm_residual", [False, True])
+def test_residual_norm_matches_twin(postnorm_residual):
+    g = torch.Generator().manual_seed(5)
+    x, r = torch.randn(3, 40, generator=g), torch.randn(3, 40, generator=g)
+    w = torch.rand(40, generator=g) + 0.5
+    res = r if postnorm_residual else None
+    y0, h0 = torch_residual_rms_norm(x, w, 1e-6, res, 1.7, 0.3)
+    y1, h1 = triton_residual_rms_norm(x, w, 1e-6, res, 1.7, 0.3)
+    torch.testing.assert_close(y1, y0, atol=1e-6, rtol=1e-6)
+    torch.testing.assert_close(h1, h0, atol=1e-5, rtol=1e-5)
+    if res is None:
+        assert y1 is x
+    else:
+        torch.testing.assert_close(y0, 1.7 * r + 0.3 * x)
+    torch.testing.assert_close(h0, w * y0 / y0.pow(2).mean(-1, keepdim=True).add(1e-6).sqrt())
+    with pytest.raises(ValueError, match="residual_rms_norm takes"):
+        residual_rms_norm(x, w[:5], 1e-6)
 
 
 def test_bad_inputs_get_one_clear_line():
@@ -102,22 +122,28 @@ def test_model_decode_step_fused_equals_unfused(backend, monkeypatch):
     torch.manual_seed(0)
     model = MiniMaxForCausalLM(ModelConfig.from_preset("debug")).eval()
     with torch.no_grad():  # norm weights away from their init of ones, so they count
-        for layer in model.model.layers:
-            if layer.layer_type == LINEAR:
-                layer.self_attn.norm.weight.uniform_(0.5, 1.5)
-    calls = []  # the fused op really ran, once per lightning layer, with this backend
+        for name, p in model.named_parameters():
+            if "norm" in name:
+                p.uniform_(0.5, 1.5)
+    calls, norms = [], []  # the fused ops really ran, with this backend
 
     def spy(*args, **kw):
         calls.append(kw["backend"])
         return lightning_decode_gated(*args, **kw)
 
+    def spy_norm(*args, **kw):
+        norms.append(kw["backend"])
+        return residual_rms_norm(*args, **kw)
+
     monkeypatch.setattr("minimax01.infer.fused_decode.lightning_decode_gated", spy)
+    monkeypatch.setattr("minimax01.infer.fused_decode.residual_rms_norm", spy_norm)
     (l0, s0), (l1, s1) = _decode_both(model, backend)
     torch.testing.assert_close(l1[:3], l0[:3], atol=2e-5, rtol=2e-5)
     assert s0.keys() == s1.keys() and s0
     for i in s0:
         torch.testing.assert_close(s1[i][:4], s0[i][:4], atol=1e-6, rtol=1e-6)
     assert calls == [backend] * len(s0)
+    assert norms == [backend] * 2 * model.config.num_hidden_layers
     assert len(s0) == sum(t == LINEAR for t in model.config.layer_types)
 
 
@@ -145,3 +171,8 @@ def test_cuda_fused_decode_bf16(b):
     out = triton_lightning_decode_gated(qkv, gate, s_tri, slope, w, 1e-5, slots)
     torch.testing.assert_close(out.float(), ref.float(), atol=2e-2, rtol=2e-2)
     torch.testing.assert_close(s_tri, s_ref, atol=1e-5, rtol=1e-5)
+    x, r = gate, gate.flip(0)
+    y0, h0 = torch_residual_rms_norm(x, w, 1e-5, r, 1.5, 0.7)
+    y1, h1 = triton_residual_rms_norm(x, w, 1e-5, r, 1.5, 0.7)
+    torch.testing.assert_close(y1.float(), y0.float(), atol=2e-2, rtol=2e-2)
+    torch.testing.assert_close(h1.float(), h0.float(), atol=5e-2, rtol=2e-2)

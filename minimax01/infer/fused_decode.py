@@ -2,10 +2,12 @@
 LightningAttention modules and ops/decode's fused kernels, and the rule for when the engine may
 use them.
 
-A cache record that has a `lightning_layer(attn, x, ctx)` method gets the whole lightning layer
-(model/layers.py asks it first; returning None declines, and the layer runs unfused).
-`FusedDecodeStep` is the slot cache's decode record with that method: the linears stay the
-module's own (so quantised weights work), the elementwise tail between them is two launches."""
+A cache record that has a `lightning_layer(attn, x, ctx)` method gets the whole lightning layer,
+one with `decoder_layer(layer, x, ctx)` the whole decoder layer (model/layers.py asks them
+first; returning None declines, and the layer runs unfused). `FusedDecodeStep` is the slot
+cache's decode record with both: the linears and the MoE stay the modules' own (so quantised
+weights work); the lightning layer's elementwise tail is two launches, each RMSNorm with the
+residual before it one."""
 
 from __future__ import annotations
 
@@ -14,13 +16,14 @@ from dataclasses import dataclass, fields
 import torch
 
 from ..config import LINEAR, ModelConfig
-from ..ops.decode import lightning_decode_gated
+from ..ops.decode import lightning_decode_gated, residual_rms_norm
 from ..parallel.config import ParallelConfig
 from ..parallel.tensor_parallel import TPInfo
 from ..parallel.tp_modules import TPGroup
 from .slot_cache import DecodeStep
 
-__all__ = ["FusedDecodeStep", "fused", "fused_decode_supported", "fused_lightning_forward"]
+__all__ = ["FusedDecodeStep", "fused", "fused_decode_supported", "fused_decoder_layer",
+           "fused_lightning_forward"]
 
 
 def _degrees(parallel) -> tuple[int, int]:
@@ -65,14 +68,36 @@ def fused_lightning_forward(attn, x: torch.Tensor, state: torch.Tensor,
     return attn.out_proj(u)[:, None]
 
 
+def fused_decoder_layer(layer, x: torch.Tensor, ctx, backend: str | None = None):
+    """DecoderLayer `layer` on one decode token per row, x [B, 1, hidden]: the layer's code
+    (model/layers.py) with each residual + RMSNorm pair one launch. Returns (out, aux)."""
+    b = x.shape[0]
+    flat = x.reshape(b, -1)
+    norm1, norm2 = layer.input_layernorm, layer.post_attention_layernorm
+    _, h1 = residual_rms_norm(flat, norm1.weight, norm1.eps, backend=backend)
+    residual = h1 if layer.postnorm else flat
+    attn = layer.self_attn(h1.view(b, 1, -1), ctx).reshape(b, -1)
+    y, h2 = residual_rms_norm(attn, norm2.weight, norm2.eps, residual, layer.attn_alpha,
+                              layer.attn_beta, backend=backend)
+    residual = h2 if layer.postnorm else y
+    moe_out, aux = layer.mlp(h2.view(b, 1, -1))
+    scaled = residual if layer.mlp_alpha == 1 else layer.mlp_alpha * residual
+    return torch.add(scaled, moe_out.reshape(b, -1), alpha=layer.mlp_beta).view(b, 1, -1), aux
+
+
 @dataclass
 class FusedDecodeStep(DecodeStep):
     """The slot cache's decode record, lightning layers fused."""
 
+    def _backend(self) -> str:
+        return "triton" if self.cache.decode_backend == "triton" else "torch"
+
     def lightning_layer(self, attn, x, ctx):
-        backend = "triton" if self.cache.decode_backend == "triton" else "torch"
         return fused_lightning_forward(attn, x, self.cache.pool.states[attn.layer_idx],
-                                       self.slot_idx, ctx.valid, backend=backend)
+                                       self.slot_idx, ctx.valid, backend=self._backend())
+
+    def decoder_layer(self, layer, x, ctx):
+        return fused_decoder_layer(layer, x, ctx, backend=self._backend())
 
 
 def fused(step: DecodeStep) -> FusedDecodeStep:

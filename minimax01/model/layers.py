@@ -211,6 +211,11 @@ class DecoderLayer(nn.Module):
         self.mlp = MoE(config)
 
     def forward(self, x: torch.Tensor, ctx: AttnContext) -> tuple[torch.Tensor, torch.Tensor]:
+        fused = getattr(ctx.cache, "decoder_layer", None)
+        if fused is not None:  # a decode step running the layer's norms fused (infer/fused_decode.py)
+            out = fused(self, x, ctx)
+            if out is not None:
+                return out
         h1 = self.input_layernorm(x)
         residual = h1 if self.postnorm else x
         y = self.attn_alpha * residual + self.attn_beta * self.self_attn(h1, ctx)

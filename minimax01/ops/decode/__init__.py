@@ -8,6 +8,10 @@ S <- lam S + k^T v, o = q S, RMSNorm over all heads, sigmoid output gate. Backen
 (two launches, triton_kernel.py; interpreted on the CPU) and "torch" (reference.py). The module
 glue that calls it from a model (and decides when it may) is infer/fused_decode.py.
 
+`residual_rms_norm(x, weight, eps, residual=None, alpha=1, beta=1) -> (y, h)` is the decoder
+layer's DeepNorm residual and the RMSNorm after it (y = alpha * residual + beta * x, h =
+RMSNorm(y) * weight) in one launch instead of ~10.
+
 Importing this package never imports triton."""
 
 from __future__ import annotations
@@ -16,10 +20,11 @@ import torch
 
 from ..lightning import triton_available
 from ..lightning.checks import check_decode_slots, check_slope
-from .reference import torch_lightning_decode_gated
+from .reference import torch_lightning_decode_gated, torch_residual_rms_norm
 
 __all__ = ["lightning_decode_gated", "torch_lightning_decode_gated",
-           "triton_lightning_decode_gated", "BACKENDS"]
+           "triton_lightning_decode_gated", "residual_rms_norm", "torch_residual_rms_norm",
+           "triton_residual_rms_norm", "BACKENDS"]
 
 BACKENDS = ("torch", "triton")
 
@@ -59,4 +64,28 @@ def lightning_decode_gated(qkv, gate, state, slope, norm_weight, eps, *, slot_id
     if backend == "torch":
         return torch_lightning_decode_gated(qkv, gate, state, slope, norm_weight, eps,
                                             slot_idx, valid)
+    raise ValueError(f"unknown fused decode backend {backend!r}; choose from {BACKENDS}")
+
+
+def triton_residual_rms_norm(x, weight, eps, residual=None, alpha=1.0, beta=1.0):
+    from .triton_kernel import launch_residual_norm
+
+    return launch_residual_norm(x, weight, eps, residual, alpha, beta)
+
+
+def residual_rms_norm(x, weight, eps, residual=None, alpha=1.0, beta=1.0, *, backend=None):
+    """x, residual: [B, hidden]; weight [hidden]. Returns (y, h): y = alpha * residual +
+    beta * x (x itself without a residual), h = RMSNorm(y) * weight. backend None: Triton on
+    CUDA (when installed), torch otherwise."""
+    if x.dim() != 2 or weight.shape != x.shape[1:] or (residual is not None
+                                                       and residual.shape != x.shape):
+        raise ValueError(f"residual_rms_norm takes x [B, H], weight [H] and residual like x; got "
+                         f"{list(x.shape)}, {list(weight.shape)}"
+                         f"{'' if residual is None else ', ' + str(list(residual.shape))}")
+    if backend is None:
+        backend = "triton" if x.is_cuda and triton_available(x.device) else "torch"
+    if backend == "triton":
+        return triton_residual_rms_norm(x, weight, eps, residual, alpha, beta)
+    if backend == "torch":
+        return torch_residual_rms_norm(x, weight, eps, residual, alpha, beta)
     raise ValueError(f"unknown fused decode backend {backend!r}; choose from {BACKENDS}")

@@ -8,6 +8,7 @@ import torch
 import torch.nn.functional as F
 
 from ..lightning.decode import torch_lightning_decode
+from ..norm import rms_norm
 
 
 def torch_lightning_decode_gated(qkv, gate, state, slope, norm_weight, eps, slot_idx=None,
@@ -24,3 +25,11 @@ def torch_lightning_decode_gated(qkv, gate, state, slope, norm_weight, eps, slot
     o = torch_lightning_decode(q.to(state.dtype), k, v, state, slope, slot_idx).reshape(b, h * d)
     y = o * torch.rsqrt(o.pow(2).mean(-1, keepdim=True) + eps)
     return (torch.sigmoid(gate.to(o.dtype)) * norm_weight.to(o.dtype) * y).to(qkv.dtype)
+
+
+def torch_residual_rms_norm(x, weight, eps, residual=None, alpha=1.0, beta=1.0):
+    """The decoder layer's DeepNorm residual then RMSNorm, exactly as the model writes them:
+    y = alpha * residual + beta * x (y = x without a residual), h = RMSNorm(y) * weight.
+    x, residual: [B, hidden]. Returns (y, h)."""
+    y = x if residual is None else alpha * residual + beta * x
+    return y, rms_norm(y, weight, eps)

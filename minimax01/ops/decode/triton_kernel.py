@@ -103,3 +103,41 @@ def launch(qkv, gate, state, slope, norm_weight, eps, slot_idx=None, valid=None)
         o, gate, norm_weight, u, width, gate.stride(0), u.stride(0), float(eps), BLOCK=block,
         **({"num_warps": max(4, min(16, block // 256))} if qkv.is_cuda else {}))
     return u
+
+
+@kernel
+def _residual_norm_kernel(X, R, W, Y, Hn, width, s_x, s_r, s_y, s_h, alpha, beta, eps,
+                          HAS_RES: tl.constexpr, BLOCK: tl.constexpr):
+    b = tl.program_id(0).to(tl.int64)
+    c = tl.arange(0, BLOCK)
+    m = c < width
+    x = tl.load(X + b * s_x + c, mask=m, other=0.0).to(tl.float32)
+    if HAS_RES:
+        r = tl.load(R + b * s_r + c, mask=m, other=0.0).to(tl.float32)
+        y = (alpha * r + beta * x).to(Y.dtype.element_ty)
+        tl.store(Y + b * s_y + c, y, mask=m)
+        yf = y.to(tl.float32)
+    else:
+        yf = x
+    rms = tl.rsqrt(tl.sum(yf * yf, axis=0) / width + eps)
+    n = (yf * rms).to(X.dtype.element_ty).to(tl.float32)  # rounded like ops/norm.rms_norm
+    w = tl.load(W + c, mask=m, other=0.0).to(tl.float32)
+    tl.store(Hn + b * s_h + c, (w * n).to(Hn.dtype.element_ty), mask=m)
+
+
+def launch_residual_norm(x, weight, eps, residual=None, alpha=1.0, beta=1.0):
+    """`triton_residual_rms_norm` (arguments as the twin's, reference.py)."""
+    b, width = x.shape
+    y = torch.empty_like(x) if residual is not None else x
+    h = torch.empty(b, width, device=x.device, dtype=torch.promote_types(weight.dtype, x.dtype))
+    if b == 0:
+        return y, h
+    r = residual if residual is not None else x
+    if x.stride(-1) != 1 or r.stride(-1) != 1:
+        raise ValueError("x and residual need a contiguous last dim")
+    block = triton.next_power_of_2(width)
+    _residual_norm_kernel.at(x.device)[(b,)](
+        x, r, weight, y, h, width, x.stride(0), r.stride(0), y.stride(0), h.stride(0),
+        float(alpha), float(beta), float(eps), HAS_RES=residual is not None, BLOCK=block,
+        **({"num_warps": max(4, min(16, block // 256))} if x.is_cuda else {}))
+    return y, h
