@@ -1,5 +1,5 @@
-"""Small-batch decode on the GPU (issue 18 item 4): correctness of the fused lightning decode and
-residual + RMSNorm (ops/decode, infer/fused_decode.py) and of paged attention (ops/paged_attention) in bf16, then the per-step time of the
+"""Small-batch decode on the GPU (issue 18 item 4): correctness of the fused lightning decode,
+residual + RMSNorm and small-batch MoE (ops/decode, infer/fused_decode.py) and of paged attention (ops/paged_attention) in bf16, then the per-step time of the
 `1b` decode at B = 1 / 16 / 64 DISTINCT sequences (own tokens, own lightning states, own K/V),
 fused against unfused, each replayed from a CUDA graph (infer/cuda_graphs.py: the engine's
 forward of one step, without sampling), plus the kernels one eager step launches.
@@ -29,7 +29,8 @@ from minimax01.infer.pool import PagePool  # noqa: E402
 from minimax01.infer.prepare import cast_model, prepare_for_serving  # noqa: E402
 from minimax01.infer.slot_cache import SlotCache, SlotPool  # noqa: E402
 from minimax01.ops.decode import (torch_lightning_decode_gated,  # noqa: E402
-                                  torch_residual_rms_norm, triton_lightning_decode_gated,
+                                  torch_moe_decode, torch_residual_rms_norm,
+                                  triton_lightning_decode_gated, triton_moe_decode,
                                   triton_residual_rms_norm)
 from minimax01.ops.lightning import lightning_slopes  # noqa: E402
 from minimax01.ops.paged_attention import (torch_paged_attention,  # noqa: E402
@@ -84,6 +85,14 @@ def check_ops(device, dtype) -> None:
         y0, h0 = torch_residual_rms_norm(gate, w, 1e-5, gate.flip(0), 1.5, 0.7)
         y1, h1 = triton_residual_rms_norm(gate, w, 1e-5, gate.flip(0), 1.5, 0.7)
         check(f"residual + RMSNorm B={b}", max(rel(y1, y0), rel(h1, h0)), 1e-2)
+    e, i, hid = (8, 768, 2048) if device.type == "cuda" else (4, 64, 128)  # the 1b MoE on GPU
+    gu = (torch.randn(e, 2 * i, hid, generator=g) * hid ** -0.5).to(device, dtype)
+    dn = (torch.randn(e, hid, i, generator=g) * i ** -0.5).to(device, dtype)
+    for b in (1, 4):
+        x = torch.randn(b, hid, generator=g).to(device, dtype)
+        logits = torch.randn(b, e, generator=g).to(device, dtype)
+        check(f"small-batch MoE B={b}", rel(triton_moe_decode(x, logits, gu, dn, 2),
+                                            torch_moe_decode(x, logits, gu, dn, 2)), 1e-2)
     if device.type != "cuda":
         return
     ps, hkv = 16, 4
@@ -158,24 +167,26 @@ def main() -> int:
     rows, g = [], torch.Generator(device="cpu").manual_seed(1)
 
     # correctness of the whole step: fused against unfused, same pool contents, distinct rows
-    b = max_b
-    tokens = torch.randint(0, cfg.vocab_size, (b, 1), generator=g).to(device)
-    slots = torch.arange(b, device=device)
-    active = torch.ones(b, dtype=torch.bool, device=device)
-    host = [args.context] * b
+    # (B = 1: the small-batch MoE too; the largest B: the MoE block itself)
+    slots = torch.arange(max_b, device=device)
+    active = torch.ones(max_b, dtype=torch.bool, device=device)
+    host = [args.context] * max_b
     with torch.no_grad():
-        out = {}
-        for name, c in (("unfused", cache), ("fused", fused_cache)):
-            fill_pool(pool, args.context, seed=2)
-            logits = model(tokens, cache=c.begin_decode(slots, active, host)).logits[:, -1]
-            out[name] = (logits.float(), {i: s.clone() for i, s in pool.states.items()})
-        check(f"model step B={b} logits, fused vs unfused", rel(out["fused"][0], out["unfused"][0]),
-              2e-2)
-        check(f"model step B={b} states", max(rel(out["fused"][1][i], out["unfused"][1][i])
-                                              for i in pool.states), 1e-3)
-        agree = float((out["fused"][0].argmax(-1) == out["unfused"][0].argmax(-1)).float().mean())
-        log(f"     greedy tokens agree on {agree:.0%} of {b} rows")
-        del out
+        for b in sorted({1, max_b}):
+            tokens = torch.randint(0, cfg.vocab_size, (b, 1), generator=g).to(device)
+            out = {}
+            for name, c in (("unfused", cache), ("fused", fused_cache)):
+                fill_pool(pool, args.context, seed=2)
+                step = c.begin_decode(slots[:b], active[:b], host[:b])
+                logits = model(tokens, cache=step).logits[:, -1]
+                out[name] = (logits.float(), {i: s[:b].clone() for i, s in pool.states.items()})
+            check(f"model step B={b} logits, fused vs unfused",
+                  rel(out["fused"][0], out["unfused"][0]), 2e-2)
+            check(f"model step B={b} states", max(rel(out["fused"][1][i], out["unfused"][1][i])
+                                                  for i in pool.states), 1e-3)
+            agree = (out["fused"][0].argmax(-1) == out["unfused"][0].argmax(-1)).float().mean()
+            log(f"     greedy tokens agree on {float(agree):.0%} of {b} rows")
+            del out
 
         for mode, c in (("unfused", cache), ("fused", fused_cache)):
             graphs = DecodeGraphs(model, c, max_b) if cuda else None

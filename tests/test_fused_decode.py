@@ -9,9 +9,13 @@ from minimax01 import ModelConfig, MiniMaxForCausalLM
 from minimax01.config import LINEAR
 from minimax01.infer.fused_decode import fused, fused_decode_supported
 from minimax01.infer.slot_cache import SlotCache, SlotPool
-from minimax01.ops.decode import (lightning_decode_gated, residual_rms_norm,
-                                  torch_lightning_decode_gated, torch_residual_rms_norm,
-                                  triton_lightning_decode_gated, triton_residual_rms_norm)
+from minimax01.model.layers import Experts
+from minimax01.ops.decode import (MOE_MAX_TOKENS, lightning_decode_gated, moe_decode,
+                                  residual_rms_norm, torch_lightning_decode_gated,
+                                  torch_moe_decode, torch_residual_rms_norm,
+                                  triton_lightning_decode_gated, triton_moe_decode,
+                                  triton_residual_rms_norm)
+from minimax01.ops.moe import TRAINING, moe_pipeline, route
 from minimax01.ops.lightning import lightning_slopes
 from minimax01.parallel.config import ParallelConfig
 
@@ -71,6 +75,29 @@ def test_residual_norm_matches_twin(postnorm_residual):
         residual_rms_norm(x, w[:5], 1e-6)
 
 
+def test_small_batch_moe_matches_twin_and_the_moe_pipeline():
+    g = torch.Generator().manual_seed(6)
+    n, h, i, e, k = 3, 48, 40, 6, 2
+    x, logits = torch.randn(n, h, generator=g), torch.randn(n, e, generator=g)
+    cfg = ModelConfig.from_preset("debug", hidden_size=h, intermediate_size=i,
+                                  num_local_experts=e, num_experts_per_tok=k)
+    experts = Experts(cfg)
+    gu, dn = experts.gate_up_proj.detach(), experts.down_proj.detach()
+    with torch.no_grad():
+        ref, _, _ = moe_pipeline(x, route(logits, k), experts, TRAINING)
+    twin = torch_moe_decode(x, logits, gu, dn, k)
+    out = triton_moe_decode(x, logits, gu, dn, k)
+    torch.testing.assert_close(twin, ref, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(out, ref, atol=1e-5, rtol=1e-5)
+    # the routing matters: another expert order gives another result
+    assert not torch.allclose(triton_moe_decode(x, logits.flip(1), gu, dn, k), ref, atol=1e-3)
+    with pytest.raises(ValueError, match="at most 4 tokens"):
+        moe_decode(torch.randn(MOE_MAX_TOKENS + 1, h), torch.randn(MOE_MAX_TOKENS + 1, e), gu,
+                   dn, k)
+    with pytest.raises(ValueError, match="do not fit together"):
+        moe_decode(x, logits[:, :4], gu, dn, k)
+
+
 def test_bad_inputs_get_one_clear_line():
     qkv, gate, state, slope, w = _inputs(2, 4, 16, 2, seed=0)
     with pytest.raises(ValueError, match="qkv must be"):
@@ -85,23 +112,24 @@ def test_bad_inputs_get_one_clear_line():
         lightning_decode_gated(qkv, gate, state, slope, w, 1e-5, backend="cuda")
 
 
-def _decode_both(model, backend):
-    """One decode step of 3 sequences (one a padding row) with the unfused and the fused record,
-    each on its own copy of the same pool. Returns (logits, states) of each."""
+def _decode_both(model, backend, rows=4):
+    """One decode step of `rows` rows (the last a padding row) with the unfused and the fused
+    record, each on its own copy of the same pool. Returns (logits, states) of each."""
     cfg = model.config
-    pool = SlotPool(cfg, num_slots=4, max_context=64)
+    pool = SlotPool(cfg, num_slots=rows, max_context=64)
     cache = SlotCache(pool, attention="torch")
     cache.decode_backend = backend
     g = torch.Generator().manual_seed(3)
     with torch.no_grad():
-        prompts = [7, 1, 12]
-        pre = cache.begin_prefill([2, 0, 3], [0, 0, 0], prompts)
+        prompts = [7, 1, 12, 3, 9][:rows - 1]
+        slots_list = [2, 0, 3, 1, 4][:rows - 1]
+        pre = cache.begin_prefill(slots_list, [0] * len(prompts), prompts)
         model(torch.randint(0, cfg.vocab_size, (1, sum(prompts)), generator=g),
               cu_seqlens=pre.cu_seqlens, cache=pre)
-        tokens = torch.randint(0, cfg.vocab_size, (4, 1), generator=g)
-        slots = torch.tensor([2, 0, 3, pool.scratch])
-        active = torch.tensor([True, True, True, False])
-        lengths = [7, 1, 12, 0]
+        tokens = torch.randint(0, cfg.vocab_size, (rows, 1), generator=g)
+        slots = torch.tensor(slots_list + [pool.scratch])
+        active = torch.tensor([True] * (rows - 1) + [False])
+        lengths = prompts + [0]
         saved = ({i: s.clone() for i, s in pool.states.items()},
                  {i: k.clone() for i, k in pool.keys.items()}, pool.lengths.clone())
         results = []
@@ -117,15 +145,15 @@ def _decode_both(model, backend):
     return results
 
 
-@pytest.mark.parametrize("backend", ["torch", "triton"])
-def test_model_decode_step_fused_equals_unfused(backend, monkeypatch):
+@pytest.mark.parametrize("backend,rows", [("torch", 4), ("triton", 4), ("triton", 6)])
+def test_model_decode_step_fused_equals_unfused(backend, rows, monkeypatch):
     torch.manual_seed(0)
     model = MiniMaxForCausalLM(ModelConfig.from_preset("debug")).eval()
     with torch.no_grad():  # norm weights away from their init of ones, so they count
         for name, p in model.named_parameters():
             if "norm" in name:
                 p.uniform_(0.5, 1.5)
-    calls, norms = [], []  # the fused ops really ran, with this backend
+    calls, norms, moes = [], [], []  # the fused ops really ran, with this backend
 
     def spy(*args, **kw):
         calls.append(kw["backend"])
@@ -137,13 +165,17 @@ def test_model_decode_step_fused_equals_unfused(backend, monkeypatch):
 
     monkeypatch.setattr("minimax01.infer.fused_decode.lightning_decode_gated", spy)
     monkeypatch.setattr("minimax01.infer.fused_decode.residual_rms_norm", spy_norm)
-    (l0, s0), (l1, s1) = _decode_both(model, backend)
-    torch.testing.assert_close(l1[:3], l0[:3], atol=2e-5, rtol=2e-5)
+    monkeypatch.setattr("minimax01.infer.fused_decode.moe_decode",
+                        lambda *a, **kw: moes.append(kw["backend"]) or moe_decode(*a, **kw))
+    (l0, s0), (l1, s1) = _decode_both(model, backend, rows)
+    torch.testing.assert_close(l1[:rows - 1], l0[:rows - 1], atol=2e-5, rtol=2e-5)
     assert s0.keys() == s1.keys() and s0
-    for i in s0:
-        torch.testing.assert_close(s1[i][:4], s0[i][:4], atol=1e-6, rtol=1e-6)
+    for i in s0:  # every row but the scratch one
+        torch.testing.assert_close(s1[i][:rows], s0[i][:rows], atol=1e-6, rtol=1e-6)
     assert calls == [backend] * len(s0)
     assert norms == [backend] * 2 * model.config.num_hidden_layers
+    # up to MOE_MAX_TOKENS rows: the small-batch MoE; more: the MoE block itself
+    assert moes == [backend] * model.config.num_hidden_layers * (rows <= MOE_MAX_TOKENS)
     assert len(s0) == sum(t == LINEAR for t in model.config.layer_types)
 
 
@@ -176,3 +208,10 @@ def test_cuda_fused_decode_bf16(b):
     y1, h1 = triton_residual_rms_norm(x, w, 1e-5, r, 1.5, 0.7)
     torch.testing.assert_close(y1.float(), y0.float(), atol=2e-2, rtol=2e-2)
     torch.testing.assert_close(h1.float(), h0.float(), atol=5e-2, rtol=2e-2)
+    if b <= MOE_MAX_TOKENS:
+        gu = torch.randn(8, 2 * 768, 2048, device="cuda", dtype=torch.bfloat16) * 0.02
+        dn = torch.randn(8, 2048, 768, device="cuda", dtype=torch.bfloat16) * 0.04
+        x, logits = gate[:, :2048].contiguous(), gate[:, :8].contiguous()
+        torch.testing.assert_close(triton_moe_decode(x, logits, gu, dn, 2).float(),
+                                   torch_moe_decode(x, logits, gu, dn, 2).float(),
+                                   atol=2e-2, rtol=2e-2)

@@ -5,9 +5,9 @@ use them.
 A cache record that has a `lightning_layer(attn, x, ctx)` method gets the whole lightning layer,
 one with `decoder_layer(layer, x, ctx)` the whole decoder layer (model/layers.py asks them
 first; returning None declines, and the layer runs unfused). `FusedDecodeStep` is the slot
-cache's decode record with both: the linears and the MoE stay the modules' own (so quantised
-weights work); the lightning layer's elementwise tail is two launches, each RMSNorm with the
-residual before it one."""
+cache's decode record with both: the linears stay the modules' own (so quantised weights
+work); the lightning layer's elementwise tail is two launches, each RMSNorm with the residual
+before it one, and the MoE of up to MOE_MAX_TOKENS tokens two after the router matmul."""
 
 from __future__ import annotations
 
@@ -16,14 +16,15 @@ from dataclasses import dataclass, fields
 import torch
 
 from ..config import LINEAR, ModelConfig
-from ..ops.decode import lightning_decode_gated, residual_rms_norm
+from ..model.layers import Experts
+from ..ops.decode import MOE_MAX_TOKENS, lightning_decode_gated, moe_decode, residual_rms_norm
 from ..parallel.config import ParallelConfig
 from ..parallel.tensor_parallel import TPInfo
 from ..parallel.tp_modules import TPGroup
 from .slot_cache import DecodeStep
 
 __all__ = ["FusedDecodeStep", "fused", "fused_decode_supported", "fused_decoder_layer",
-           "fused_lightning_forward"]
+           "fused_lightning_forward", "fused_moe_forward"]
 
 
 def _degrees(parallel) -> tuple[int, int]:
@@ -80,9 +81,23 @@ def fused_decoder_layer(layer, x: torch.Tensor, ctx, backend: str | None = None)
     y, h2 = residual_rms_norm(attn, norm2.weight, norm2.eps, residual, layer.attn_alpha,
                               layer.attn_beta, backend=backend)
     residual = h2 if layer.postnorm else y
-    moe_out, aux = layer.mlp(h2.view(b, 1, -1))
+    moe_out, aux = fused_moe_forward(layer.mlp, h2, backend)
     scaled = residual if layer.mlp_alpha == 1 else layer.mlp_alpha * residual
     return torch.add(scaled, moe_out.reshape(b, -1), alpha=layer.mlp_beta).view(b, 1, -1), aux
+
+
+def fused_moe_forward(mlp, h: torch.Tensor, backend: str | None = None):
+    """MoE block `mlp` on h [N, hidden]: the two-launch small-batch MoE (ops/decode) for up to
+    MOE_MAX_TOKENS tokens of plain local experts, else the block itself (quantised or sharded
+    experts, a tensor-parallel reduce, larger batches). Returns (out [N, hidden], aux)."""
+    ex = mlp.experts
+    if (h.shape[0] <= MOE_MAX_TOKENS and type(ex) is Experts and mlp.pipeline.reduce is None
+            and type(ex.gate_up_proj.data) is torch.Tensor):
+        out = moe_decode(h, mlp.gate(h), ex.gate_up_proj, ex.down_proj, mlp.top_k,
+                         backend=backend)
+        return out, h.new_zeros((), dtype=torch.float32)
+    out, aux = mlp(h[:, None])
+    return out.reshape(h.shape), aux
 
 
 @dataclass

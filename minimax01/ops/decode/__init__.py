@@ -10,7 +10,9 @@ glue that calls it from a model (and decides when it may) is infer/fused_decode.
 
 `residual_rms_norm(x, weight, eps, residual=None, alpha=1, beta=1) -> (y, h)` is the decoder
 layer's DeepNorm residual and the RMSNorm after it (y = alpha * residual + beta * x, h =
-RMSNorm(y) * weight) in one launch instead of ~10.
+RMSNorm(y) * weight) in one launch instead of ~10. `moe_decode(x, router_logits, gate_up, down,
+top_k)` is the MoE of up to MOE_MAX_TOKENS tokens in two launches after the router matmul
+(triton_moe.py) instead of ~25.
 
 Importing this package never imports triton."""
 
@@ -20,11 +22,14 @@ import torch
 
 from ..lightning import triton_available
 from ..lightning.checks import check_decode_slots, check_slope
-from .reference import torch_lightning_decode_gated, torch_residual_rms_norm
+from .reference import torch_lightning_decode_gated, torch_moe_decode, torch_residual_rms_norm
 
 __all__ = ["lightning_decode_gated", "torch_lightning_decode_gated",
            "triton_lightning_decode_gated", "residual_rms_norm", "torch_residual_rms_norm",
-           "triton_residual_rms_norm", "BACKENDS"]
+           "triton_residual_rms_norm", "moe_decode", "torch_moe_decode", "triton_moe_decode",
+           "MOE_MAX_TOKENS", "BACKENDS"]
+
+MOE_MAX_TOKENS = 4  # beyond, the grouped matmul (each expert read once) wins: triton_moe.py
 
 BACKENDS = ("torch", "triton")
 
@@ -88,4 +93,31 @@ def residual_rms_norm(x, weight, eps, residual=None, alpha=1.0, beta=1.0, *, bac
         return triton_residual_rms_norm(x, weight, eps, residual, alpha, beta)
     if backend == "torch":
         return torch_residual_rms_norm(x, weight, eps, residual, alpha, beta)
+    raise ValueError(f"unknown fused decode backend {backend!r}; choose from {BACKENDS}")
+
+
+def triton_moe_decode(x, router_logits, gate_up, down, top_k):
+    from .triton_moe import launch_moe
+
+    return launch_moe(x, router_logits, gate_up, down, top_k)
+
+
+def moe_decode(x, router_logits, gate_up, down, top_k, *, backend=None):
+    """x [N, H] (N <= MOE_MAX_TOKENS), router_logits [N, E], gate_up [E, 2I, H], down
+    [E, H, I] (model/layers.py `Experts`). Returns the MoE output [N, H] in x.dtype."""
+    n, hd = x.shape
+    e = gate_up.shape[0]
+    if (router_logits.shape != (n, e) or gate_up.dim() != 3 or gate_up.shape[2] != hd
+            or down.shape != (e, hd, gate_up.shape[1] // 2) or not 0 < top_k <= e):
+        raise ValueError(f"moe_decode: x {list(x.shape)}, router_logits {list(router_logits.shape)}"
+                         f", gate_up {list(gate_up.shape)}, down {list(down.shape)}, top_k "
+                         f"{top_k} do not fit together")
+    if n > MOE_MAX_TOKENS:
+        raise ValueError(f"moe_decode is for at most {MOE_MAX_TOKENS} tokens, got {n}")
+    if backend is None:
+        backend = "triton" if x.is_cuda and triton_available(x.device) else "torch"
+    if backend == "triton":
+        return triton_moe_decode(x, router_logits, gate_up, down, top_k)
+    if backend == "torch":
+        return torch_moe_decode(x, router_logits, gate_up, down, top_k)
     raise ValueError(f"unknown fused decode backend {backend!r}; choose from {BACKENDS}")

@@ -8,6 +8,7 @@ import torch
 import torch.nn.functional as F
 
 from ..lightning.decode import torch_lightning_decode
+from ..moe import route
 from ..norm import rms_norm
 
 
@@ -33,3 +34,16 @@ def torch_residual_rms_norm(x, weight, eps, residual=None, alpha=1.0, beta=1.0):
     x, residual: [B, hidden]. Returns (y, h)."""
     y = x if residual is None else alpha * residual + beta * x
     return y, rms_norm(y, weight, eps)
+
+
+def torch_moe_decode(x, router_logits, gate_up, down, top_k):
+    """A few tokens through the MoE (SPEC §5) without a dispatch plan: each token's top-k
+    experts' SwiGLU, router-weighted, rounded where the serving pipeline rounds (ops/moe.py).
+    x: [N, H]; router_logits: [N, E]; gate_up: [E, 2I, H]; down: [E, H, I]. Returns [N, H]."""
+    routing = route(router_logits, top_k)
+    w1 = gate_up[routing.experts]                                   # [N, k, 2I, H]
+    h = torch.einsum("nkoh,nh->nko", w1.float(), x.float()).to(x.dtype)
+    g, u = h.chunk(2, dim=-1)
+    a = F.silu(g) * u
+    y = torch.einsum("nkhi,nki->nkh", down[routing.experts].float(), a.float()).to(x.dtype)
+    return (y * routing.weights.to(x.dtype)[..., None]).sum(1)
