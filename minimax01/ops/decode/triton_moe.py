@@ -80,7 +80,7 @@ def _moe_down_kernel(ACT, LOGITS, DN, OUT, E, I, Hd, s_l, s_de, s_dr, s_act, s_o
     mr = rows < Hd
     dt = OUT.dtype.element_ty
     out = tl.zeros([BLOCK_R], dtype=tl.float32)
-    for j in tl.static_range(TOP_K):
+    for j in range(TOP_K):  # a runtime loop: j is a tensor, as in the up kernel
         e, w = _routed(LOGITS, s_l, n, j, E, TOP_K, BLOCK_E)
         acc = tl.zeros([BLOCK_R], dtype=tl.float32)
         for i0 in range(0, I, BLOCK_I):
@@ -108,12 +108,14 @@ def launch_moe(x, router_logits, gate_up, down, top_k):
     act = torch.empty(n * top_k, inter, device=x.device, dtype=x.dtype)
     block_e = max(2, triton.next_power_of_2(e))
     cuda = x.is_cuda
-    bi, bh = (16, 128) if cuda else (16, 32)
+    # GPU: narrow row blocks, so even one token gives a few hundred programs (bandwidth needs
+    # many loads in flight; 1b at B=1: 2 x 192 up, 256 down)
+    bi, bh = (4, 256) if cuda else (16, 32)
     _moe_up_kernel.at(x.device)[(n * top_k, triton.cdiv(inter, bi))](
         x, router_logits, gate_up, act, e, inter, hd, x.stride(0), router_logits.stride(0),
         gate_up.stride(0), gate_up.stride(1), act.stride(0),
         TOP_K=top_k, BLOCK_E=block_e, BLOCK_I=bi, BLOCK_H=bh, **({"num_warps": 4} if cuda else {}))
-    br, bk = (16, 128) if cuda else (16, 32)
+    br, bk = (8, 256) if cuda else (16, 32)
     _moe_down_kernel.at(x.device)[(n, triton.cdiv(hd, br))](
         act, router_logits, down, out, e, inter, hd, router_logits.stride(0), down.stride(0),
         down.stride(1), act.stride(0), out.stride(0),
