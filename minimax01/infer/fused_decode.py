@@ -1,6 +1,5 @@
-"""Fused lightning layers for decode steps (issue 18 item 4): the glue between a model's
-LightningAttention modules and ops/decode's fused kernels, and the rule for when the engine may
-use them.
+"""Fused decode steps (issue 18 item 4): the glue between a model's layers and ops/decode's
+fused kernels, and the rule for when the engine may use them.
 
 A cache record that has a `lightning_layer(attn, x, ctx)` method gets the whole lightning layer,
 one with `decoder_layer(layer, x, ctx)` the whole decoder layer (model/layers.py asks them
