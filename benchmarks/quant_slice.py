@@ -17,8 +17,11 @@ Goals (issue 15): int8 decode >= 1.6x bf16 at batch 1 and >= 70% of its floor at
 prefill not slower than bf16.
 
     python benchmarks/quant_slice.py --json quant_slice.json
+    # the tile sweep first (quant_sweep.py, < 5 min), its winners then used for the slice:
+    python benchmarks/quant_slice.py --sweep --variants bf16,int8 --json quant_slice.json
     # smoke test of the script's logic on a CPU (tiny widths, no timing claims):
     python benchmarks/quant_slice.py --device cpu --tiny
+    TRITON_INTERPRET=1 python benchmarks/quant_slice.py --device cpu --tiny --sweep --sweep-limit 2
 """
 
 from __future__ import annotations
@@ -386,6 +389,18 @@ def main() -> int:
     p.add_argument("--time-budget", type=float, default=420.0,
                    help="seconds; variants not started by then are skipped")
     p.add_argument("--json", default=None)
+    p.add_argument("--sweep", action="store_true",
+                   help="time every tile config first (quant_sweep.py), print the winners, then "
+                        "run the slice with them (the kernel section is skipped)")
+    p.add_argument("--sweep-only", action="store_true", help="stop after the sweep")
+    p.add_argument("--sweep-budget", type=float, default=280.0, help="seconds for the sweep")
+    p.add_argument("--sweep-limit", type=int, default=None,
+                   help="only the first N configs of each space (a quick check)")
+    p.add_argument("--sweep-no-dense", action="store_true",
+                   help="expert matrices only (not the lightning projections)")
+    p.add_argument("--sweep-fault", type=json.loads, default=None, help=argparse.SUPPRESS)
+    p.add_argument("--winners", default=None,
+                   help="the JSON of an earlier --sweep run: use its winners")
     args = p.parse_args()
     args.batches = [int(b) for b in args.batches.split(",")]
     dev = torch.device(args.device)
@@ -413,12 +428,31 @@ def main() -> int:
             with open(args.json, "w") as f:
                 json.dump(results, f, indent=1)
 
+    budget_from = START
+    if args.sweep or args.winners:
+        import quant_sweep
+
+        if args.sweep:
+            results["sweep"] = quant_sweep.sweep(args, log)
+            save()
+            print(quant_sweep.report(results["sweep"], info, log), flush=True)
+            budget_from = time.time()
+            args.no_kernels = True
+        else:
+            with open(args.winners) as f:
+                results["sweep"] = json.load(f)["sweep"]
+        quant_sweep.install(results["sweep"], dev)
+        log(f"using {len(results['sweep']['winners'])} swept configs; DEQUANT_MIN_ROWS = "
+            f"{grouped_mod.DEQUANT_MIN_ROWS}")
+        if args.sweep_only:
+            log("done")
+            return 0
     if not args.no_kernels:
         results["kernels"] = bench_grouped(cfg, dev, args)
         save()
     ref = None
     for v in args.variants.split(","):
-        if time.time() - START > args.time_budget:
+        if time.time() - budget_from > args.time_budget:
             results["variants"].append({"variant": v, "skipped": "time budget"})
             log(f"{v}: skipped (time budget {args.time_budget:.0f}s)")
             continue

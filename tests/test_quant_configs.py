@@ -70,6 +70,15 @@ def test_split_k_covers_every_k_once():
         assert torch.equal(run_cfg(cfg, x, q, s, counts), torch.full((3, 16), 80.0))
 
 
+@pytest.mark.parametrize("cfg", [tw._INTERPRETED, (1, 16, 32, 2, 4, 2)])
+def test_compact_grid_finds_the_routed_experts(cfg):
+    """Batch 1 at 32 experts: 2 rows, so 2 programs on the group axis find experts 5 and 30."""
+    counts = [0] * 32
+    counts[5] = counts[30] = 1
+    x, q, s, counts = case("int8", counts, 16, 64, torch.float32, seed=5)
+    check(run_cfg(cfg, x, q, s, counts), grouped_mm_q_torch(x, q, s, counts), torch.float32)
+
+
 def test_all_empty_and_bad_configs():
     x, q, s, counts = case("int8", [0, 0], 16, 32, torch.bfloat16)
     assert run_cfg(tw.SMALL_SPACE[0], x, q, s, counts).shape == (0, 16)
@@ -155,3 +164,28 @@ def test_auto_backend_rule():
     assert gq.auto_backend(True, gq.SCALED_MIN_ROWS, bf, True) == "scaled"
     assert gq.auto_backend(True, rows, bf, False) == "dequant"
     assert gq.auto_backend(True, 4, bf, True) == "triton"
+
+
+def test_tuning_drops_wrong_candidates_and_times_a_balanced_routing(monkeypatch):
+    """_tune (CUDA timing replaced by a fake clock): a candidate whose output is off is never
+    chosen however fast, and the launches it times see the balanced routing, not the batch's."""
+    x, q, s, counts = case("int8", [7, 0, 0, 0], 16, 32, torch.bfloat16)  # all rows on expert 0
+    good, fast_but_wrong = (16, 16, 32, 1, 4, 1), (1, 16, 32, 1, 4, 2)
+    monkeypatch.setattr(tw, "candidates", lambda rows: [fast_but_wrong, good])
+    seen = []
+    launch = tw._launch
+
+    def fake_launch(cfg, x, q, scale, y, offs, *rest):
+        seen.append(offs.tolist())
+        launch(cfg, x, q, scale, y, offs, *rest)
+        if cfg == fast_but_wrong:
+            y.mul_(1.1)
+
+    monkeypatch.setattr(tw, "_launch", fake_launch)
+    monkeypatch.setattr(tw, "time_config", lambda cfg, args: 1.0 if cfg == fast_but_wrong else 2.0)
+    monkeypatch.setattr(torch.cuda, "is_current_stream_capturing", lambda: False)
+    y = torch.empty(7, 16, dtype=torch.bfloat16)
+    args = (x, q, s, y, gq._offsets(counts, x.device), 7, 4, 2, False)
+    assert tw._tune(("test-key",), args) == good
+    assert seen and all(o == [0, 2, 4, 6, 7] for o in seen)
+    tw._best.pop(("test-key",))

@@ -7,6 +7,8 @@ One launch covers every group (expert); row boundaries come from a device tensor
 ([E + 1] int32, offs[0] = 0), so nothing syncs with the host and a decode step can be captured in a
 CUDA graph. Program (s, n, e) owns output columns [n*BLOCK_N, (n+1)*BLOCK_N) of group e and walks
 that group's row blocks s, s + S, s + 2S, ... (S = row splits); groups without rows exit at once.
+With fewer rows M than groups (decode at batch 1: 2 rows, 32 experts) only M programs are launched
+on the group axis, program e taking the e-th group that has rows (found from `offs` on the device).
 8-bit values are widened in registers, exactly (int8, and fp8 e4m3 through its fp16 bit pattern,
 fit bf16 exactly); the per-output-channel scale multiplies the fp32 accumulator once at the end.
 The row-split axis varies fastest, so the programs that share a weight tile run together and the
@@ -29,6 +31,7 @@ capture takes the first candidate. `dense=True` is the one-group case (an nn.Lin
 
 from __future__ import annotations
 
+import logging
 import os
 
 import torch
@@ -37,13 +40,17 @@ import triton.language as tl
 
 from ..triton_jit import interpreted, kernel
 
+log = logging.getLogger(__name__)
+TUNE_TOL = 2.0 ** -7  # relative error against the twin a tuning candidate must stay under
+
 
 @kernel
 def grouped_w8_kernel(
     X, W, S, Y, OFFS,
-    M, N, K, K_SPLIT, sx_m, sw_e, sw_n, ss_e, sy_s, sy_m,
+    M, N, K, G, K_SPLIT, sx_m, sw_e, sw_n, ss_e, sy_s, sy_m,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, SPLIT_K: tl.constexpr,
-    FP8: tl.constexpr, DENSE: tl.constexpr, EVEN_K: tl.constexpr, IEEE: tl.constexpr,
+    FP8: tl.constexpr, DENSE: tl.constexpr, COMPACT: tl.constexpr, G_POW2: tl.constexpr,
+    EVEN_K: tl.constexpr, IEEE: tl.constexpr,
 ):
     pid = tl.program_id(0)
     nsplit = tl.num_programs(0) // SPLIT_K
@@ -54,6 +61,16 @@ def grouped_w8_kernel(
     if DENSE:
         start = 0
         end = M
+    elif COMPACT:  # fewer rows than groups: program e takes the e-th group that has rows
+        r = tl.arange(0, G_POW2)
+        lo = tl.load(OFFS + r, mask=r < G, other=0)
+        hi = tl.load(OFFS + r + 1, mask=r < G, other=0)
+        has = (hi > lo).to(tl.int32)
+        hit = (has > 0) & (tl.cumsum(has, axis=0) == e + 1)
+        found = tl.sum(hit.to(tl.int32), axis=0)
+        e = tl.sum(tl.where(hit, r, 0), axis=0)
+        start = tl.load(OFFS + e)
+        end = tl.where(found > 0, tl.load(OFFS + e + 1), start)
     else:
         start = tl.load(OFFS + e)
         end = tl.load(OFFS + e + 1)
@@ -72,6 +89,8 @@ def grouped_w8_kernel(
         mm = rm < end
         x_cols = X + rm[None, :].to(tl.int64) * sx_m
         acc = tl.zeros([BLOCK_N, BLOCK_M], dtype=tl.float32)
+        if BLOCK_M < 16:  # GEMV: products summed over K in registers, reduced once at the end
+            acc3 = tl.zeros([BLOCK_N, BLOCK_K, BLOCK_M], dtype=tl.float32)
         for k0 in range(k_lo, k_hi, BLOCK_K):
             kk = k0 + rk
             if EVEN_K:
@@ -87,12 +106,14 @@ def grouped_w8_kernel(
                 wf = bits.to(tl.int16).to(tl.float16, bitcast=True).to(tl.float32)
             else:
                 wf = w.to(tl.float32)  # exact; via fp32 (right in the interpreter too)
-            if BLOCK_M < 16:  # GEMV: [BN, BK, 1] * [1, BK, BM] summed over K, in fp32
-                acc += tl.sum(wf[:, :, None] * xt.to(tl.float32)[None, :, :], axis=1)
+            if BLOCK_M < 16:
+                acc3 += wf[:, :, None] * xt.to(tl.float32)[None, :, :]
             elif IEEE:  # fp32 activations; also bf16 in the interpreter, whose bf16 dot is wrong
                 acc = tl.dot(wf, xt.to(tl.float32), acc=acc, input_precision="ieee")
             else:
                 acc = tl.dot(wf.to(xt.dtype), xt, acc=acc)
+        if BLOCK_M < 16:
+            acc = tl.sum(acc3, axis=1)
         y = acc * scale[:, None]
         tl.store(y_part + rm[None, :].to(tl.int64) * sy_m + rn[:, None],
                  y.to(Y.dtype.element_ty), mask=mn[:, None] & mm[None, :])
@@ -123,9 +144,9 @@ def dequant_w8_kernel(W, S, OUT, R, K, BLOCK_R: tl.constexpr, BLOCK_K: tl.conste
 def _small_space() -> list[tuple]:
     """Decode (<= 16 rows per expert): GEMV tiles for 1-4 rows, 16-row dots, split-K."""
     gemv = [(bm, bn, bk, sk, 4, 2) for bm, bn, bk in ((1, 64, 128), (1, 32, 256), (2, 64, 64),
-                                                      (2, 32, 128), (4, 32, 64), (4, 64, 32))
-            for sk in (1, 4)]
-    dots = [(16, bn, bk, sk, 4, 4 if bk == 128 else 3) for bn in (32, 64, 128) for bk in (128, 256)
+                                                      (4, 32, 64)) for sk in (1, 4)]
+    dots = [(16, bn, bk, sk, 4, 4 if bk == 128 else 3)
+            for bn, bk in ((32, 256), (64, 128), (64, 256), (128, 128), (128, 256))
             for sk in (1, 2, 4)]
     return gemv + dots + [(16, 16, 256, 1, 2, 4), (16, 16, 256, 4, 2, 4), (16, 128, 256, 1, 8, 3)]
 
@@ -142,7 +163,7 @@ SMALL_SPACE = _small_space()   # what `quant_slice.py --sweep` times for decode
 LARGE_SPACE = _large_space()   # ... and for prefill
 # the shortlists timed at run time for a key without a SHIPPED entry (each compiles once)
 _DECODE = [(16, 64, 128, 1, 4, 4), (16, 64, 256, 4, 4, 3), (1, 64, 128, 4, 4, 2),
-           (2, 32, 128, 4, 4, 2), (16, 32, 256, 4, 4, 3), (16, 128, 128, 2, 4, 4),
+           (2, 64, 64, 4, 4, 2), (16, 32, 256, 4, 4, 3), (16, 128, 128, 2, 4, 4),
            (16, 16, 256, 1, 2, 4), (16, 128, 256, 1, 8, 3)]
 _MEDIUM = [(32, 64, 128, 1, 4, 4), (32, 128, 128, 1, 4, 3), (64, 128, 64, 1, 4, 4),
            (64, 64, 128, 1, 4, 3), (32, 64, 128, 2, 4, 4)]
@@ -199,14 +220,15 @@ def _launch(cfg, x, q, scale, y, offs, m, groups, rows_per_group, dense):
     w = q.view(torch.uint8) if fp8 else q
     nsplit = max(1, min(64, triton.cdiv(rows_per_group, bm)))
     out = y if split_k == 1 else torch.empty(split_k, m, n, dtype=torch.float32, device=x.device)
-    grid = (nsplit * split_k, triton.cdiv(n, bn), groups)
+    compact = not dense and m < groups  # at most m groups have rows: launch only m of them
+    grid = (nsplit * split_k, triton.cdiv(n, bn), min(groups, m) if compact else groups)
     extra = {} if interpreted(x.device) else {"num_warps": warps, "num_stages": stages}
     grouped_w8_kernel.at(x.device)[grid](
         x, w, scale, out, offs if offs is not None else scale,
-        m, n, k, k_split, x.stride(0), q.stride(0) if q.dim() == 3 else 0, q.stride(-2),
+        m, n, k, groups, k_split, x.stride(0), q.stride(0) if q.dim() == 3 else 0, q.stride(-2),
         scale.stride(0) if scale.dim() == 2 else 0, m * n if split_k > 1 else 0, n,
         BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, SPLIT_K=split_k, FP8=fp8, DENSE=dense,
-        EVEN_K=k % bk == 0, IEEE=x.dtype == torch.float32 or interpreted(x.device), **extra)
+        COMPACT=compact, G_POW2=triton.next_power_of_2(groups), EVEN_K=k % bk == 0, IEEE=x.dtype == torch.float32 or interpreted(x.device), **extra)
     if split_k > 1:
         y.copy_(out.sum(0))  # fp32 partials summed in fp32, rounded once
 
@@ -234,8 +256,19 @@ def time_config(cfg, args, reps: int = 5) -> float:
     return start.elapsed_time(stop) / reps
 
 
+def _reference(args) -> torch.Tensor:
+    """The twin's output for a tuning launch (candidates that disagree with it are dropped)."""
+    from .grouped import grouped_mm_q_torch
+
+    x, q, scale, _, offs, m, groups, _, dense = args
+    if dense:
+        return grouped_mm_q_torch(x, q[None], scale[None], torch.tensor([m]))
+    return grouped_mm_q_torch(x, q, scale, (offs[1:] - offs[:-1]).cpu())
+
+
 def _tune(key, args) -> tuple:
-    """The fastest candidate for `key`, timed once on a balanced routing of the launch's rows."""
+    """The fastest candidate for `key` whose output matches the twin's, timed once on a balanced
+    routing of the launch's rows."""
     if key in _best:
         return _best[key]
     x, q, scale, y, offs, m, groups, rows, dense = args
@@ -244,9 +277,15 @@ def _tune(key, args) -> tuple:
         return cands[0]
     if not dense:
         args = (x, q, scale, y, balanced_offs(m, groups, x.device), m, groups, rows, dense)
+    want = _reference(args).float()
     times = []
     for cfg in cands:
         try:
+            _launch(cfg, *args)
+            err = ((y.float() - want).norm() / want.norm().clamp_min(1e-30)).item()
+            if not err < TUNE_TOL:
+                log.warning("grouped_w8 config %s is off by %.2e on %s: not used", cfg, err, key)
+                continue
             times.append((time_config(cfg, args), cfg))
         except Exception:  # a config the compiler rejects (shared memory): skip it  # noqa: BLE001
             continue
