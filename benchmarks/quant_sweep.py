@@ -198,7 +198,7 @@ def run_paths(bench) -> dict:
                 impl = default_matmul(x)
                 row["bf16_ms"] = bench.timed_ms(lambda: grouped_mm(x, w16, counts, impl))
                 out["crossover"].append(row)
-        del w16
+        w16 = None  # freed before the next matrix's copy
     return out
 
 

@@ -8,10 +8,13 @@ import os
 import subprocess
 import sys
 
+import pytest
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SCRIPT = os.path.join(ROOT, "benchmarks", "quant_slice.py")
 
 
+@pytest.mark.slow
 def test_sweep_tiny_on_cpu_survives_a_crash(tmp_path):
     out = tmp_path / "sweep.json"
     crash = [16, 64, 128, 1, 4, 4]  # the first decode config: its worker aborts inside it
