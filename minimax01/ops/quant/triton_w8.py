@@ -228,7 +228,8 @@ def _launch(cfg, x, q, scale, y, offs, m, groups, rows_per_group, dense):
         m, n, k, groups, k_split, x.stride(0), q.stride(0) if q.dim() == 3 else 0, q.stride(-2),
         scale.stride(0) if scale.dim() == 2 else 0, m * n if split_k > 1 else 0, n,
         BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, SPLIT_K=split_k, FP8=fp8, DENSE=dense,
-        COMPACT=compact, G_POW2=triton.next_power_of_2(groups), EVEN_K=k % bk == 0, IEEE=x.dtype == torch.float32 or interpreted(x.device), **extra)
+        COMPACT=compact, G_POW2=triton.next_power_of_2(groups), EVEN_K=k % bk == 0,
+        IEEE=x.dtype == torch.float32 or interpreted(x.device), **extra)
     if split_k > 1:
         y.copy_(out.sum(0))  # fp32 partials summed in fp32, rounded once
 
