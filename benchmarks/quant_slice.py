@@ -149,6 +149,9 @@ def bench_grouped(cfg, dev, args):
                 wb = touched * n * (kk * 1 + 4)
                 runs[f"{fmt} triton"] = (lambda q=q, s=s: oq.grouped_mm_q(x, q, s, counts,
                                                                           backend="triton"), wb)
+                if tokens == args.prefill:  # dequantise to bf16, then torch._grouped_mm
+                    runs[f"{fmt} dequant"] = (lambda q=q, s=s: oq.grouped_mm_q(
+                        x, q, s, counts, backend="dequant"), wb)
                 if fmt == "fp8" and oq.scaled_available(dev) and tokens == args.prefill:
                     runs["fp8 scaled_grouped_mm"] = (lambda q=q, s=s: oq.grouped_mm_q(
                         x, q, s, counts, backend="scaled"), wb)
@@ -157,7 +160,7 @@ def bench_grouped(cfg, dev, args):
                 try:
                     t = timed(fn, dev, reps=args.reps)
                     row.update(ms=t * 1e3, weight_tb_s=wbytes / t / 1e12, tflops=flops / t / 1e12)
-                    if "triton" in label or "scaled" in label:
+                    if "bf16" not in label:
                         fmt = label.split()[0]
                         q, s = variants[fmt]
                         want = (oq.scaled_twin(x, q, s, counts) if "scaled" in label

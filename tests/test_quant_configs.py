@@ -189,3 +189,32 @@ def test_tuning_drops_wrong_candidates_and_times_a_balanced_routing(monkeypatch)
     assert tw._tune(("test-key",), args) == good
     assert seen and all(o == [0, 2, 4, 6, 7] for o in seen)
     tw._best.pop(("test-key",))
+
+
+# ------------------------------------------------------------------ GPU (compiled kernels)
+CUDA = torch.cuda.is_available()
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not CUDA, reason="needs CUDA")
+def test_gpu_every_config_and_the_dequant_path():
+    dev = "cuda"
+    g = torch.Generator(device=dev).manual_seed(0)
+    for fmt in ("int8", "fp8"):
+        q, s = quantize(torch.randn(8, 384, 1024, device=dev, generator=g), fmt)
+        for rows in ([1, 0, 0, 1, 0, 0, 0, 0], [3, 5, 0, 2, 4, 1, 0, 9], [200, 0, 130] + [64] * 5):
+            counts = torch.tensor(rows, device=dev)
+            x = torch.randn(sum(rows), 1024, device=dev, generator=g).to(torch.bfloat16)
+            want = grouped_mm_q_torch(x, q, s, counts)
+            for cfg in ALL_CONFIGS:
+                check(run_cfg(cfg, x, q, s, counts), want, torch.bfloat16)
+            check(grouped_mm_q(x, q, s, counts, backend="triton"), want, torch.bfloat16)
+            for limit in (None, 384 * 1024 * 2 * 3):  # one chunk; 3 experts a chunk
+                check(gq.dequant_grouped(x, q, s, counts, workspace_bytes=limit), want,
+                      torch.bfloat16)
+        xd = torch.randn(700, 1024, device=dev, generator=g).to(torch.bfloat16)
+        want = linear_q(xd, q[0], s[0], backend="torch")
+        check(linear_q(xd, q[0], s[0], backend="dequant"), want, torch.bfloat16)
+        check(linear_q(xd[:3], q[0], s[0]), want[:3], torch.bfloat16)
+        out = torch.empty(q.shape, dtype=torch.bfloat16, device=dev)
+        assert torch.equal(tw.dequantize_w8(q, s, out), dequantize(q, s, torch.bfloat16))
