@@ -14,10 +14,11 @@ Backends (same function, tested against each other):
               into a reusable 16-bit workspace, then the 16-bit grouped matmul (torch._grouped_mm,
               the bf16 tensor-core rate) or F.linear; chunked over experts (or output rows) so
               the workspace stays under DEQUANT_WORKSPACE_BYTES. Extra cost: 3 bytes per weight
-              (read 1, write 2) at memory bandwidth, ~0.8 ms per GB of 8-bit weights on an H200.
-backend=None picks "torch" on the CPU; on CUDA (`auto_backend`): for groups of at least
-DEQUANT_MIN_ROWS rows (prefill) "scaled" for fp8 where torch has it and the GPU is sm90+, else
-"dequant"; fewer rows (decode) "triton", as always while a CUDA graph is being captured."""
+              (read 1, write 2) at memory bandwidth, ~0.7 ms per GB of 8-bit weights on an H200.
+backend=None picks "torch" on the CPU; on CUDA (`auto_backend`, bf16 activations): fp8 weights
+with at least SCALED_MIN_ROWS rows per group "scaled" where torch has it and the GPU is sm90+;
+else at least DEQUANT_MIN_ROWS rows per group (prefill) "dequant"; fewer (decode) "triton", as
+always while a CUDA graph is being captured."""
 
 from __future__ import annotations
 
