@@ -264,7 +264,7 @@ def sweep(args, log) -> dict:
         path = os.path.join(tmp, f"spec{counter[0]}.json")
         with open(path, "w") as f:
             json.dump(dict(base, configs=[list(c) for c in configs], paths=paths), f)
-        timeout = 90.0 + per_cfg * (len(configs) + (4 if paths else 0))
+        timeout = 90.0 + per_cfg * (len(configs) + (8 if paths else 0))
         return iso.Job(f"sweep{counter[0]}", [sys.executable, script, path], timeout,
                        env={"PYTHONPATH": os.path.join(os.path.dirname(script), "..")})
 
