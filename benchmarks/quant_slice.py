@@ -406,6 +406,9 @@ def main() -> int:
                    help="the JSON of an earlier --sweep run: use its winners")
     args = p.parse_args()
     args.batches = [int(b) for b in args.batches.split(",")]
+    out_dir = os.environ.get("OUT")
+    if args.json is None and out_dir:
+        args.json = os.path.join(out_dir, "quant_slice.json")
     dev = torch.device(args.device)
     if args.tiny:
         args.context, args.prefill, args.error_tokens, args.steps, args.reps = 64, 64, 32, 2, 2
@@ -431,19 +434,28 @@ def main() -> int:
             with open(args.json, "w") as f:
                 json.dump(results, f, indent=1)
 
-    budget_from = START
+    budget_from, report = START, ""
     if args.sweep or args.winners:
         import quant_sweep
 
         if args.sweep:
             results["sweep"] = quant_sweep.sweep(args, log)
             save()
-            print(quant_sweep.report(results["sweep"], info, log), flush=True)
+            report = quant_sweep.report(results["sweep"], info, log)
+            print(report, flush=True)
+            if out_dir:
+                with open(os.path.join(out_dir, "quant_sweep.txt"), "w") as f:
+                    f.write(report + "\n")
             budget_from = time.time()
             args.no_kernels = True
         else:
-            with open(args.winners) as f:
-                results["sweep"] = json.load(f)["sweep"]
+            try:
+                with open(args.winners) as f:
+                    results["sweep"] = json.load(f)["sweep"]
+            except (OSError, ValueError, KeyError) as ex:
+                print(f"--winners {args.winners}: not the JSON of a --sweep run "
+                      f"({type(ex).__name__}: {ex})", file=sys.stderr)
+                return 2
         quant_sweep.install(results["sweep"], dev)
         log(f"using {len(results['sweep']['winners'])} swept configs; DEQUANT_MIN_ROWS = "
             f"{grouped_mod.DEQUANT_MIN_ROWS}")
@@ -470,6 +482,8 @@ def main() -> int:
         results["variants"].append(out)
         save()
     print(summary(results))
+    if report:  # again at the end, where a truncated log still shows it
+        print(report[report.index("# paste into"):])
     log("done")
     return 0
 
