@@ -29,6 +29,7 @@ import torch
 
 from ..moe import grouped_mm
 from .schemes import dequantize, quantize_rows_fp8
+from .twin import _acc_dtype, grouped_mm_q_torch
 
 log = logging.getLogger(__name__)
 
@@ -46,22 +47,6 @@ scaled_error: str | None = None  # why the "scaled" path failed once (then the d
 
 
 # ---------------------------------------------------------------------------- twins
-def _acc_dtype(x: torch.Tensor) -> torch.dtype:
-    return torch.float64 if x.dtype == torch.float64 else torch.float32
-
-
-def grouped_mm_q_torch(x: torch.Tensor, q: torch.Tensor, scale: torch.Tensor,
-                       counts: torch.Tensor) -> torch.Tensor:
-    """The reference: rows of group e times q[e]^T, in fp32 (fp64 stays fp64), times scale[e];
-    cast to x.dtype."""
-    acc = _acc_dtype(x)
-    outs = []
-    for e, xe in enumerate(torch.split(x, [int(c) for c in counts.tolist()])):
-        if xe.shape[0]:
-            outs.append(((xe.to(acc) @ q[e].to(acc).t()) * scale[e].to(acc)).to(x.dtype))
-    return torch.cat(outs, 0) if outs else x.new_zeros(0, q.shape[-2])
-
-
 def scaled_twin(x: torch.Tensor, q: torch.Tensor, scale: torch.Tensor,
                 counts: torch.Tensor | None) -> torch.Tensor:
     """What the "scaled" backend computes, in plain PyTorch: x quantised per row to e4m3, both

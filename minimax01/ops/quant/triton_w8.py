@@ -39,6 +39,7 @@ import triton
 import triton.language as tl
 
 from ..triton_jit import interpreted, kernel
+from .twin import grouped_mm_q_torch
 
 log = logging.getLogger(__name__)
 TUNE_TOL = 2.0 ** -7  # relative error against the twin a tuning candidate must stay under
@@ -259,8 +260,6 @@ def time_config(cfg, args, reps: int = 5) -> float:
 
 def _reference(args) -> torch.Tensor:
     """The twin's output for a tuning launch (candidates that disagree with it are dropped)."""
-    from .grouped import grouped_mm_q_torch
-
     x, q, scale, _, offs, m, groups, _, dense = args
     if dense:
         return grouped_mm_q_torch(x, q[None], scale[None], torch.tensor([m]))
