@@ -396,7 +396,7 @@ def main() -> int:
                    help="time every tile config first (quant_sweep.py), print the winners, then "
                         "run the slice with them (the kernel section is skipped)")
     p.add_argument("--sweep-only", action="store_true", help="stop after the sweep")
-    p.add_argument("--sweep-budget", type=float, default=280.0, help="seconds for the sweep")
+    p.add_argument("--sweep-budget", type=float, default=240.0, help="seconds for the sweep")
     p.add_argument("--sweep-limit", type=int, default=None,
                    help="only the first N configs of each space (a quick check)")
     p.add_argument("--sweep-no-dense", action="store_true",
