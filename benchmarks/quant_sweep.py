@@ -268,10 +268,10 @@ def sweep(args, log) -> dict:
         return iso.Job(f"sweep{counter[0]}", [sys.executable, script, path], timeout,
                        env={"PYTHONPATH": os.path.join(os.path.dirname(script), "..")})
 
-    jobs = [job([], paths=True)]
-    chunk = 12
-    for sp in (small, large):
-        jobs += [job(sp[i:i + chunk]) for i in range(0, len(sp), chunk)]
+    chunk = 12  # decode shortlist first, then prefill, then the rest of the decode space
+    parts = [small[i:i + chunk] for i in range(0, len(small), chunk)]
+    jobs = [job([], paths=True)] + [job(p) for p in parts[:1]] + [job(large)] + \
+        [job(p) for p in parts[1:]]
     found, paths = [], {}
 
     def on_done(j, queue):
