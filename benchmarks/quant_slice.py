@@ -17,8 +17,11 @@ Goals (issue 15): int8 decode >= 1.6x bf16 at batch 1 and >= 70% of its floor at
 prefill not slower than bf16.
 
     python benchmarks/quant_slice.py --json quant_slice.json
+    # the tile sweep first (quant_sweep.py, < 5 min), its winners then used for the slice:
+    python benchmarks/quant_slice.py --sweep --variants bf16,int8 --json quant_slice.json
     # smoke test of the script's logic on a CPU (tiny widths, no timing claims):
     python benchmarks/quant_slice.py --device cpu --tiny
+    TRITON_INTERPRET=1 python benchmarks/quant_slice.py --device cpu --tiny --sweep --sweep-limit 2
 """
 
 from __future__ import annotations
@@ -146,6 +149,9 @@ def bench_grouped(cfg, dev, args):
                 wb = touched * n * (kk * 1 + 4)
                 runs[f"{fmt} triton"] = (lambda q=q, s=s: oq.grouped_mm_q(x, q, s, counts,
                                                                           backend="triton"), wb)
+                if tokens == args.prefill:  # dequantise to bf16, then torch._grouped_mm
+                    runs[f"{fmt} dequant"] = (lambda q=q, s=s: oq.grouped_mm_q(
+                        x, q, s, counts, backend="dequant"), wb)
                 if fmt == "fp8" and oq.scaled_available(dev) and tokens == args.prefill:
                     runs["fp8 scaled_grouped_mm"] = (lambda q=q, s=s: oq.grouped_mm_q(
                         x, q, s, counts, backend="scaled"), wb)
@@ -154,7 +160,7 @@ def bench_grouped(cfg, dev, args):
                 try:
                     t = timed(fn, dev, reps=args.reps)
                     row.update(ms=t * 1e3, weight_tb_s=wbytes / t / 1e12, tflops=flops / t / 1e12)
-                    if "triton" in label or "scaled" in label:
+                    if "bf16" not in label:
                         fmt = label.split()[0]
                         q, s = variants[fmt]
                         want = (oq.scaled_twin(x, q, s, counts) if "scaled" in label
@@ -386,8 +392,23 @@ def main() -> int:
     p.add_argument("--time-budget", type=float, default=420.0,
                    help="seconds; variants not started by then are skipped")
     p.add_argument("--json", default=None)
+    p.add_argument("--sweep", action="store_true",
+                   help="time every tile config first (quant_sweep.py), print the winners, then "
+                        "run the slice with them (the kernel section is skipped)")
+    p.add_argument("--sweep-only", action="store_true", help="stop after the sweep")
+    p.add_argument("--sweep-budget", type=float, default=240.0, help="seconds for the sweep")
+    p.add_argument("--sweep-limit", type=int, default=None,
+                   help="only the first N configs of each space (a quick check)")
+    p.add_argument("--sweep-no-dense", action="store_true",
+                   help="expert matrices only (not the lightning projections)")
+    p.add_argument("--sweep-fault", type=json.loads, default=None, help=argparse.SUPPRESS)
+    p.add_argument("--winners", default=None,
+                   help="the JSON of an earlier --sweep run: use its winners")
     args = p.parse_args()
     args.batches = [int(b) for b in args.batches.split(",")]
+    out_dir = os.environ.get("OUT")
+    if args.json is None and out_dir:
+        args.json = os.path.join(out_dir, "quant_slice.json")
     dev = torch.device(args.device)
     if args.tiny:
         args.context, args.prefill, args.error_tokens, args.steps, args.reps = 64, 64, 32, 2, 2
@@ -413,12 +434,40 @@ def main() -> int:
             with open(args.json, "w") as f:
                 json.dump(results, f, indent=1)
 
+    budget_from, report = START, ""
+    if args.sweep or args.winners:
+        import quant_sweep
+
+        if args.sweep:
+            results["sweep"] = quant_sweep.sweep(args, log)
+            save()
+            report = quant_sweep.report(results["sweep"], info, log)
+            print(report, flush=True)
+            if out_dir:
+                with open(os.path.join(out_dir, "quant_sweep.txt"), "w") as f:
+                    f.write(report + "\n")
+            budget_from = time.time()
+            args.no_kernels = True
+        else:
+            try:
+                with open(args.winners) as f:
+                    results["sweep"] = json.load(f)["sweep"]
+            except (OSError, ValueError, KeyError) as ex:
+                print(f"--winners {args.winners}: not the JSON of a --sweep run "
+                      f"({type(ex).__name__}: {ex})", file=sys.stderr)
+                return 2
+        quant_sweep.install(results["sweep"], dev)
+        log(f"using {len(results['sweep']['winners'])} swept configs; DEQUANT_MIN_ROWS = "
+            f"{grouped_mod.DEQUANT_MIN_ROWS}")
+        if args.sweep_only:
+            log("done")
+            return 0
     if not args.no_kernels:
         results["kernels"] = bench_grouped(cfg, dev, args)
         save()
     ref = None
     for v in args.variants.split(","):
-        if time.time() - START > args.time_budget:
+        if time.time() - budget_from > args.time_budget:
             results["variants"].append({"variant": v, "skipped": "time budget"})
             log(f"{v}: skipped (time budget {args.time_budget:.0f}s)")
             continue
@@ -433,6 +482,8 @@ def main() -> int:
         results["variants"].append(out)
         save()
     print(summary(results))
+    if report:  # again at the end, where a truncated log still shows it
+        print(report[report.index("# paste into"):])
     log("done")
     return 0
 
