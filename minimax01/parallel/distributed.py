@@ -17,7 +17,7 @@ import torch.distributed as dist
 from ..ops.moe import RouterGroup
 from .batch import cp_slice
 from .config import ParallelConfig, check_options, check_reduce_op
-from .expert_parallel import EPGroup, router_group
+from .expert_parallel import EPGroup, ETPGroup, router_group
 from .mesh import ParallelMesh, resolve_layout
 from .scaling import LossScale
 
@@ -51,6 +51,7 @@ class DistributedWorld:
         self.cp_rank, self.cp_size = self.mesh.cp_rank, self.layout.cp
         self.router = self._router_group()
         self.ep = EPGroup(self.mesh.ep.get_group(), self.layout.ep, self.mesh.ep_rank)
+        self.etp = ETPGroup(self.mesh.etp.get_group(), self.layout.etp, self.mesh.etp_rank)
         self.loss_scale = LossScale(self.world_size, self.router.size)
 
     def _router_group(self) -> RouterGroup:
