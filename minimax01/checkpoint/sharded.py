@@ -107,8 +107,10 @@ def _piece(t: torch.Tensor, rank: int) -> tuple[list, list[int], bool]:
 
 
 def _boxes(t, coords) -> list:
-    """A DTensor's local data as boxes of its global tensor. A `_StridedShard(d, k)` (expert
-    tensor parallel: gate_up_proj's [w1; w3] halves split alike) makes k runs along d."""
+    """A DTensor's local data as boxes of its global tensor. A `_StridedShard(d, k)` alone on
+    dim d (expert tensor parallel: gate_up_proj's [w1; w3] halves split alike) makes k runs
+    along d; with other shards of d (FSDP2's own strided form over EP) torch's chunk is one
+    box already."""
     from torch.distributed.tensor.placement_types import _StridedShard
 
     chunk = t.__create_chunk_list__()[0]
@@ -118,8 +120,9 @@ def _boxes(t, coords) -> list:
         if not isinstance(p, _StridedShard):
             continue
         d, k, n = p.dim, p.split_factor, t.device_mesh.size(mesh_dim)
-        others = [q for q in t.placements if q.is_shard(d) and q is not p]
-        if others or t.shape[d] % (k * n):
+        if any(q.is_shard(d) for q in t.placements if q is not p):
+            continue
+        if t.shape[d] % (k * n):
             raise CheckpointError(f"unsupported sharding {t.placements} of shape "
                                   f"{tuple(t.shape)}")
         size = t.shape[d] // (k * n)
