@@ -357,10 +357,11 @@ def main() -> int:
                 return step, batches, policy, float(loss)
             except torch.OutOfMemoryError:
                 log(f"  {cast} recompute={policy}: out of memory, trying the next policy")
-                if step is not None:
-                    step.close()
-                del step
-                free(device)
+            # here the exception (and the frames holding the step) are gone: free it all
+            if step is not None:
+                step.close()
+            step = batches = None
+            free(device)
         raise RuntimeError(f"no recompute policy of {policies} fits")
 
     configs = {"before": ("per_use", ["full"]),
