@@ -225,13 +225,16 @@ def run_all(device, dtype, tol_attn: float, tol_model: float, kernel: str = "mat
              ("EP dropless", ParallelConfig(ep=2), None, 0),
              ("EP token drop, 2 token groups", ParallelConfig(ep=2, ep_token_groups=2), 1.0, 0),
              ("CP (LASP+ and ring), chunked loss", ParallelConfig(cp=2), None, 8),
-             ("CP + EP token drop", ParallelConfig(cp=2, ep=2), 1.0, 0)]
+             ("CP + EP token drop", ParallelConfig(cp=2, ep=2), 1.0, 0),
+             ("ETP (expert intermediate dim split)", ParallelConfig(etp=2), None, 0)]
     record("model: CP + EP, activation checkpointing",
            lambda: check_model(ParallelConfig(cp=2, ep=2), device=device, dtype=dtype,
                                tol=tol_model, checkpointing=True))
     if size == 4:
         cases.append(("dp 2 x CP 2 x EP 2 token drop",
                       ParallelConfig(dp_shard=2, cp=2, ep=2, ep_token_groups=2), 1.0, 0))
+        cases.append(("EP 2 x ETP 2 token drop, 2 token groups",
+                      ParallelConfig(ep=2, etp=2, ep_token_groups=2), 1.0, 0))
     for name, pcfg, cf, chunk in cases:
         record(f"model: {name}", lambda: check_model(pcfg, capacity_factor=cf, device=device,
                                                      dtype=dtype, tol=tol_model,

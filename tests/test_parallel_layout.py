@@ -19,10 +19,10 @@ from minimax01.parallel.world import LocalWorld, ParallelConfig, make_world
 def test_resolve_layout_fills_dp_shard_and_shapes_the_mesh():
     lay = resolve_layout(ParallelConfig(cp=2, ep=4), 8, num_experts=8)
     assert (lay.dp_shard, lay.dp, lay.edp) == (4, 4, 2)
-    assert lay.shape == (1, 2, 2, 1, 2)  # EP spans 2 dp_shard ranks x the CP pair
+    assert lay.shape == (1, 2, 1, 2, 1, 2)  # EP spans 2 dp_shard ranks x the CP pair
     lay = resolve_layout(ParallelConfig(cp=4, ep=2, dp_replicate=2), 16)
-    assert (lay.dp_shard, lay.shape) == (2, (2, 2, 1, 2, 2))  # EP inside a CP group
-    assert resolve_layout(ParallelConfig(), 3).shape == (1, 3, 1, 1, 1)
+    assert (lay.dp_shard, lay.shape) == (2, (2, 2, 1, 1, 2, 2))  # EP inside a CP group
+    assert resolve_layout(ParallelConfig(), 3).shape == (1, 3, 1, 1, 1, 1)
 
 
 @pytest.mark.parametrize("cfg, world, experts, message", [

@@ -94,16 +94,47 @@ def _like(saved: Any, template: Any) -> Any:
     return saved
 
 
-def _piece(t: torch.Tensor, rank: int) -> tuple[torch.Tensor, list[int], list[int], bool]:
-    """(local data, offsets in the global tensor, global shape, whether this rank writes it)."""
+def _piece(t: torch.Tensor, rank: int) -> tuple[list, list[int], bool]:
+    """([(local data, offsets in the global tensor)] -- one box, or several for a strided
+    shard --, global shape, whether this rank writes it)."""
     from torch.distributed.tensor import DTensor
 
     if isinstance(t, DTensor):
-        chunk = t.__create_chunk_list__()[0]
         coords = t.device_mesh.get_coordinate() or []
         owner = all(c == 0 for c, p in zip(coords, t.placements) if p.is_replicate())
-        return t.to_local(), list(chunk.offsets), list(t.shape), owner
-    return t, [0] * t.dim(), list(t.shape), rank == 0
+        return _boxes(t, coords), list(t.shape), owner
+    return [(t, [0] * t.dim())], list(t.shape), rank == 0
+
+
+def _boxes(t, coords) -> list:
+    """A DTensor's local data as boxes of its global tensor. A `_StridedShard(d, k)` alone on
+    dim d (expert tensor parallel: gate_up_proj's [w1; w3] halves split alike) makes k runs
+    along d; with other shards of d (FSDP2's own strided form over EP) torch's chunk is one
+    box already."""
+    from torch.distributed.tensor.placement_types import _StridedShard
+
+    chunk = t.__create_chunk_list__()[0]
+    local = t.to_local()
+    runs = [[(o, 0, n)] for o, n in zip(chunk.offsets, chunk.sizes)]  # (global, local, length)
+    for mesh_dim, p in enumerate(t.placements):
+        if not isinstance(p, _StridedShard):
+            continue
+        d, k, n = p.dim, p.split_factor, t.device_mesh.size(mesh_dim)
+        if any(q.is_shard(d) for q in t.placements if q is not p):
+            continue
+        if t.shape[d] % (k * n):
+            raise CheckpointError(f"unsupported sharding {t.placements} of shape "
+                                  f"{tuple(t.shape)}")
+        size = t.shape[d] // (k * n)
+        runs[d] = [(j * t.shape[d] // k + coords[mesh_dim] * size, j * size, size)
+                   for j in range(k)]
+    boxes = [((), [])]
+    for dim_runs in runs:
+        boxes = [(sl + (slice(lo, lo + n),), off + [g]) for sl, off in boxes
+                 for g, lo, n in dim_runs]
+    if len(boxes) == 1:
+        return [(local, boxes[0][1])]
+    return [(local[sl], off) for sl, off in boxes]
 
 
 def _standalone(tensors: list[torch.Tensor]) -> list[torch.Tensor]:
@@ -130,9 +161,10 @@ def write_shards(folder: str | Path, state: dict, rank: int,
     pieces, values = [], {}
     for key, v in flat.items():
         if isinstance(v, torch.Tensor):
-            local, offsets, shape, owner = _piece(v, rank)
-            if owner:
-                pieces.append((key, local, offsets, shape))
+            boxes, shape, owner = _piece(v, rank)
+            if owner:  # box j > 0 is stored as "KEY@j"
+                pieces += [(key if j == 0 else f"{key}@{j}", local, offsets, shape)
+                           for j, (local, offsets) in enumerate(boxes)]
         elif rank == 0:
             values[key] = _jsonable(v, key)
     groups: list[list] = [[]]
@@ -160,6 +192,8 @@ def write_shards(folder: str | Path, state: dict, rank: int,
         files[name] = {"size": target.stat().st_size, "sha256": sha256_of(target)}
         for key, _, offsets, shape in group:
             chunks[key] = {"file": name, "offsets": offsets, "shape": shape}
+            if "@" in key:
+                chunks[key]["key"] = key.rsplit("@", 1)[0]
     index = {"format": FORMAT, "version": VERSION, "rank": rank, "files": files,
              "chunks": chunks, "values": values}
     write_text(folder / f"shard-{rank:05d}.json", json.dumps(index) + "\n")
@@ -242,7 +276,8 @@ def verify(folder: str | Path, part: int = 0, parts: int = 1) -> None:
 
 
 def _read_indexes(folder: Path, manifest: dict) -> tuple[dict[str, list], dict[str, Any]]:
-    """key -> saved pieces [(file, offsets, global shape)], and key -> JSON value."""
+    """key -> saved pieces [(file, offsets, global shape, name in the file)], and key -> JSON
+    value."""
     pieces: dict[str, list] = {}
     values: dict[str, Any] = {}
     for name in manifest["shards"]:
@@ -254,10 +289,12 @@ def _read_indexes(folder: Path, manifest: dict) -> tuple[dict[str, list], dict[s
             ok = (isinstance(c, dict) and c.get("file") in files and c.get("file") in manifest["files"]
                   and isinstance(c.get("offsets"), list) and isinstance(c.get("shape"), list)
                   and len(c["offsets"]) == len(c["shape"])
-                  and all(isinstance(x, int) and x >= 0 for x in c["offsets"] + c["shape"]))
+                  and all(isinstance(x, int) and x >= 0 for x in c["offsets"] + c["shape"])
+                  and isinstance(c.get("key", key), str))
             if not ok:
                 raise CheckpointError(f"{name}: bad entry for {key}")
-            pieces.setdefault(key, []).append((c["file"], c["offsets"], c["shape"]))
+            pieces.setdefault(c.get("key", key), []).append(
+                (c["file"], c["offsets"], c["shape"], key))
         values.update(vals)
     return pieces, values
 
@@ -280,23 +317,34 @@ class _Files:
 
 
 def _fill(target: torch.Tensor, key: str, saved: list, files: _Files) -> None:
-    local, offsets, shape, _ = _piece(target, 0)
+    boxes, shape, _ = _piece(target, 0)
+    covered = 0
+    for local, offsets in boxes:
+        covered += _fill_box(local, offsets, shape, key, saved, files)
+    if covered != sum(local.numel() for local, _ in boxes):
+        raise CheckpointError(f"{key}: the checkpoint's pieces cover {covered} of the "
+                              f"{sum(b.numel() for b, _ in boxes)} values this rank needs")
+
+
+def _fill_box(local: torch.Tensor, offsets: list[int], shape: list[int], key: str, saved: list,
+              files: _Files) -> int:
+    """Copy the overlap of every saved piece into `local` (at `offsets`); values copied."""
     seen = set()
     covered = 0
-    for file, s_off, s_shape in saved:
+    for file, s_off, s_shape, name in saved:
         if list(s_shape) != shape:
             raise CheckpointError(f"{key} has shape {s_shape} in the checkpoint, {shape} in the "
                                   f"model")
         handle = files.get(file)
-        if key not in handle.keys():
-            raise CheckpointError(f"{file} lacks {key}")
-        sl = handle.get_slice(key)
+        if name not in handle.keys():
+            raise CheckpointError(f"{file} lacks {name}")
+        sl = handle.get_slice(name)
         s_local = list(sl.get_shape())
         if tuple(s_off) in seen:  # a replica written twice
             continue
         seen.add(tuple(s_off))
         if local.dim() == 0:
-            local.copy_(handle.get_tensor(key))
+            local.copy_(handle.get_tensor(name))
             covered += 1
             continue
         lo = [max(a, b) for a, b in zip(offsets, s_off)]
@@ -306,9 +354,7 @@ def _fill(target: torch.Tensor, key: str, saved: list, files: _Files) -> None:
         src = sl[tuple(slice(a - b, h - b) for a, h, b in zip(lo, hi, s_off))]
         local[tuple(slice(a - b, h - b) for a, h, b in zip(lo, hi, offsets))].copy_(src)
         covered += math.prod(h - a for a, h in zip(lo, hi))
-    if covered != local.numel():
-        raise CheckpointError(f"{key}: the checkpoint's pieces cover {covered} of the "
-                              f"{local.numel()} values this rank needs")
+    return covered
 
 
 def load_state(folder: str | Path, target: dict) -> dict:

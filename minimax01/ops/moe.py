@@ -32,7 +32,10 @@ Seams, and what plugs into them without touching the model:
   [G, E] rows per block (E = all experts), y in x's row order; `compute(x_local, counts_local)`
   is the grouped matmul over the experts this rank holds. `LocalExchange` (identity) here,
   `parallel.expert_parallel.AllToAll` for expert parallelism (it overlaps the all-to-all of one
-  token group with the compute of another).
+  token group with the compute of another). Expert tensor parallelism wraps either exchange
+  (`parallel.expert_parallel.ExpertTensorParallel`): `compute` becomes the ETP group's
+  all-gather of rows, the SwiGLU over this rank's slice of the intermediate dim, and the
+  reduce-scatter of the partial outputs (`pipelined` overlaps them across token groups).
 * The experts module (model/layers.py `Experts`): `experts(x, counts, pipeline) -> y`, called once
   per MoE forward (FSDP's hooks run once per call, however many groups are computed), owning its
   weights and its grouped matmul. **int8 / fp8 weight-only experts** are another module with the
@@ -238,14 +241,34 @@ def swiglu_experts(x: torch.Tensor, counts: torch.Tensor, gate_up: torch.Tensor,
     return y
 
 
+def pipelined(compute, blocks):
+    """Yield `compute(x, counts)` for each (x, counts) of `blocks` (consumed lazily), in order.
+    A compute that communicates (expert tensor parallel: parallel/expert_parallel.py) has
+    `start(x, counts) -> pending` and `finish(pending) -> y`; block g + 1 is started before
+    block g finishes, so its collectives overlap block g's matmuls."""
+    start = getattr(compute, "start", None)
+    if start is None:
+        for x, counts in blocks:
+            yield compute(x, counts)
+        return
+    pending = None
+    for x, counts in blocks:
+        nxt = start(x, counts)
+        if pending is not None:
+            yield compute.finish(pending)
+        pending = nxt
+    if pending is not None:
+        yield compute.finish(pending)
+
+
 class LocalExchange:
     """The identity exchange: every expert is on this rank. One compute call per token group."""
 
     def run(self, compute, x: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
-        if counts.shape[0] == 1:
+        if counts.shape[0] == 1 and not hasattr(compute, "start"):
             return compute(x, counts[0])
         parts = torch.split(x, counts.sum(1).tolist())
-        return torch.cat([compute(p, c) for p, c in zip(parts, counts)])
+        return torch.cat(list(pipelined(compute, zip(parts, counts))))
 
 
 LOCAL = LocalExchange()

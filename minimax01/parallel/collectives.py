@@ -12,6 +12,8 @@ import torch.distributed as dist
 from torch.distributed import _functional_collectives as fc
 
 _all_gather = getattr(fc, "all_gather_single_autograd", None) or fc.all_gather_tensor_autograd
+_reduce_scatter = (getattr(fc, "reduce_scatter_single_autograd", None)
+                   or fc.reduce_scatter_tensor_autograd)
 _all_gather_plain = getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor
 
 
@@ -36,7 +38,24 @@ class _ContiguousGrad(torch.autograd.Function):
 def all_gather(x: torch.Tensor, group) -> torch.Tensor:
     """Concatenate every rank's `x` along a new leading dim: [G, *x.shape]. Backward is a
     reduce-scatter (each rank gets the sum over ranks of the gradient of its own piece)."""
-    return _ContiguousGrad.apply(_all_gather(x.contiguous().unsqueeze(0), 0, group))
+    return wait(all_gather_async(x, group))
+
+
+def all_gather_async(x: torch.Tensor, group) -> torch.Tensor:
+    """`all_gather` issued but not waited for: pass the result to `wait` before use (the
+    compute issued in between overlaps the collective)."""
+    return _all_gather(x.contiguous().unsqueeze(0), 0, group)
+
+
+def wait(x: torch.Tensor) -> torch.Tensor:
+    """A plain tensor from a functional collective's result (see _ContiguousGrad)."""
+    return _ContiguousGrad.apply(x)
+
+
+def reduce_scatter(x: torch.Tensor, group) -> torch.Tensor:
+    """x [G, *s] on every rank -> [*s]: block r of the sum over ranks, on rank r.
+    Differentiable (backward: all-gather); returns without waiting."""
+    return _reduce_scatter(x.contiguous(), "sum", 0, group)[0]
 
 
 def all_to_all(x: torch.Tensor, out_splits: list[int], in_splits: list[int], group) -> torch.Tensor:

@@ -26,6 +26,8 @@ class ParallelConfig:
     dp_replicate: int = 1    # plain replication on top of sharding (HSDP)
     ep: int = 1              # expert parallel degree (experts split over `ep` ranks)
     cp: int = 1              # context (sequence) parallel degree: LASP+ and ring attention
+    etp: int = 1             # expert tensor parallel degree: each expert's intermediate dim split
+                             # over `etp` ranks (paper §3.1); experts live on ep x etp ranks
     ep_token_groups: int = 1  # split tokens into groups to overlap all-to-all with expert compute
     backend: str = "auto"    # "nccl" on CUDA, "gloo" on CPU
     # Ranks whose tokens share MoE capacity, router statistics and the loss mean: "global" (all
@@ -42,7 +44,7 @@ class ParallelConfig:
 
     def degrees_are_one(self) -> bool:
         return (self.dp_shard in (-1, 1) and self.dp_replicate == 1 and self.ep == 1
-                and self.cp == 1)
+                and self.cp == 1 and self.etp == 1)
 
 
 def check_options(cfg: ParallelConfig) -> None:

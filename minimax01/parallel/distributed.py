@@ -17,7 +17,7 @@ import torch.distributed as dist
 from ..ops.moe import RouterGroup
 from .batch import cp_slice
 from .config import ParallelConfig, check_options, check_reduce_op
-from .expert_parallel import EPGroup, router_group
+from .expert_parallel import EPGroup, ETPGroup, router_group
 from .mesh import ParallelMesh, resolve_layout
 from .scaling import LossScale
 
@@ -51,6 +51,7 @@ class DistributedWorld:
         self.cp_rank, self.cp_size = self.mesh.cp_rank, self.layout.cp
         self.router = self._router_group()
         self.ep = EPGroup(self.mesh.ep.get_group(), self.layout.ep, self.mesh.ep_rank)
+        self.etp = ETPGroup(self.mesh.etp.get_group(), self.layout.etp, self.mesh.etp_rank)
         self.loss_scale = LossScale(self.world_size, self.router.size)
 
     def _router_group(self) -> RouterGroup:
@@ -78,26 +79,44 @@ class DistributedWorld:
 
     # ------------------------------------------------------------------ gradients
     def clip_grad_norm_(self, parameters, max_norm: float, norm_type: float = 2.0) -> torch.Tensor:
-        """Global gradient norm over every rank's shards, then clip in place. Parameters live
-        on different meshes (dense FSDP mesh, expert EDP x EP mesh), which one
-        `torch.nn.utils.clip_grad_norm_` cannot combine: each group's norm is reduced over its
-        own mesh, then the groups are combined."""
+        """Global gradient norm over every rank's shards, then clip in place. Every gradient
+        is a DTensor whose mesh spans the world (dense: FSDP mesh; experts: EDP x ETP x EP)
+        or a plain tensor replicated on every rank, so the norm is one all-reduce of the local
+        shards' fused norms (`torch._foreach_norm`), each divided by how many ranks hold the
+        same values (its Replicate dims; every rank for a plain tensor). DTensor's own norm
+        would redistribute over meshes that mix flattened dims (ETP's cannot be flattened)."""
+        import math
+
         from torch.distributed.tensor import DTensor
 
         params = [p for p in parameters if p.grad is not None]
-        groups: dict = {}
+        if not params:
+            return torch.zeros((), device=self.device)
+        local, copies = [], []
         for p in params:
+            g = p.grad
+            if isinstance(g, DTensor):
+                local.append(g.to_local())
+                copies.append(math.prod(g.device_mesh.size(i) for i, pl in
+                                        enumerate(g.placements) if pl.is_replicate()))
+            else:
+                local.append(g)
+                copies.append(self.world_size)
+        norms = torch.stack(torch._foreach_norm(local, norm_type)).float()
+        if math.isinf(norm_type):
+            total = norms.max()
+            dist.all_reduce(total, op=dist.ReduceOp.MAX)
+        else:
+            weights = torch.tensor(copies, dtype=torch.float32, device=norms.device)
+            total = (norms.pow(norm_type) / weights).sum()
+            dist.all_reduce(total)
+            total = total.pow(1.0 / norm_type)
+        groups: dict = {}
+        for p in params:  # clip one mesh at a time
             g = p.grad
             key = (id(g.device_mesh), g.placements) if isinstance(g, DTensor) else None
             groups.setdefault(key, []).append(p)
-        norms = []
         for group in groups.values():
-            n = torch.nn.utils.get_total_norm([p.grad for p in group], norm_type)
-            norms.append((n.full_tensor() if isinstance(n, DTensor) else n).float())
-        if not norms:
-            return torch.zeros((), device=self.device)
-        total = torch.linalg.vector_norm(torch.stack(norms), norm_type)
-        for group in groups.values():  # one mesh at a time
             torch.nn.utils.clip_grads_with_norm_(group, max_norm, total)
         return total
 

@@ -4,8 +4,9 @@ what changes is the configuration of its seams.
 
   0. weights: on the world's device, rank 0's initial weights on every rank (FSDP then shards
      each rank's own copy);
-  1. EP: every MoE block on the expert-parallel pipeline (global router; all-to-all when ep > 1)
-     and, with ep > 1, the expert weights split over the EP ranks;
+  1. EP: every MoE block on the expert-parallel pipeline (global router; all-to-all when ep > 1;
+     expert tensor parallel when etp > 1) and the expert weights split over the EP ranks (by
+     expert) and the ETP ranks (by intermediate dim);
   2. CP (cp > 1): LASP+ in every lightning layer and ring attention in every softmax layer
      (`attn_fn`); they read the document structure from each forward's AttnContext;
   3. FSDP2 over the data dimensions (dense: dp_shard x cp, experts: the expert-data-parallel
@@ -34,13 +35,14 @@ def parallelize(model: torch.nn.Module, world, cfg: ParallelConfig | None = None
         return model
     cfg = cfg or world.cfg
     layout, mesh = world.layout, world.mesh
-    resolve_layout(cfg, world.world_size, model.config.num_local_experts)
+    resolve_layout(cfg, world.world_size, model.config.num_local_experts,
+                   model.config.intermediate_size)
     if not any(p.is_meta for p in model.parameters()):
         model.to(world.device)
         if cfg.sync_init:
             broadcast_parameters(model)
-    apply_expert_parallel(model, world.router, world.ep, cfg.ep_token_groups)
-    if layout.ep > 1:
+    apply_expert_parallel(model, world.router, world.ep, cfg.ep_token_groups, world.etp)
+    if layout.ep > 1 or layout.etp > 1:
         shard_experts(model, mesh)
     if layout.cp > 1:
         apply_context_parallel(model, CPGroup(mesh.cp.get_group(), world.cp_rank, world.cp_size),

@@ -107,8 +107,8 @@ def make_world(cfg: ParallelConfig | None = None, device: torch.device | str | N
         return DistributedWorld(cfg, device)
     if not cfg.degrees_are_one():
         raise ValueError(f"parallel degrees dp_shard={cfg.dp_shard} dp_replicate="
-                         f"{cfg.dp_replicate} ep={cfg.ep} cp={cfg.cp} need several processes; "
-                         f"launch with torchrun --nproc_per_node N -m minimax01 train ...")
+                         f"{cfg.dp_replicate} ep={cfg.ep} etp={cfg.etp} cp={cfg.cp} need several "
+                         f"processes; launch with torchrun --nproc_per_node N -m minimax01 train ...")
     return LocalWorld(device, cfg)
 
 

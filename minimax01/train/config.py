@@ -16,7 +16,9 @@ from typing import Any
 from ..config import ModelConfig
 from ..dtypes import FLOAT_DTYPES
 from ..parallel.world import ParallelConfig
+from .precision import CAST_WEIGHTS
 from .presets import STAGE_PRESETS
+from .recompute import RECOMPUTE
 
 SECTIONS = ("model", "data", "optim", "train", "parallel")
 SCHEDULES = ("wsd", "cosine", "linear", "constant")
@@ -94,7 +96,11 @@ class TrainConfig:
     log_every: int = 10
     eval_every: int = 200           # 0: no periodic held-out loss (still once at the end)
     eval_batches: int = 4           # micro-batches of held-out data per evaluation
-    activation_checkpointing: bool = False
+    activation_checkpointing: bool = False  # the earlier spelling of recompute = "full"
+    recompute: str = "none"         # none | full | attention | moe (train/recompute.py)
+    cast_weights: str = "per_use"   # per_use (autocast over fp32) | per_step: matrices cast to
+                                    # train.dtype once per optimizer step, fp32 masters
+                                    # (train/precision.py; one process)
     compile: bool = False           # torch.compile every decoder layer
     loss_chunk_size: int = 0        # >0: chunked lm_head + cross entropy (long sequences)
     max_bad_steps: int = 5          # consecutive non-finite steps before the run stops
@@ -129,6 +135,9 @@ class RunConfig:
         applied) by `minimax01.train.stages.check_run`, which the train command runs."""
         model = self.model.build()
         _check_train(self.train, model)
+        if self.train.cast_weights == "per_step" and not self.parallel.degrees_are_one():
+            raise ValueError("train.cast_weights = per_step is for one process; under FSDP set "
+                             "parallel.param_dtype = bfloat16 (the all-gather casts the shards)")
         _check_data(self.data)
         _check_optim(self.optim, self.train)
         return model
@@ -154,6 +163,18 @@ def _check_train(t: TrainConfig, model: ModelConfig) -> None:
                          f"max_position_embeddings={model.max_position_embeddings}")
     if t.dtype not in FLOAT_DTYPES:
         raise ValueError(f"train.dtype must be bfloat16, float16 or float32, got {t.dtype!r}")
+    if t.recompute not in RECOMPUTE:
+        raise ValueError(f"train.recompute must be one of {', '.join(RECOMPUTE)}, "
+                         f"got {t.recompute!r}")
+    if t.activation_checkpointing and t.recompute not in ("none", "full"):
+        raise ValueError(f"train.activation_checkpointing = true (recompute every layer) "
+                         f"contradicts train.recompute = {t.recompute!r}; set only recompute")
+    if t.cast_weights not in CAST_WEIGHTS:
+        raise ValueError(f"train.cast_weights must be one of {', '.join(CAST_WEIGHTS)}, "
+                         f"got {t.cast_weights!r}")
+    if t.cast_weights == "per_step" and t.dtype == "float32":
+        raise ValueError("train.cast_weights = per_step needs a low-precision train.dtype "
+                         "(bfloat16 or float16), got float32")
     if not _DEVICE.fullmatch(t.device):
         raise ValueError(f"train.device must be auto, cpu, cuda or cuda:N, got {t.device!r}")
     if not t.out_dir.strip():

@@ -33,6 +33,8 @@ from .data import IGNORE_INDEX, TrainData
 from .metrics import (IntervalStats, MetricsLogger, datasheet_peak_flops, memory_gib, summary,
                       truncate_metrics)
 from .optim import build_optimizer, lr_at, micro_batches_at, set_lr
+from .precision import StepCastWeights
+from .recompute import apply_recompute
 from .preflight import check_device, check_out_dir
 
 class TrainingDiverged(RuntimeError):
@@ -102,6 +104,7 @@ class Trainer:
         self.data.check()
         self.eval_set = self.data.eval_batches(cfg.train.eval_batches)
         self._signal: int | None = None
+        self.cast: StepCastWeights | None = None  # train.cast_weights = per_step (fit sets it)
         self._saving = False
         self._log: MetricsLogger | None = None
         self._evaluated_at: int | None = None  # the last step whose held-out loss was logged
@@ -117,8 +120,7 @@ class Trainer:
         with torch.device(self.world.device):
             model = MiniMaxForCausalLM(self.model_cfg)
         model.float()  # fp32 master weights; autocast does the low-precision math
-        if t.activation_checkpointing:
-            model.set_gradient_checkpointing(True)
+        apply_recompute(model, "full" if t.activation_checkpointing else t.recompute)
         if t.compile:
             for layer in model.model.layers:
                 layer.compile()
@@ -269,6 +271,12 @@ class Trainer:
         raw_model = model
         model = parallelize(model, world, cfg.parallel)
         optimizer = build_optimizer(model, cfg.optim)
+        self.cast = None
+        if t.cast_weights == "per_step":
+            if world.mesh is not None:
+                raise ValueError("train.cast_weights = per_step is for one process; under FSDP "
+                                 "set parallel.param_dtype = bfloat16")
+            self.cast = StepCastWeights(model, torch_dtype(t.dtype))
         step = tokens = 0
         lines = 0
         if self.resume_from is not None:
@@ -409,15 +417,23 @@ class Trainer:
         set_lr(optimizer, lr)
         scale = world.loss_scale
         totals = torch.zeros(2, dtype=torch.float64, device=dev)
-        for k, batch in enumerate(batches):
-            if k and self._stop_requested():
-                optimizer.zero_grad(set_to_none=True)
-                self.data.load_state_dict(data_before)
-                return None
-            out, lm_sum, _ = self._forward(model, batch)
-            acc.add_moe(raw_model.moe_stats())
-            scale.rank_loss(lm_sum, n_global, out.aux_loss, micro).backward()
-            totals += torch.stack([lm_sum.detach(), out.aux_loss.detach() / micro]).double()
+        if self.cast is not None:  # low-precision weights for this step's micro-batches
+            self.cast.begin()
+        try:
+            for k, batch in enumerate(batches):
+                if k and self._stop_requested():
+                    if self.cast is not None:
+                        self.cast.end()
+                    optimizer.zero_grad(set_to_none=True)
+                    self.data.load_state_dict(data_before)
+                    return None
+                out, lm_sum, _ = self._forward(model, batch)
+                acc.add_moe(raw_model.moe_stats())
+                scale.rank_loss(lm_sum, n_global, out.aux_loss, micro).backward()
+                totals += torch.stack([lm_sum.detach(), out.aux_loss.detach() / micro]).double()
+        finally:
+            if self.cast is not None:  # fp32 masters (and fp32 grads) back in place
+                self.cast.end()
         sums = world.all_reduce(totals, "sum")
         sums[1] = scale.mean_aux(sums[1])
         grad_norm = world.clip_grad_norm_(params, max_norm)
