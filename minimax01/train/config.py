@@ -75,6 +75,21 @@ class OptimConfig:
     batch_warmup_tokens: list[float] = field(default_factory=list)  # batch doubles at each count
 
 
+LORA_TARGETS = ("qkv_proj", "output_gate", "out_proj",   # lightning attention
+                "q_proj", "k_proj", "v_proj", "o_proj",   # softmax attention
+                "gate")                                    # the MoE router (not by default)
+
+
+@dataclass
+class LoraConfig:
+    """`[train.lora]`: low-rank adapters on the attention projections (train/lora.py); only the
+    adapters train. rank 0: no adapters (full fine-tuning)."""
+
+    rank: int = 0
+    alpha: float = 16.0             # the update is (alpha / rank) * B @ A
+    targets: list[str] = field(default_factory=lambda: list(LORA_TARGETS[:-1]))
+
+
 @dataclass
 class TrainConfig:
     """`[train]`: the loop: how long, how big, where to write, how often to log / evaluate /
@@ -103,6 +118,8 @@ class TrainConfig:
     export: bool = True             # write out_dir/model (HF format + tokenizer) at the end
     sample_prompt: str = "def "
     sample_tokens: int = 200        # 0: no sample at the end
+    init_from: str = ""             # an HF-format checkpoint folder to fine-tune (train/init_from.py)
+    lora: LoraConfig = field(default_factory=LoraConfig)
 
 
 @dataclass
@@ -127,7 +144,14 @@ class RunConfig:
         """Check every section; returns the model config. Raises ValueError naming the key.
         `train.stages` is checked for its form here; each stage's own config (the overrides
         applied) by `minimax01.train.stages.check_run`, which the train command runs."""
-        model = self.model.build()
+        if self.train.init_from:  # the architecture is the checkpoint's
+            from .init_from import check_model_fields, checkpoint_config
+
+            model = check_model_fields(checkpoint_config(self.train.init_from),
+                                       self.model.preset, self.model.fields,
+                                       ModelPresetConfig.preset)
+        else:
+            model = self.model.build()
         _check_train(self.train, model)
         _check_data(self.data)
         _check_optim(self.optim, self.train)
@@ -158,12 +182,26 @@ def _check_train(t: TrainConfig, model: ModelConfig) -> None:
         raise ValueError(f"train.device must be auto, cpu, cuda or cuda:N, got {t.device!r}")
     if not t.out_dir.strip():
         raise ValueError("train.out_dir must not be empty")
+    _check_lora(t.lora)
     if isinstance(t.stages, str):
         if t.stages and t.stages not in STAGE_PRESETS:
             raise ValueError(f"train.stages: unknown preset {t.stages!r}; available: "
                              f"{', '.join(STAGE_PRESETS)}")
     elif not all(isinstance(stage, dict) for stage in t.stages):
         raise ValueError("train.stages must be a list of tables (one per stage) or a preset name")
+
+
+def _check_lora(lora: LoraConfig) -> None:
+    if lora.rank < 0:
+        raise ValueError(f"train.lora.rank must be >= 0 (0: no LoRA), got {lora.rank}")
+    if not (math.isfinite(lora.alpha) and lora.alpha > 0):
+        raise ValueError(f"train.lora.alpha must be a positive number, got {lora.alpha}")
+    bad = [t for t in lora.targets if t not in LORA_TARGETS]
+    if bad:
+        raise ValueError(f"train.lora.targets: unknown target {bad[0]!r}; choose among "
+                         f"{', '.join(LORA_TARGETS)}")
+    if lora.rank and not lora.targets:
+        raise ValueError("train.lora.targets is empty: name at least one projection")
 
 
 def _check_data(d: DataConfig) -> None:
