@@ -20,7 +20,7 @@ from .presets import STAGE_PRESETS
 
 SECTIONS = ("model", "data", "optim", "train", "parallel")
 SCHEDULES = ("wsd", "cosine", "linear", "constant")
-DATA_FORMATS = ("auto", "text", "jsonl", "parquet", "arrow")
+DATA_FORMATS = ("auto", "text", "jsonl", "parquet", "arrow", "chat")
 _DEVICE = re.compile(r"auto|cpu|cuda(:\d+)?|mps")
 
 
@@ -45,6 +45,8 @@ class DataConfig:
 
     source: str = "stdlib"          # "stdlib", "synthetic", or a path (file or folder)
     format: str = "auto"            # auto | text | jsonl | parquet | arrow (HF save_to_disk folder)
+    #                                 | chat (JSONL of {"messages": [...]}: assistant tokens only)
+    chat_template: str = ""         # chat: a Jinja file (default the tokenizer's, else Text-01's)
     text_field: str = "text"        # the column / JSON key holding a document's text
     tokenizer: str = "byte"         # "byte" or a tokenizer.json (or a folder holding one)
     add_bos: bool = True            # start every document with the tokenizer's BOS id
@@ -214,6 +216,11 @@ def _check_data(d: DataConfig) -> None:
         raise ValueError(f"data.synthetic_length must be >= 0, got {d.synthetic_length}")
     if d.length_mixture:
         check_mixture(d.length_mixture)
+        if d.format == "chat":
+            raise ValueError("data.length_mixture does not apply to data.format chat "
+                             "(conversations are packed whole)")
+    if d.chat_template and d.format != "chat":
+        raise ValueError("data.chat_template is only read with data.format chat")
 
 
 def check_mixture(spec, where: str = "data.length_mixture") -> list[tuple[float, float, float]]:

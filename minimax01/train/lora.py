@@ -72,6 +72,17 @@ def apply_lora(model: nn.Module, rank: int, alpha: float, targets, seed: int = 0
     return done
 
 
+def cast_frozen(model: nn.Module, dtype: torch.dtype) -> None:
+    """Hold the frozen matrices of the decoder layers in `dtype` (the autocast dtype: they have
+    no optimizer state, so no fp32 master is needed); norms, embeddings, lm_head and the adapters
+    stay fp32 (the residual stream stays fp32, as in full training)."""
+    for layer in model.model.layers:
+        for module in layer.modules():
+            for name, p in list(module.named_parameters(recurse=False)):
+                if not p.requires_grad and p.ndim >= 2 and p.dtype != dtype:
+                    setattr(module, name, nn.Parameter(p.detach().to(dtype), requires_grad=False))
+
+
 def lora_parameters(model: nn.Module) -> list[nn.Parameter]:
     return [p for n, p in model.named_parameters() if n.rsplit(".", 1)[-1] in LORA_KEYS]
 
