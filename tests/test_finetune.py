@@ -108,9 +108,15 @@ def test_chat_lora_run_from_a_checkpoint(base, tmp_path):
             str(tmp_path / "run"), "--train.sample_tokens", "0", "--train.tensorboard", "false",
             "--train.dtype", "float32", "--optim.lr", "5e-2", "--optim.warmup_steps", "0",
             "--train.progress", "false", "--train.eval_every", "0"]
-    cfg = resolve(None, None, parse_overrides(args))
+    cfg = resolve(None, None, parse_overrides(args + ["--train.steps", "2"]))
     assert cfg.validate() == base.config  # the checkpoint's architecture
-    result = Trainer(cfg).fit()
+    assert Trainer(cfg).fit().export is not None
+    # the same command with more steps resumes from the run's checkpoint (not the base)
+    cfg = resolve(None, None, parse_overrides(args))
+    trainer = Trainer(cfg)
+    assert trainer.resume_from is not None
+    result = trainer.fit()
+    assert result.step == 3
     exported = MiniMaxForCausalLM.from_pretrained(result.export, dtype=torch.float32)
     old, new = base.state_dict(), exported.state_dict()
     assert new.keys() == old.keys()
