@@ -27,6 +27,8 @@ from ..ops.lightning import lightning_slopes
 # fields a fine-tuning run may set differently from the checkpoint: they change the training
 # computation, not the weights' shapes or meaning
 TRAINING_FIELDS = ("router_aux_loss_coef", "capacity_factor", "dtype", "max_position_embeddings")
+# what a preset says that is not the architecture (a released config may say otherwise)
+PRESET_UNCOMPARED = ("bos_token_id", "eos_token_id", "pad_token_id", "initializer_range")
 
 
 def checkpoint_config(path: str | Path) -> ModelConfig:
@@ -48,9 +50,10 @@ def check_model_fields(ckpt: ModelConfig, preset: str, fields: dict, default_pre
     """The run's model config: the checkpoint's, with the TRAINING_FIELDS the run sets. Every
     other field the run names (and a non-default preset) must agree with the checkpoint."""
     given = dict(fields)
-    if preset and preset != default_preset:
+    if preset and preset != default_preset:  # its shapes (token ids, init scale: not compared)
         preset_cfg = ModelConfig.from_preset(preset).replace(**fields).to_dict()
-        given = {**{k: v for k, v in preset_cfg.items() if k not in TRAINING_FIELDS}, **given}
+        given = {**{k: v for k, v in preset_cfg.items()
+                    if k not in TRAINING_FIELDS + PRESET_UNCOMPARED}, **given}
     have = ckpt.to_dict()
     diffs = [f"model.{k} = {v!r} but the checkpoint has {have[k]!r}" for k, v in given.items()
              if k not in TRAINING_FIELDS and k in have and _norm(have[k]) != _norm(v)]
