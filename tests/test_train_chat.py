@@ -5,6 +5,7 @@ import json
 import pytest
 import torch
 
+from minimax01.infer.chat import TEXT01_TEMPLATE as TEXT01
 from minimax01.infer.chat import ChatTemplate
 from minimax01.tokenizer import ByteTokenizer
 from minimax01.train.data.chat import ChatError, ChatRenderer
@@ -47,6 +48,14 @@ def test_text01_fallback_learns_answer_and_end_of_turn():
     prompt = ChatTemplate(ByteTokenizer(), r.template.source).render(msgs[:4])
     first = len(prompt.encode())
     assert bytes(ids[:first]).decode() == prompt and mask[first] and not mask[first - 1]
+
+
+def test_from_pretrained_folder(tmp_path):
+    ByteTokenizer().save(tmp_path)
+    assert ChatRenderer.from_pretrained(tmp_path).template.source == TEXT01  # no template: Text-01's
+    (tmp_path / "chat_template.jinja").write_text(TINY)
+    ids, mask = ChatRenderer.from_pretrained(tmp_path).render(TWO_TURNS)
+    assert bytes(ids) == b"<u>hi|<a>yo|<u>q|<a>ok|" and sum(mask) == 6
 
 
 def test_assistant_first_and_no_assistant():
