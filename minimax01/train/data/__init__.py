@@ -42,11 +42,12 @@ class TrainData:
         self.first = dp_rank * self.local
         self.pad_id = pad_id if pad_id is not None else (tokenizer.pad_id or 0)
         length = d.synthetic_length or t.seq_len
-        renderer = None
+        chat_shard = None
         if d.format == "chat":  # conversations, assistant tokens learned (chat_data.py)
             from pathlib import Path
 
             from .chat import ChatRenderer
+            from .chat_data import ChatJsonlFile
 
             template = None
             if d.chat_template:
@@ -54,8 +55,11 @@ class TrainData:
                     raise ValueError(f"data.chat_template: no file at {d.chat_template}")
                 template = Path(d.chat_template).read_text(encoding="utf-8")
             renderer = ChatRenderer(tokenizer, template)
+
+            def chat_shard(path, name, strict):
+                return ChatJsonlFile(path, name, renderer, strict)
         self.shards = open_source(d.source, d.format, d.text_field, d.synthetic_tasks, length,
-                                  t.seed, strict=d.strict, renderer=renderer)
+                                  t.seed, strict=d.strict, chat_shard=chat_shard)
         if dp_rank:  # one warning per bad line, from the first rank only
             for shard in self.shards:
                 if isinstance(shard, JsonlFile):

@@ -295,11 +295,9 @@ def stdlib_shards() -> list[TextFile]:
 
 
 def _file_shard(path: Path, name: str, fmt: str, text_field: str, strict: bool = False,
-                renderer=None):
+                chat_shard=None):
     if fmt == "chat":  # every file is JSONL of conversations
-        from .chat_data import ChatJsonlFile
-
-        return ChatJsonlFile(path, name, renderer, strict)
+        return chat_shard(path, name, strict)
     suffix = path.suffix.lower()
     if fmt == "auto":
         fmt = ("jsonl" if suffix in JSONL_SUFFIXES else "parquet" if suffix in PARQUET_SUFFIXES
@@ -395,11 +393,14 @@ def _walk(root: Path, source: str) -> Iterator[Path]:
 
 def open_source(source: str, fmt: str = "auto", text_field: str = "text",
                 synthetic_tasks=TASKS, synthetic_length: int = 2048, seed: int = 0,
-                strict: bool = False, renderer=None) -> list:
+                strict: bool = False, chat_shard=None) -> list:
     """The shards of `source`: "stdlib", "synthetic", a file, or a folder (a `save_to_disk`
     dataset, or a tree of text / JSONL / parquet / Arrow files). Raises a one-line error for a
     missing or empty path. `strict`: a malformed JSONL line is an error (default: skipped).
-    fmt "chat": JSONL conversations rendered by `renderer` (a ChatRenderer, chat_data.py)."""
+    fmt "chat": every file is JSONL of conversations, read by `chat_shard(path, name, strict)`
+    (chat_data.ChatJsonlFile with its renderer)."""
+    if fmt == "chat" and chat_shard is None:
+        raise ValueError("data.format chat needs a chat renderer (TrainData makes one)")
     if fmt == "chat" and source in ("stdlib", "synthetic"):
         raise ValueError(f"data.format chat reads JSONL files of conversations; data.source "
                          f"{source!r} has none")
@@ -419,7 +420,7 @@ def open_source(source: str, fmt: str = "auto", text_field: str = "text",
         raise ValueError(f"data.source {source}: {e.strerror}") from None
     if path.is_file():
         shard = _file_shard(path, path.name, "text" if fmt == "auto" and not path.suffix else fmt,
-                            text_field, strict, renderer)
+                            text_field, strict, chat_shard)
         if shard is None:
             raise ValueError(f"data.source {source}: unknown file type {path.suffix!r}; set "
                              f"data.format to text, jsonl, parquet or arrow")
@@ -432,7 +433,7 @@ def open_source(source: str, fmt: str = "auto", text_field: str = "text",
             return saved
     shards = []
     for p in _walk(path, source):
-        shard = _file_shard(p, p.relative_to(path).as_posix(), fmt, text_field, strict, renderer)
+        shard = _file_shard(p, p.relative_to(path).as_posix(), fmt, text_field, strict, chat_shard)
         if shard is not None:
             shards.append(shard)
     if not shards:
