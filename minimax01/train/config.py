@@ -22,7 +22,7 @@ from .recompute import RECOMPUTE
 
 SECTIONS = ("model", "data", "optim", "train", "parallel")
 SCHEDULES = ("wsd", "cosine", "linear", "constant")
-DATA_FORMATS = ("auto", "text", "jsonl", "parquet", "arrow")
+DATA_FORMATS = ("auto", "text", "jsonl", "parquet", "arrow", "chat")
 _DEVICE = re.compile(r"auto|cpu|cuda(:\d+)?|mps")
 
 
@@ -47,6 +47,8 @@ class DataConfig:
 
     source: str = "stdlib"          # "stdlib", "synthetic", or a path (file or folder)
     format: str = "auto"            # auto | text | jsonl | parquet | arrow (HF save_to_disk folder)
+    #                                 | chat (JSONL of {"messages": [...]}: assistant tokens only)
+    chat_template: str = ""         # chat: a Jinja file (default the tokenizer's, else Text-01's)
     text_field: str = "text"        # the column / JSON key holding a document's text
     tokenizer: str = "byte"         # "byte" or a tokenizer.json (or a folder holding one)
     add_bos: bool = True            # start every document with the tokenizer's BOS id
@@ -75,6 +77,21 @@ class OptimConfig:
     decay_fraction: float = 0.2     # wsd: share of the steps spent decaying at the end
     grad_clip: float = 1.0          # max global gradient norm; 0 disables clipping
     batch_warmup_tokens: list[float] = field(default_factory=list)  # batch doubles at each count
+
+
+LORA_TARGETS = ("qkv_proj", "output_gate", "out_proj",   # lightning attention
+                "q_proj", "k_proj", "v_proj", "o_proj",   # softmax attention
+                "gate")                                    # the MoE router (not by default)
+
+
+@dataclass
+class LoraConfig:
+    """`[train.lora]`: low-rank adapters on the attention projections (train/lora.py); only the
+    adapters train. rank 0: no adapters (full fine-tuning)."""
+
+    rank: int = 0
+    alpha: float = 16.0             # the update is (alpha / rank) * B @ A
+    targets: list[str] = field(default_factory=lambda: list(LORA_TARGETS[:-1]))
 
 
 @dataclass
@@ -109,6 +126,8 @@ class TrainConfig:
     export: bool = True             # write out_dir/model (HF format + tokenizer) at the end
     sample_prompt: str = "def "
     sample_tokens: int = 200        # 0: no sample at the end
+    init_from: str = ""             # an HF-format checkpoint folder to fine-tune (train/init_from.py)
+    lora: LoraConfig = field(default_factory=LoraConfig)
 
 
 @dataclass
@@ -133,7 +152,14 @@ class RunConfig:
         """Check every section; returns the model config. Raises ValueError naming the key.
         `train.stages` is checked for its form here; each stage's own config (the overrides
         applied) by `minimax01.train.stages.check_run`, which the train command runs."""
-        model = self.model.build()
+        if self.train.init_from:  # the architecture is the checkpoint's
+            from .init_from import check_model_fields, checkpoint_config
+
+            model = check_model_fields(checkpoint_config(self.train.init_from),
+                                       self.model.preset, self.model.fields,
+                                       ModelPresetConfig.preset)
+        else:
+            model = self.model.build()
         _check_train(self.train, model)
         if self.train.cast_weights == "per_step" and not self.parallel.degrees_are_one():
             raise ValueError("train.cast_weights = per_step is for one process; under FSDP set "
@@ -179,12 +205,26 @@ def _check_train(t: TrainConfig, model: ModelConfig) -> None:
         raise ValueError(f"train.device must be auto, cpu, cuda or cuda:N, got {t.device!r}")
     if not t.out_dir.strip():
         raise ValueError("train.out_dir must not be empty")
+    _check_lora(t.lora)
     if isinstance(t.stages, str):
         if t.stages and t.stages not in STAGE_PRESETS:
             raise ValueError(f"train.stages: unknown preset {t.stages!r}; available: "
                              f"{', '.join(STAGE_PRESETS)}")
     elif not all(isinstance(stage, dict) for stage in t.stages):
         raise ValueError("train.stages must be a list of tables (one per stage) or a preset name")
+
+
+def _check_lora(lora: LoraConfig) -> None:
+    if lora.rank < 0:
+        raise ValueError(f"train.lora.rank must be >= 0 (0: no LoRA), got {lora.rank}")
+    if not (math.isfinite(lora.alpha) and lora.alpha > 0):
+        raise ValueError(f"train.lora.alpha must be a positive number, got {lora.alpha}")
+    bad = [t for t in lora.targets if t not in LORA_TARGETS]
+    if bad:
+        raise ValueError(f"train.lora.targets: unknown target {bad[0]!r}; choose among "
+                         f"{', '.join(LORA_TARGETS)}")
+    if lora.rank and not lora.targets:
+        raise ValueError("train.lora.targets is empty: name at least one projection")
 
 
 def _check_data(d: DataConfig) -> None:
@@ -197,6 +237,11 @@ def _check_data(d: DataConfig) -> None:
         raise ValueError(f"data.synthetic_length must be >= 0, got {d.synthetic_length}")
     if d.length_mixture:
         check_mixture(d.length_mixture)
+        if d.format == "chat":
+            raise ValueError("data.length_mixture does not apply to data.format chat "
+                             "(conversations are packed whole)")
+    if d.chat_template and d.format != "chat":
+        raise ValueError("data.chat_template is only read with data.format chat")
 
 
 def check_mixture(spec, where: str = "data.length_mixture") -> list[tuple[float, float, float]]:
