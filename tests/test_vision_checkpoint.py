@@ -169,3 +169,18 @@ def test_text_checkpoint_refuses_images(tmp_path, capsys):
     code, _, err = run_cli(capsys, "generate", "--checkpoint", tmp_path, "--prompt", "x",
                            "--image", tmp_path / "a.png")
     assert code == 2 and "is a text model" in err
+
+
+def test_info_vl(model, tmp_path, capsys):
+    code, out, err = run_cli(capsys, "info", "--preset", "minimax-vl-01")
+    assert code == 0, err
+    assert "vision_tower              303.51M" in out and "multi_modal_projector      44.05M" in out
+    assert "1000x2000                 3x6         19  11,088" in out  # the largest grid
+    assert "336x336                   1x1          2   1,176" in out
+    assert "Language model" in out and "80 (70 lightning + 10 softmax)" in out
+    model.save_pretrained(tmp_path)
+    code, out, err = run_cli(capsys, "info", "--checkpoint", tmp_path)
+    assert code == 0, err
+    assert "legacy dialect" in out and "MiniMax-VL-01 parts" in out
+    code, _, err = run_cli(capsys, "info", "--preset", "vl-nope")
+    assert code == 2 and "vision-language presets: vl-debug, minimax-vl-01" in err
