@@ -144,3 +144,30 @@ def test_bad_images_get_one_line():
         PROC(["/nonexistent/x.png"])
     with pytest.raises(ImageError, match="float pixels"):
         PROC([Image.new("F", (8, 8))])
+
+
+def test_chat_template_and_expansion():
+    from minimax01.tokenizer import ByteTokenizer
+    from minimax01.vision import (encode_with_images, expand_image_ids,
+                                  expand_image_placeholders, render_chat)
+
+    text = render_chat([
+        {"role": "system", "content": "You are a helpful assistant created by Minimax based on "
+                                      "MiniMax-VL-01 model."},
+        {"role": "user", "content": [{"type": "image"}, {"type": "text",
+                                                         "text": "Describe this image."}]}])
+    assert text == ("<beginning_of_sentence>system ai_setting=assistant\nYou are a helpful "
+                    "assistant created by Minimax based on MiniMax-VL-01 model.<end_of_sentence>\n"
+                    "<beginning_of_sentence>user name=user\n<image>Describe this image."
+                    "<end_of_sentence>\n<beginning_of_sentence>ai name=assistant\n")
+    sizes = [(30, 100), (56, 56)]
+    n = [PROC.num_image_tokens(*s) for s in sizes]
+    out = expand_image_placeholders("a<image>b<image>c", sizes, PROC)
+    assert out == "a" + "<image>" * n[0] + "b" + "<image>" * n[1] + "c"
+    assert expand_image_ids([1, 9, 2, 9], sizes, PROC, 9) == [1] + [9] * n[0] + [2] + [9] * n[1]
+    ids = encode_with_images(ByteTokenizer(), "hi", sizes[:1], PROC, 300)
+    assert ids == [300] * n[0] + list(b"hi")  # no placeholder: the images go first
+    with pytest.raises(ValueError, match="1 <image> placeholder"):
+        expand_image_placeholders("<image>", sizes, PROC)
+    with pytest.raises(ValueError, match="messages\\[0\\].content\\[0\\] must be a text or image"):
+        render_chat([{"role": "user", "content": [{"type": "audio"}]}])
