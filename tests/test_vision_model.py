@@ -188,3 +188,17 @@ def test_text_only_model_refuses_pixels():
     lm = MiniMaxForCausalLM(CFG.text_config)
     with pytest.raises(ValueError, match="takes no images"):
         generate(lm, [[1, 2]], max_new_tokens=1, pixel_values=[torch.zeros(2, 3, 56, 56)])
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_full_size_tower_bf16_on_gpu():
+    """The released tower's shapes in bf16 on the GPU agree with fp32."""
+    torch.manual_seed(0)
+    tower = VisionTower(VisionConfig()).cuda().eval()
+    x = torch.randn(3, 3, 336, 336, device="cuda")
+    with torch.inference_mode():
+        ref = tower(x)
+        low = tower.to(torch.bfloat16)(x).float()
+    assert ref.shape == (3, 576, 1024)
+    assert torch.nn.functional.cosine_similarity(low.flatten(), ref.flatten(), dim=0) > 0.999

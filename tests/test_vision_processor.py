@@ -138,6 +138,11 @@ def test_bad_images_get_one_line():
         with pytest.raises(ImageError, match="image 0 is not a readable image") as e:
             PROC([blob])
         assert "\n" not in str(e.value), name
+    lazy = Image.open(io.BytesIO(data[: len(data) // 2]))  # opened, not yet decoded
+    with pytest.raises(ImageError, match="image 1 is not a readable image"):
+        PROC([rgb(8, 8), lazy])
+    with pytest.raises(ImageError, match="image 0 must be a PIL image, a path, bytes"):
+        PROC([42])
     with pytest.raises(ImageError, match=r"zero size \(0x5 pixels\)"):
         PROC([Image.new("RGB", (0, 5))])
     with pytest.raises(ImageError, match="no image file at"):

@@ -53,20 +53,20 @@ def load_image(source, max_pixels: int | None = MAX_PIXELS, what: str = "image")
     """A PIL image, decoded, from a path, bytes, a binary file or a PIL image. The size limit is
     checked from the header, before the pixels are decoded."""
     Image = _pil()
-    if isinstance(source, Image.Image):
-        _check_size(source.width, source.height, max_pixels, what)
-        return source
     if isinstance(source, (bytes, bytearray, memoryview)):
         source = io.BytesIO(bytes(source))
     elif isinstance(source, (str, Path)):
         if not Path(source).is_file():
             raise ImageError(f"{what}: no image file at {source}")
+    elif not isinstance(source, Image.Image) and not hasattr(source, "read"):
+        raise ImageError(f"{what} must be a PIL image, a path, bytes or a binary file, got "
+                         f"{type(source).__name__}")
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", Image.DecompressionBombWarning)
-            img = Image.open(source)
+            img = source if isinstance(source, Image.Image) else Image.open(source)
             _check_size(img.width, img.height, max_pixels, what)
-            img.load()
+            img.load()  # a lazily opened PIL image decodes here too
     except ImageError:
         raise
     except Image.DecompressionBombError as e:
