@@ -74,7 +74,7 @@ def test_round_trip(model, tmp_path, dialect, shard):
 
 
 def test_released_style_config_is_read(model, tmp_path):
-    """The released config.json carries CLIP / LLaVA keys we do not use, and its dtype at the top."""
+    """The released config.json carries CLIP / LLaVA keys we do not use, and its dtype on top."""
     model.save_pretrained(tmp_path)
     cfg = json.loads((tmp_path / "config.json").read_text())
     cfg["vision_config"].update(projection_dim=768, vision_use_head=False, dropout=0.0)

@@ -10,8 +10,8 @@ from .tower import Projector, VisionTower
 
 __all__ = ["AnyRes", "ImageError", "ImageProcessor", "MiniMaxVLForConditionalGeneration",
            "Projector", "VL_PRESETS", "VLConfig", "VisionConfig", "VisionTower",
-           "encode_with_images", "expand_image_ids", "expand_image_placeholders", "grid_pinpoints", "load_image",
-           "render_chat"]
+           "encode_with_images", "expand_image_ids", "expand_image_placeholders", "grid_pinpoints",
+           "load_image", "render_chat"]
 
 
 def __getattr__(name):  # the full model imports the language model: only when asked for

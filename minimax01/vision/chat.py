@@ -21,7 +21,8 @@ def render_chat(messages: Sequence[dict], add_generation_prompt: bool = True) ->
     for i, m in enumerate(messages):
         role = m.get("role") if isinstance(m, dict) else None
         if role not in HEADERS:
-            raise ValueError(f"messages[{i}].role must be one of {', '.join(HEADERS)}, got {role!r}")
+            raise ValueError(f"messages[{i}].role must be one of {', '.join(HEADERS)}, got "
+                             f"{role!r}")
         content = m.get("content", "")
         if isinstance(content, str):
             body = content

@@ -8,9 +8,10 @@ a truncated or unreadable file, a zero-size image or one over `max_pixels` (chec
 header, before decoding) are errors; CMYK, palette, grey, alpha images are resized in their own
 mode and then converted to RGB, as released (a palette image therefore resizes nearest-neighbour,
 which PIL does for palettes, and alpha is dropped, not composited); an animated image gives its
-first frame. Pillow itself refuses images over twice `PIL.Image.MAX_IMAGE_PIXELS` (179M pixels)
-whatever `max_pixels` says. 16-bit grey (modes I;16 and I) is scaled to 8 bits (x / 257) first — the released
-processor's PIL conversion would clip it at 255 instead; float images (mode F) are refused."""
+first frame. Pillow itself refuses images over twice `PIL.Image.MAX_IMAGE_PIXELS` (179M
+pixels) whatever `max_pixels` says. 16-bit grey (modes I;16 and I) is scaled to 8 bits (x / 257)
+first — the released processor's PIL conversion would clip it at 255 instead; float images
+(mode F) are refused."""
 
 from __future__ import annotations
 
