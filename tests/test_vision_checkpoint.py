@@ -108,8 +108,12 @@ def test_bad_checkpoints_name_every_tensor(model, tmp_path):
         MiniMaxVLForConditionalGeneration.from_pretrained(tmp_path)
 
 
-def test_text_checkpoint_is_not_a_vl_one(tmp_path):
+def test_text_checkpoint_is_not_a_vl_one(model, tmp_path):
     from minimax01 import MiniMaxForCausalLM
+
+    model.save_pretrained(tmp_path / "vl")
+    with pytest.raises(CheckpointError, match="is a MiniMax-VL-01 checkpoint: load it with"):
+        MiniMaxForCausalLM.from_pretrained(tmp_path / "vl")
 
     MiniMaxForCausalLM(CFG.text_config).save_pretrained(tmp_path)
     with pytest.raises(CheckpointError, match="expected 'minimax_vl_01'"):

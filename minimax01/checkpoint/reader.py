@@ -91,6 +91,9 @@ class CheckpointReader:
         if not self._isfile(CONFIG_NAME):
             raise CheckpointError(f"{self.path} is not a checkpoint: it has no {CONFIG_NAME}")
         self.config_dict = _read_json(self._where(CONFIG_NAME), "the model config", config_path)
+        if parse_config is None and self.config_dict.get("model_type") == "minimax_vl_01":
+            raise CheckpointError(f"{self.path} is a MiniMax-VL-01 checkpoint: load it with "
+                                  f"MiniMaxVLForConditionalGeneration.from_pretrained")
         try:
             self.config = (parse_config or ModelConfig.from_hf_config)(self.config_dict)
             stated = config_dtype(self.config_dict)
