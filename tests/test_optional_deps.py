@@ -29,7 +29,7 @@ from minimax01.tokenizer import ByteTokenizer
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 OPTIONAL = ["triton", "fastapi", "uvicorn", "httpx", "transformers", "pyarrow", "matplotlib",
-            "tensorboard", "jinja2"]
+            "tensorboard", "jinja2", "PIL"]
 
 
 def _hide(names) -> str:
