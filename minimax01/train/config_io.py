@@ -8,6 +8,7 @@ is not a bool and 1.5 is not an int."""
 
 from __future__ import annotations
 
+import dataclasses
 import difflib
 import math
 import tomllib
@@ -40,10 +41,26 @@ def field_type(cfg: RunConfig, dotted: str) -> Any:
         if key not in hints:
             raise ValueError(f"unknown config key model.{key}{_hint(key, hints, 'model.')}")
         return hints[key]
-    hints = typing.get_type_hints(type(getattr(cfg, section)))
+    owner, key = _owner(cfg, dotted)
+    hints = typing.get_type_hints(type(owner))
+    where = dotted.rpartition(".")[0]
     if key not in hints:
-        raise ValueError(f"unknown config key {section}.{key}{_hint(key, list(hints), section + '.')}")
+        raise ValueError(f"unknown config key {dotted}{_hint(key, list(hints), where + '.')}")
     return hints[key]
+
+
+def _owner(cfg: RunConfig, dotted: str) -> tuple[Any, str]:
+    """The dataclass holding the last key of `section.key` or `section.sub.key` (nested tables
+    such as `train.dpo`), and that key."""
+    section, *path = dotted.split(".")
+    owner = getattr(cfg, section)
+    for i, part in enumerate(path[:-1]):
+        inner = getattr(owner, part, None)
+        if not dataclasses.is_dataclass(inner):
+            raise ValueError(f"unknown config key {'.'.join([section, *path[:i + 1]])} "
+                             f"(in {dotted!r})")
+        owner = inner
+    return owner, path[-1]
 
 
 def set_value(cfg: RunConfig, dotted: str, value: Any) -> None:
@@ -58,8 +75,14 @@ def set_value(cfg: RunConfig, dotted: str, value: Any) -> None:
         cfg.model.preset = value
     elif section == "model":
         cfg.model.fields[key] = coerce(dotted, value, typ)
+    elif dataclasses.is_dataclass(typ):  # a nested table: `[train.dpo]` or `dpo = {beta = 0.1}`
+        if not isinstance(value, dict):
+            raise ValueError(f"{dotted} must be a table, got {value!r}")
+        for sub, v in value.items():
+            set_value(cfg, f"{dotted}.{sub}", v)
     else:
-        setattr(getattr(cfg, section), key, coerce(dotted, value, typ))
+        owner, key = _owner(cfg, dotted)
+        setattr(owner, key, coerce(dotted, value, typ))
 
 
 def set_text(cfg: RunConfig, dotted: str, text: str) -> None:
