@@ -29,6 +29,32 @@ from .tools import CALL_TOKEN, format_call
 ROLES = ("system", "developer", "user", "assistant", "tool", "function")
 _PROBE = "PROBE_5f0c1d"
 
+# The MiniMax-Text-01 / VL-01 chat format (/work/shared/VL01.md section 8): turns
+# `<beginning_of_sentence>{header}\n{content}<end_of_sentence>\n`, content a list of typed items,
+# function results as `system function_response=functions`, one `system function_setting=functions`
+# block per tool, the generation prompt `<beginning_of_sentence>ai name=assistant\n`.
+TEXT01_TEMPLATE = (
+    "{% for message in messages %}"
+    "{% if message['role'] == 'system' %}{{ '<beginning_of_sentence>system ai_setting=assistant\\n' }}"
+    "{% elif message['role'] == 'user' %}{{ '<beginning_of_sentence>user name=user\\n' }}"
+    "{% elif message['role'] == 'assistant' %}{{ '<beginning_of_sentence>ai name=assistant\\n' }}"
+    "{% endif %}"
+    "{% if message['role'] in ['system', 'user', 'assistant'] %}"
+    "{% for item in message['content'] %}"
+    "{% if item.type == 'image' %}<image>{% elif item.type == 'text' %}{{ item.text }}{% endif %}"
+    "{% endfor %}{{ '<end_of_sentence>\\n' }}{% endif %}"
+    "{% if message['role'] == 'function' %}"
+    "{{ '<beginning_of_sentence>system function_response=functions\\n' + '{\"name\": \"' "
+    "+ message['name'] + '\", \"response\": ' + message['content'][0]['text'] + '}' "
+    "+ '<end_of_sentence>\\n' }}{% endif %}"
+    "{% endfor %}"
+    "{% if tools %}{% for function in tools %}"
+    "{{ '<beginning_of_sentence>system function_setting=functions\\n' + function | tojson "
+    "+ '<end_of_sentence>\\n' }}{% endfor %}{% endif %}"
+    "{% if add_generation_prompt %}{{ '<beginning_of_sentence>ai name=assistant\\n' }}"
+    "{% generation %}{% endgeneration %}{% endif %}"
+)
+
 
 def _text(content) -> str:
     if content is None:
@@ -61,17 +87,18 @@ class ChatTemplate:
 
     # ------------------------------------------------------------------ rendering
     def render(self, messages: list[dict], tools: list[dict] | None = None,
-               prefix: str = "") -> str:
+               prefix: str = "", add_generation_prompt: bool = True) -> str:
         """messages: [{"role", "content" (str, list of text parts or None), "name"?,
         "tool_calls"? (OpenAI's dicts), "tool_call_id"?}]; tools: OpenAI tool dicts; `prefix`
         is appended after the generation prompt (the start of the assistant's answer).
+        `add_generation_prompt=False` renders a finished conversation (training data).
         RequestError naming the message at fault for a conversation it cannot show."""
         msgs = self._check(messages)
         if tools and not self.shows_tools:
             raise RequestError("tools: this model's chat template does not show tools",
                                "unsupported_value", "tools")
         if self._compiled is None:
-            return _default(msgs, tools) + prefix
+            return _default(msgs, tools, add_generation_prompt) + prefix
         out = []
         for i, m in msgs:
             m = dict(m)
@@ -89,7 +116,7 @@ class ChatTemplate:
             m["content"] = [{"type": "text", "text": text}] if self.parts else text
             out.append(m)
         try:
-            return self._call(out, tools) + prefix
+            return self._call(out, tools, add_generation_prompt) + prefix
         except RequestError:
             raise
         except Exception as e:  # the template refused the conversation or broke on it
@@ -104,6 +131,11 @@ class ChatTemplate:
         calls: dict[str, str] = {}
         out = []
         for i, m in enumerate(messages):
+            if not isinstance(m, dict):
+                raise RequestError(f"messages[{i}]: must be an object with a role and content, "
+                                   f"got {type(m).__name__}", param=f"messages[{i}]")
+            if "role" not in m:
+                raise RequestError(f"messages[{i}].role: missing", param=f"messages[{i}].role")
             role = m.get("role")
             if role not in ROLES:
                 raise RequestError(f"messages[{i}].role: must be one of {', '.join(ROLES)}, "
@@ -114,6 +146,10 @@ class ChatTemplate:
                 m["role"] = "system"
             if m["content"] is None and not (role == "assistant" and m.get("tool_calls")):
                 raise RequestError(f"messages[{i}].content: a {role} message needs content",
+                                   param=f"messages[{i}].content")
+            if not _is_content(m["content"]):
+                raise RequestError(f"messages[{i}].content: must be a string or a list of "
+                                   f"text parts, got {type(m['content']).__name__}",
                                    param=f"messages[{i}].content")
             if m.get("tool_calls") and role != "assistant":
                 raise RequestError(f"messages[{i}].tool_calls: only assistant messages make "
@@ -140,7 +176,7 @@ class ChatTemplate:
             out.append((i, m))
         return out
 
-    def _call(self, messages, tools=None) -> str:
+    def _call(self, messages, tools=None, add_generation_prompt: bool = True) -> str:
         tok = self.tokenizer
 
         def token_text(tid):  # the special token's own text, which decode() would skip
@@ -150,7 +186,7 @@ class ChatTemplate:
             return (inner.id_to_token(tid) if inner is not None else tok.decode([tid])) or ""
 
         return self._compiled.render(messages=messages, tools=tools or None,
-                                     add_generation_prompt=True,
+                                     add_generation_prompt=add_generation_prompt,
                                      bos_token=token_text(getattr(tok, "bos_id", None)),
                                      eos_token=token_text(getattr(tok, "eos_id", None)))
 
@@ -186,7 +222,14 @@ class ChatTemplate:
             "name": _PROBE, "description": "", "parameters": {"type": "object"}}}])
 
 
-def _default(messages: list[tuple[int, dict]], tools) -> str:
+def _is_content(content) -> bool:
+    if content is None or isinstance(content, str):
+        return True
+    return isinstance(content, list) and all(
+        isinstance(p, dict) and isinstance(p.get("text"), str) for p in content)
+
+
+def _default(messages: list[tuple[int, dict]], tools, add_generation_prompt: bool = True) -> str:
     parts = []
     for _, m in messages:
         role = "tool" if m["role"] in ("tool", "function") else m["role"]
@@ -196,7 +239,7 @@ def _default(messages: list[tuple[int, dict]], tools) -> str:
         parts.append(f"<|{role}|>\n{text}\n")
     for t in tools or []:
         parts.append(f"<|functions|>\n{json.dumps(t, ensure_ascii=False)}\n")
-    return "".join(parts) + "<|assistant|>\n"
+    return "".join(parts) + ("<|assistant|>\n" if add_generation_prompt else "")
 
 
 def _compile(source: str):
