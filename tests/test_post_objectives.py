@@ -6,7 +6,8 @@ import math
 import pytest
 import torch
 
-from minimax01.train.post.dpo import dpo_loss, sequence_sums, token_logprobs
+from minimax01.train.post.dpo import dpo_loss
+from minimax01.train.post.logprobs import sequence_sums, token_logprobs
 from minimax01.train.post.grpo import (aggregate, balance_advantages, group_advantages,
                                        grpo_token_loss, pass_rate_keep)
 
@@ -172,8 +173,10 @@ def test_group_advantages_pass_rate_and_balance():
 
 
 def test_aggregate_token_and_sequence():
-    loss = torch.tensor([[1.0, 2.0, 0.0], [3.0, 0.0, 0.0]])
-    mask = torch.tensor([[1, 1, 0], [1, 0, 0]])
-    assert aggregate(loss, mask, "token") == (pytest.approx(6.0), 3)
-    total, n = aggregate(loss, mask, "sequence")
+    # packed: sequence 0 has tokens of loss 1, 2; sequence 1 one token of loss 3; -1: prompts
+    loss = torch.tensor([9.0, 1.0, 2.0, 9.0, 3.0])
+    seq = torch.tensor([-1, 0, 0, -1, 1])
+    total, n = aggregate(loss, seq, 2, "token")
+    assert total.item() == pytest.approx(6.0) and n == 3
+    total, n = aggregate(loss, seq, 2, "sequence")
     assert total.item() == pytest.approx(1.5 + 3.0) and n == 2

@@ -147,7 +147,8 @@ def check_run(cfg: RunConfig):
 
 # ---------------------------------------------------------------------- running
 def _initializer(path: Path, with_optimizer: bool, optim_cfg):
-    """Trainer `init` hook: fill the freshly built model (and AdamW) from `path`, a training
+    """Trainer `init` hook: fill the freshly built model (and AdamW, unless None: a reference
+    model) from `path`, a training
     checkpoint (its manifest and checksums verified: parallel/checkpoint.py) or an HF model
     folder; the stage's own AdamW settings are re-applied
     (a loaded optimizer state carries the previous stage's)."""
@@ -170,7 +171,7 @@ def _initializer(path: Path, with_optimizer: bool, optim_cfg):
         else:
             raise FileNotFoundError(f"init_from {path}: neither a training checkpoint "
                                     f"(trainer_state.json) nor an HF model (config.json)")
-        for i, group in enumerate(optimizer.param_groups):
+        for i, group in enumerate(optimizer.param_groups if optimizer is not None else []):
             group["betas"] = (optim_cfg.beta1, optim_cfg.beta2)
             group["eps"] = optim_cfg.eps
             group["weight_decay"] = optim_cfg.weight_decay if i == 0 else 0.0
@@ -197,7 +198,8 @@ def plan(cfg) -> list[dict]:
 def run_stages(cfg, world=None) -> list:
     """Run (or resume) every stage in order; returns their TrainResults. Stops after a stage
     that was stopped by a signal (its result is the last one)."""
-    from .trainer import Trainer, make_world
+    from .objectives import make_trainer
+    from .trainer import make_world
 
     stages = resolve_stages(cfg.train.stages)
     if not stages:
@@ -231,7 +233,7 @@ def run_stages(cfg, world=None) -> list:
         init = None
         if source is not None:
             init = _initializer(source, st.get("init", "continue") == "continue", sub.optim)
-        trainer = Trainer(sub, world, init=init)
+        trainer = make_trainer(sub, world, init=init)
         result = trainer.fit()
         results.append(result)
         if result.stopped_by_signal:

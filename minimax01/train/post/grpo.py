@@ -20,6 +20,8 @@ from __future__ import annotations
 
 import torch
 
+from .logprobs import sequence_sums
+
 
 def group_advantages(rewards: torch.Tensor, std: bool = True, eps: float = 1e-6) -> torch.Tensor:
     """rewards [P, G] -> advantages [P, G]: centred per group, divided by the group's std."""
@@ -66,10 +68,11 @@ def grpo_token_loss(logp: torch.Tensor, old_logp: torch.Tensor, adv: torch.Tenso
                     ref_logp: torch.Tensor | None = None, kl: str = "none",
                     kl_coef: float = 0.0) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     """Per-token loss [S, T] (0 outside `mask`) for log-probs [S, T] of the sampled tokens
-    under the policy, the rollout policy (`old_logp`) and the reference; `adv` [S].
+    under the policy, the rollout policy (`old_logp`) and the reference; `adv` [S] (or [S, T],
+    each token its sequence's advantage: the packed layout).
     Metrics (detached sums over masked tokens): clipped, dropped, kl, ratio, tokens."""
     mask = mask.to(logp.dtype)
-    a = adv[:, None].to(logp.dtype)
+    a = (adv[:, None] if adv.dim() == 1 else adv).to(logp.dtype)  # per sequence or per token
     ratio = (logp - old_logp).exp()
     pg1 = -a * ratio
     if clip == "none":
@@ -94,11 +97,15 @@ def grpo_token_loss(logp: torch.Tensor, old_logp: torch.Tensor, adv: torch.Tenso
     return loss * mask, stats
 
 
-def aggregate(token_loss: torch.Tensor, mask: torch.Tensor, how: str) -> tuple[torch.Tensor, int]:
-    """(sum, denominator contribution): `token` sums every token (the step divides by the global
-    token count), `sequence` averages within each sequence first (divided by the number of
-    sequences)."""
+def aggregate(token_loss: torch.Tensor, seq_index: torch.Tensor, num_sequences: int,
+              how: str) -> tuple[torch.Tensor, int]:
+    """(sum, denominator contribution) of a packed [N] token loss (`seq_index` [N]: the
+    sequence of each response token, -1 elsewhere): `token` sums every token (the step divides
+    by the global token count), `sequence` averages within each sequence first (the step divides
+    by the number of sequences)."""
+    keep = seq_index >= 0
     if how == "token":
-        return token_loss.sum(), int(mask.sum())
-    per_seq = token_loss.sum(1) / mask.sum(1).clamp(min=1)
-    return per_seq.sum(), int(mask.shape[0])
+        return token_loss[keep].sum(), int(keep.sum())
+    lengths = torch.bincount(seq_index[keep], minlength=num_sequences).clamp(min=1)
+    per_seq = sequence_sums(token_loss, seq_index, num_sequences) / lengths
+    return per_seq.sum(), num_sequences
