@@ -8,7 +8,8 @@ A stage is a table. Short keys: `name`, `seq_len`, `rope_theta`, `batch_size`, `
 step)) or `steps`; `init` = "continue" (weights and AdamW state of the previous stage, the
 default) or "weights" (weights only, a fresh optimizer); `init_from` = a training checkpoint
 folder or an HF model folder to start from (default: the previous stage's final checkpoint;
-none for the first stage). Tables `train`, `optim`, `data` override any key of those sections,
+none for the first stage); `epochs` records a paper's count (informative: the budget is
+`tokens` or `steps`). Tables `train`, `optim`, `data` override any key of those sections,
 `model` the keys that keep the weights' shapes (`STAGE_MODEL_KEYS`).
 
 Each stage is an ordinary run in `out_dir/stages/NN-name/` (its own checkpoints, metrics.jsonl,
@@ -36,7 +37,7 @@ from .config_io import _toml_value, from_dict, set_value, to_toml
 from .presets import STAGE_PRESETS
 
 STAGE_KEYS = ("name", "seq_len", "rope_theta", "batch_size", "length_mixture", "tokens", "steps",
-              "init", "init_from", "train", "optim", "data", "model")
+              "epochs", "init", "init_from", "train", "optim", "data", "model")
 STAGE_MODEL_KEYS = ("rope_theta", "max_position_embeddings", "router_aux_loss_coef",
                     "capacity_factor", "dtype", "sliding_window")
 DONE_FILE = "stage_done.json"
@@ -109,7 +110,10 @@ def stage_config(base: RunConfig, stages: list[dict], index: int) -> RunConfig:
             put(f"{section}.{key}", value)
     cfg.train.out_dir = str(stage_dir(base.train.out_dir, index, name))
     if ("tokens" in st) == ("steps" in st):
-        raise ValueError(f"{where} ({name}): give exactly one of tokens (the budget) or steps")
+        epochs = f" (the preset's schedule says {st['epochs']} epoch(s) of its own data; set " \
+                 f"the steps or tokens that are that many epochs of yours)" if "epochs" in st else ""
+        raise ValueError(f"{where} ({name}): give exactly one of tokens (the budget) or "
+                         f"steps{epochs}")
     if "steps" in st:
         put("train.steps", st["steps"])
     else:

@@ -163,7 +163,7 @@ class PreferenceData:
         self.shards = [d.source]
         self.encoder = PairEncoder(tokenizer, t.seq_len // 2, d.add_bos)
         self.encoded: dict[int, list] = {}
-        self.train_ids, self.eval_ids = split(self.records, str(d.source), d.eval_fraction)
+        self.train_ids, self.eval_ids = split(self.records, d.source, d.eval_fraction)
         self.seed, self.epoch, self.cursor = t.seed, 0, 0
         self.reference: torch.Tensor | None = None  # [N, 2] precomputed reference log-probs
 

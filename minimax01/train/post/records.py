@@ -35,11 +35,12 @@ def read_records(path: str | Path, check) -> list[dict]:
     return out
 
 
-def split(records: list, name: str, fraction: float) -> tuple[list[int], list[int]]:
-    """(train indices, held-out indices) by a stable hash of (file name, index)."""
+def split(records: list, path: str | Path, fraction: float) -> tuple[list[int], list[int]]:
+    """(train indices, held-out indices) by a stable hash of (the file's name, index): the
+    same split wherever the file lies."""
     train, held = [], []
     for i in range(len(records)):
-        (held if held_out(name, i, fraction) else train).append(i)
+        (held if held_out(Path(path).name, i, fraction) else train).append(i)
     return train, held
 
 
