@@ -56,6 +56,7 @@ def main() -> int:
     p.add_argument("--rl-steps", type=int, default=60)
     p.add_argument("--warmup-steps", type=int, default=60)
     p.add_argument("--dpo-steps", type=int, default=60)
+    p.add_argument("--rl-lr", type=float, default=1e-3)
     p.add_argument("--out", default=None, help="folder for the JSON and the plot")
     p.add_argument("--work", default=None, help="folder for the runs (default: a temp folder)")
     args = p.parse_args()
@@ -66,7 +67,7 @@ def main() -> int:
 
     start = time.perf_counter()
     run_stages(rl_config(work / "rl", warmup_steps=args.warmup_steps, rl_steps=args.rl_steps,
-                         rl_lr=3e-3, eval_every=10))
+                         rl_lr=args.rl_lr, eval_every=10))
     rl = rl_curve(work / "rl" / "run")
     rl_seconds = time.perf_counter() - start
     start = time.perf_counter()
@@ -78,8 +79,9 @@ def main() -> int:
     summary = {
         "rl_reward_first": mean(rl["reward"][:k]), "rl_reward_last": mean(rl["reward"][-k:]),
         "rl_eval_reward": list(zip(rl["eval_step"], rl["eval_reward"])),
-        "rl_time_generate_s": sum(rl["time_generate_s"]), "rl_time_train_s": sum(rl["time_train_s"]),
-        "rl_seconds": rl_seconds, "dpo_eval_accuracy": list(zip(dpo["eval_step"], dpo["eval_accuracy"])),
+        "rl_time_generate_s": sum(rl["time_generate_s"]),
+        "rl_time_train_s": sum(rl["time_train_s"]), "rl_seconds": rl_seconds,
+        "dpo_eval_accuracy": list(zip(dpo["eval_step"], dpo["eval_accuracy"])),
         "dpo_seconds": dpo_seconds}
     print("GRPO step  reward  kl      clip   gen_s  train_s")
     for i, s in enumerate(rl["step"]):

@@ -110,8 +110,9 @@ def stage_config(base: RunConfig, stages: list[dict], index: int) -> RunConfig:
             put(f"{section}.{key}", value)
     cfg.train.out_dir = str(stage_dir(base.train.out_dir, index, name))
     if ("tokens" in st) == ("steps" in st):
-        epochs = f" (the preset's schedule says {st['epochs']} epoch(s) of its own data; set " \
-                 f"the steps or tokens that are that many epochs of yours)" if "epochs" in st else ""
+        epochs = "" if "epochs" not in st else \
+            f" (the preset's schedule says {st['epochs']} epoch(s) of its own data; set the " \
+            f"steps or tokens that are that many epochs of yours)"
         raise ValueError(f"{where} ({name}): give exactly one of tokens (the budget) or "
                          f"steps{epochs}")
     if "steps" in st:

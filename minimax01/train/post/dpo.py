@@ -2,7 +2,7 @@
 (logprobs.py sums them, also across context-parallel ranks).
 
     logits  = beta * ((pi_c - ref_c) - (pi_r - ref_r))
-    loss    = -(1 - eps) * log sigmoid(logits) - eps * log sigmoid(-logits)    (eps: label smoothing)
+    loss    = -(1 - eps) * log sigmoid(logits) - eps * log sigmoid(-logits)   (eps: smoothing)
     rewards = beta * (pi - ref) for the chosen and the rejected response"""
 
 from __future__ import annotations

@@ -9,10 +9,11 @@ Only the response's tokens count: a sequence's log-prob is the sum over its resp
 
 A pair is two packed documents (chosen, then rejected) in one row, never split across rows;
 rows of `seq_len` take whole pairs greedily and the rest is padding in a segment of its own, so
-`cu_seqlens` keeps every sequence apart (on CPU the same pairs go as padded rows instead). Each sequence is cut to seq_len // 2 tokens (the
-response's end first, then the prompt's start). Per position, `seq_index` says which sequence's
-response token is the target there (2k chosen, 2k+1 rejected for the row batch's pair k; -1:
-none), and `pair_ids` the pairs' dataset indices (for precomputed reference log-probs)."""
+`cu_seqlens` keeps every sequence apart (on CPU the same pairs go as padded rows instead).
+Each sequence is cut to seq_len // 2 tokens (the response's end first, then the prompt's
+start). Per position, `seq_index` says which sequence's response token is the target there (2k
+chosen, 2k+1 rejected for the batch's pair k; -1: none), and `pair_ids` the pairs' dataset
+indices (for precomputed reference log-probs)."""
 
 from __future__ import annotations
 

@@ -166,7 +166,8 @@ class GRPOTrainer(Trainer):
             tokens = prompt + response
             n, p = len(tokens), len(prompt)
             learn = [p <= i + 1 < n for i in range(n)]
-            rows.append((tokens, [tokens[i + 1] if m else IGNORE_INDEX for i, m in enumerate(learn)],
+            targets = [tokens[i + 1] if m else IGNORE_INDEX for i, m in enumerate(learn)]
+            rows.append((tokens, targets,
                          [k if m else -1 for m in learn],
                          [float(adv[k]) if m else 0.0 for m in learn]))
         if not rows:  # every group filtered out: one pad token, nothing to learn
