@@ -86,3 +86,19 @@ def test_cli_print_config(capsys):
 
 def test_default_config_is_valid():
     RunConfig().validate()
+
+
+def test_every_shipped_config_parses_and_validates(tmp_path):
+    """Every configs/*.toml goes through the schema (configs/ablations/ has its own tests); a
+    fine-tuning config's checkpoint is stood in for by a tiny one."""
+    from minimax01 import MiniMaxForCausalLM, ModelConfig
+
+    tiny = tmp_path / "ckpt"
+    MiniMaxForCausalLM(ModelConfig.from_preset("debug")).save_pretrained(tiny)
+    files = sorted((ROOT / "configs").glob("*.toml"))
+    assert any(f.name.startswith("finetune-") for f in files)
+    for path in files:
+        cfg = load_toml(path)
+        if cfg.train.init_from:
+            cfg.train.init_from = str(tiny)
+        cfg.validate()

@@ -1,5 +1,6 @@
 """`python -m minimax01 info --preset NAME | --checkpoint DIR | --config FILE.toml`: parameters,
 FLOPs per token and a memory table (weights, KV cache and lightning state per sequence) for a model configuration.
+With `--train`: memory per GPU of full fine-tuning or LoRA, and the fewest GPUs (info_train.py).
 
 `--preset` takes a model preset (minimax01.config.MODEL_PRESETS) or a run preset (what
 `train --preset` takes, minimax01.train.presets.RUN_PRESETS), which shows the model it trains."""
@@ -38,6 +39,9 @@ def add_arguments(parser) -> None:
     parser.add_argument("--gpu-bandwidth", type=float, default=None, metavar="TB/s",
                         help="memory bandwidth per GPU: also predict the decode step from it")
     parser.add_argument("--json", action="store_true", help="print the plan as JSON")
+    from .info_train import add_train_arguments
+
+    add_train_arguments(parser)
 
 
 def _checkpoint_lines(path: str) -> tuple[ModelConfig, list[str]]:
@@ -67,10 +71,18 @@ def run(args) -> int:
     elif args.config is not None:
         from ..train.config_io import load_toml
 
-        cfg = load_toml(args.config).model.build()
+        try:
+            run_cfg = load_toml(args.config)
+            cfg = run_cfg.validate() if args.train else run_cfg.model.build()
+        except (ValueError, FileNotFoundError) as e:
+            raise CLIError(str(e)) from None
         lines += [f"Config {args.config}", ""]
     else:
         cfg, lines = _checkpoint_lines(args.checkpoint)
+    if args.train:  # memory per GPU of training / fine-tuning (train/memory.py)
+        from .info_train import run_train
+
+        return run_train(args, cfg, lines, run_cfg if args.config is not None else None)
     if args.gpus is not None or args.tensor_parallel is not None or args.quantization \
             or args.json or args.gpu_bandwidth is not None:
         return _cluster(args, cfg, lines)

@@ -20,7 +20,7 @@ from .presets import STAGE_PRESETS
 
 SECTIONS = ("model", "data", "optim", "train", "parallel")
 SCHEDULES = ("wsd", "cosine", "linear", "constant")
-DATA_FORMATS = ("auto", "text", "jsonl", "parquet", "arrow")
+DATA_FORMATS = ("auto", "text", "jsonl", "parquet", "arrow", "chat")
 _DEVICE = re.compile(r"auto|cpu|cuda(:\d+)?|mps")
 
 
@@ -45,6 +45,8 @@ class DataConfig:
 
     source: str = "stdlib"          # "stdlib", "synthetic", or a path (file or folder)
     format: str = "auto"            # auto | text | jsonl | parquet | arrow (HF save_to_disk folder)
+    #                                 | chat (JSONL of {"messages": [...]}: assistant tokens only)
+    chat_template: str = ""         # chat: a Jinja file (default the tokenizer's, else Text-01's)
     text_field: str = "text"        # the column / JSON key holding a document's text
     tokenizer: str = "byte"         # "byte" or a tokenizer.json (or a folder holding one)
     add_bos: bool = True            # start every document with the tokenizer's BOS id
@@ -116,6 +118,21 @@ class RLConfig:
     eval_prompts: int = 32          # held-out prompts for greedy eval_reward
 
 
+LORA_TARGETS = ("qkv_proj", "output_gate", "out_proj",   # lightning attention
+                "q_proj", "k_proj", "v_proj", "o_proj",   # softmax attention
+                "gate")                                    # the MoE router (not by default)
+
+
+@dataclass
+class LoraConfig:
+    """`[train.lora]`: low-rank adapters on the attention projections (train/lora.py); only the
+    adapters train. rank 0: no adapters (full fine-tuning)."""
+
+    rank: int = 0
+    alpha: float = 16.0             # the update is (alpha / rank) * B @ A
+    targets: list[str] = field(default_factory=lambda: list(LORA_TARGETS[:-1]))
+
+
 @dataclass
 class TrainConfig:
     """`[train]`: the loop: how long, how big, where to write, how often to log / evaluate /
@@ -147,6 +164,8 @@ class TrainConfig:
     objective: str = "lm"           # lm (next-token) | dpo | grpo (docs/post_training.md)
     dpo: DPOConfig = field(default_factory=DPOConfig)
     rl: RLConfig = field(default_factory=RLConfig)
+    init_from: str = ""             # an HF-format checkpoint folder to fine-tune (train/init_from.py)
+    lora: LoraConfig = field(default_factory=LoraConfig)
 
 
 @dataclass
@@ -171,7 +190,14 @@ class RunConfig:
         """Check every section; returns the model config. Raises ValueError naming the key.
         `train.stages` is checked for its form here; each stage's own config (the overrides
         applied) by `minimax01.train.stages.check_run`, which the train command runs."""
-        model = self.model.build()
+        if self.train.init_from:  # the architecture is the checkpoint's
+            from .init_from import check_model_fields, checkpoint_config
+
+            model = check_model_fields(checkpoint_config(self.train.init_from),
+                                       self.model.preset, self.model.fields,
+                                       ModelPresetConfig.preset)
+        else:
+            model = self.model.build()
         _check_train(self.train, model)
         _check_data(self.data)
         _check_optim(self.optim, self.train)
@@ -202,6 +228,7 @@ def _check_train(t: TrainConfig, model: ModelConfig) -> None:
         raise ValueError(f"train.device must be auto, cpu, cuda or cuda:N, got {t.device!r}")
     if not t.out_dir.strip():
         raise ValueError("train.out_dir must not be empty")
+    _check_lora(t.lora)
     if isinstance(t.stages, str):
         if t.stages and t.stages not in STAGE_PRESETS:
             raise ValueError(f"train.stages: unknown preset {t.stages!r}; available: "
@@ -255,6 +282,19 @@ def _check_rl(r: RLConfig) -> None:
         raise ValueError(f"train.rl.eval_prompts must be >= 0, got {r.eval_prompts}")
 
 
+def _check_lora(lora: LoraConfig) -> None:
+    if lora.rank < 0:
+        raise ValueError(f"train.lora.rank must be >= 0 (0: no LoRA), got {lora.rank}")
+    if not (math.isfinite(lora.alpha) and lora.alpha > 0):
+        raise ValueError(f"train.lora.alpha must be a positive number, got {lora.alpha}")
+    bad = [t for t in lora.targets if t not in LORA_TARGETS]
+    if bad:
+        raise ValueError(f"train.lora.targets: unknown target {bad[0]!r}; choose among "
+                         f"{', '.join(LORA_TARGETS)}")
+    if lora.rank and not lora.targets:
+        raise ValueError("train.lora.targets is empty: name at least one projection")
+
+
 def _check_data(d: DataConfig) -> None:
     if d.format not in DATA_FORMATS:
         raise ValueError(f"data.format must be {', '.join(DATA_FORMATS[:-1])} or "
@@ -265,6 +305,11 @@ def _check_data(d: DataConfig) -> None:
         raise ValueError(f"data.synthetic_length must be >= 0, got {d.synthetic_length}")
     if d.length_mixture:
         check_mixture(d.length_mixture)
+        if d.format == "chat":
+            raise ValueError("data.length_mixture does not apply to data.format chat "
+                             "(conversations are packed whole)")
+    if d.chat_template and d.format != "chat":
+        raise ValueError("data.chat_template is only read with data.format chat")
 
 
 def check_mixture(spec, where: str = "data.length_mixture") -> list[tuple[float, float, float]]:

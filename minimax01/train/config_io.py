@@ -41,26 +41,25 @@ def field_type(cfg: RunConfig, dotted: str) -> Any:
         if key not in hints:
             raise ValueError(f"unknown config key model.{key}{_hint(key, hints, 'model.')}")
         return hints[key]
-    owner, key = _owner(cfg, dotted)
-    hints = typing.get_type_hints(type(owner))
-    where = dotted.rpartition(".")[0]
-    if key not in hints:
-        raise ValueError(f"unknown config key {dotted}{_hint(key, list(hints), where + '.')}")
-    return hints[key]
+    _, typ = _walk(cfg, section, key)
+    return typ
 
 
-def _owner(cfg: RunConfig, dotted: str) -> tuple[Any, str]:
-    """The dataclass holding the last key of `section.key` or `section.sub.key` (nested tables
-    such as `train.dpo`), and that key."""
-    section, *path = dotted.split(".")
-    owner = getattr(cfg, section)
-    for i, part in enumerate(path[:-1]):
-        inner = getattr(owner, part, None)
-        if not dataclasses.is_dataclass(inner):
-            raise ValueError(f"unknown config key {'.'.join([section, *path[:i + 1]])} "
-                             f"(in {dotted!r})")
-        owner = inner
-    return owner, path[-1]
+def _walk(cfg: RunConfig, section: str, key: str) -> tuple[Any, Any]:
+    """(the dataclass holding `key`, the key's annotation); `key` may be dotted into a nested
+    table (`train.lora.rank`)."""
+    obj, where = getattr(cfg, section), section
+    *tables, last = key.split(".")
+    for name in tables + [last]:
+        hints = typing.get_type_hints(type(obj))
+        if name not in hints:
+            raise ValueError(f"unknown config key {where}.{name}"
+                             f"{_hint(name, list(hints), where + '.')}")
+        if name == last:
+            return obj, hints[name]
+        if not dataclasses.is_dataclass(hints[name]):
+            raise ValueError(f"config key {where}.{name} is not a table")
+        obj, where = getattr(obj, name), f"{where}.{name}"
 
 
 def set_value(cfg: RunConfig, dotted: str, value: Any) -> None:
@@ -75,14 +74,13 @@ def set_value(cfg: RunConfig, dotted: str, value: Any) -> None:
         cfg.model.preset = value
     elif section == "model":
         cfg.model.fields[key] = coerce(dotted, value, typ)
-    elif dataclasses.is_dataclass(typ):  # a nested table: `[train.dpo]` or `dpo = {beta = 0.1}`
+    elif dataclasses.is_dataclass(typ):  # a nested table: each of its keys
         if not isinstance(value, dict):
             raise ValueError(f"{dotted} must be a table, got {value!r}")
-        for sub, v in value.items():
-            set_value(cfg, f"{dotted}.{sub}", v)
+        for k, v in value.items():
+            set_value(cfg, f"{dotted}.{k}", v)
     else:
-        owner, key = _owner(cfg, dotted)
-        setattr(owner, key, coerce(dotted, value, typ))
+        setattr(_walk(cfg, section, key)[0], key.rsplit(".", 1)[-1], coerce(dotted, value, typ))
 
 
 def set_text(cfg: RunConfig, dotted: str, text: str) -> None:

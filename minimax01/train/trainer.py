@@ -72,6 +72,8 @@ class Trainer:
                              "minimax01.train.stages.run_stages (the train command does this)")
         self.world = world if world is not None else make_world(cfg)
         spec = cfg.data.tokenizer
+        if spec == "byte" and cfg.train.init_from:  # fine-tuning: the checkpoint's tokenizer
+            spec = cfg.train.init_from
         try:
             self.tokenizer = load_tokenizer(None if spec == "byte" else spec)
         except (FileNotFoundError, ValueError):
@@ -127,15 +129,37 @@ class Trainer:
         t = self.cfg.train
         torch.manual_seed(t.seed)
         random.seed(t.seed)
-        with torch.device(self.world.device):
+        # from a checkpoint: built on the meta device, each rank's part read after parallelize
+        with torch.device("meta" if t.init_from else self.world.device):
             model = MiniMaxForCausalLM(self.model_cfg)
         model.float()  # fp32 master weights; autocast does the low-precision math
+        if t.lora.rank:  # only the adapters train; the frozen matrices need no fp32 master
+            from .lora import apply_lora, cast_frozen
+
+            apply_lora(model, t.lora.rank, t.lora.alpha, t.lora.targets, seed=t.seed)
+            cast_frozen(model, torch_dtype(t.dtype))
         if t.activation_checkpointing:
             model.set_gradient_checkpointing(True)
         if t.compile:
             for layer in model.model.layers:
                 layer.compile()
         return model
+
+    def _init_from(self, model, resumed: bool) -> None:
+        """Give the meta model this rank's storage: the checkpoint's weights (train.init_from),
+        or nothing yet when resuming (the training checkpoint fills it)."""
+        from ..checkpoint.hf import _materialize_buffers
+        from .init_from import fill_from_checkpoint
+        from .lora import reset_lora
+
+        t = self.cfg.train
+        if resumed:
+            model.to_empty(device=self.world.device)
+            _materialize_buffers(model, self.world.device)
+            return
+        fill_from_checkpoint(model, t.init_from, self.world.device)
+        if t.lora.rank:
+            reset_lora(model, t.seed)
 
     def _batch_to_device(self, batch: dict) -> dict:
         dev = self.world.device
@@ -208,6 +232,10 @@ class Trainer:
             return None, None
         state = dcp_checkpoint.full_state_dict(model)  # every rank takes part; gathered on CPU
         path = sample = None
+        if self.world.is_main and t.lora.rank:  # merge-and-export: the released layout
+            from .lora import merge_state_dict
+
+            state = merge_state_dict(state, t.lora.alpha / t.lora.rank)
         if self.world.is_main:
             dtype = torch_dtype(self.model_cfg.dtype)
             state = {k: v.to(dtype) if v.is_floating_point() else v for k, v in state.items()}
@@ -281,6 +309,8 @@ class Trainer:
         model = self.build_model()
         raw_model = model
         model = parallelize(model, world, cfg.parallel)
+        if t.init_from:  # storage for this rank's part, filled unless a checkpoint will be
+            self._init_from(model, resumed=self.resume_from is not None)
         optimizer = build_optimizer(model, cfg.optim)
         step = tokens = 0
         lines = 0

@@ -42,20 +42,43 @@ class TrainData:
         self.first = dp_rank * self.local
         self.pad_id = pad_id if pad_id is not None else (tokenizer.pad_id or 0)
         length = d.synthetic_length or t.seq_len
+        chat_shard = None
+        if d.format == "chat":  # conversations, assistant tokens learned (chat_data.py)
+            from pathlib import Path
+
+            from .chat import ChatRenderer
+            from .chat_data import ChatJsonlFile
+
+            template = None
+            if d.chat_template:
+                if not Path(d.chat_template).is_file():
+                    raise ValueError(f"data.chat_template: no file at {d.chat_template}")
+                template = Path(d.chat_template).read_text(encoding="utf-8")
+            renderer = ChatRenderer(tokenizer, template)
+
+            def chat_shard(path, name, strict):
+                return ChatJsonlFile(path, name, renderer, strict)
         self.shards = open_source(d.source, d.format, d.text_field, d.synthetic_tasks, length,
-                                  t.seed, strict=d.strict)
+                                  t.seed, strict=d.strict, chat_shard=chat_shard)
         if dp_rank:  # one warning per bad line, from the first rank only
             for shard in self.shards:
                 if isinstance(shard, JsonlFile):
                     shard.bad = _Quiet()
         self.stream = self._stream("train")
-        self.packer = Packer(self.stream, t.seq_len, self.pad_id)
+        self.packer = self._packer(self.stream)
         if d.length_mixture:  # rows drawn by document length (train/data/mixture.py)
             from .mixture import LengthMixture
 
             self.stream = self.packer = LengthMixture(
                 self.shards, tokenizer, d.length_mixture, t.seq_len, self.pad_id, t.seed,
                 d.eval_fraction, d.shuffle, d.add_bos, d.add_eos)
+
+    def _packer(self, stream: TokenStream):
+        if self.cfg.data.format == "chat":
+            from .chat_data import ChatPacker
+
+            return ChatPacker(stream, self.seq_len, self.pad_id)
+        return Packer(stream, self.seq_len, self.pad_id)
 
     def _stream(self, split: str) -> TokenStream:
         d = self.cfg.data
@@ -74,7 +97,7 @@ class TrainData:
 
     def check(self) -> None:
         """Fail early (one clear line) when the training split yields no tokens."""
-        probe = Packer(self._stream("train"), self.seq_len, self.pad_id)
+        probe = self._packer(self._stream("train"))
         if probe.next_row() is None:
             raise ValueError(f"data.source {self.cfg.data.source}: no training text")
         if hasattr(self.packer, "check"):
@@ -85,7 +108,7 @@ class TrainData:
         empty if data.eval_fraction is 0). A short last batch is padded with ignored rows."""
         if self.cfg.data.eval_fraction <= 0:
             return []
-        packer = Packer(self._stream("eval"), self.seq_len, self.pad_id)
+        packer = self._packer(self._stream("eval"))
         pad_row = ([self.pad_id] * self.seq_len, [IGNORE_INDEX] * self.seq_len, [self.seq_len])
         batches = []
         for _ in range(num_batches):

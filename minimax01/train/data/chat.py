@@ -29,6 +29,24 @@ class ChatRenderer:
         self.tokenizer = tokenizer
         self.template = ChatTemplate(tokenizer, source)
 
+    @classmethod
+    def from_pretrained(cls, path) -> "ChatRenderer":
+        """A checkpoint folder's tokenizer and chat template: `chat_template.jinja`, else
+        `chat_template.json`, else tokenizer_config.json's `chat_template`, else Text-01's."""
+        import json
+        from pathlib import Path
+
+        from ...tokenizer import load_tokenizer
+
+        path = Path(path)
+        template = None
+        if (path / "chat_template.jinja").is_file():
+            template = (path / "chat_template.jinja").read_text(encoding="utf-8")
+        elif (path / "chat_template.json").is_file():
+            template = json.loads((path / "chat_template.json").read_text(encoding="utf-8")
+                                  ).get("chat_template")
+        return cls(load_tokenizer(path), template)
+
     def text(self, messages: list[dict], tools: list[dict] | None = None,
              add_generation_prompt: bool = False) -> str:
         """The rendered text (for inspection, and the prompt of a generation)."""

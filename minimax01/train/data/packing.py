@@ -10,13 +10,13 @@ next row's first input), so no token goes unpredicted."""
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import random
 from typing import Iterator
 
 import torch
 
-from .sources import Unit
 
 IGNORE_INDEX = -100
 _SALT = b"minimax01-heldout/"
@@ -50,6 +50,7 @@ class TokenStream:
         self.epoch, self.cursor, self.pos, self.new_doc = 0, 0, None, True
         self._tokens: list[int] = []
         self._starts: list[bool] = []
+        self._learn: list[bool] | None = None
         self.offset = 0
         self._units: Iterator | None = None
 
@@ -98,11 +99,11 @@ class TokenStream:
                 prev_kept = True
                 for unit in shard.units(pos if first and pos is not None else 0):
                     keep = held_out(shard.name, unit.pos, self.fraction) == (self.split == "eval")
-                    if keep and unit.text:
+                    if keep and (unit.text or unit.tokens):
                         nd = new_doc if first else (unit.new_doc or not prev_kept)
                         first = False
                         found = True
-                        yield epoch, c, Unit(unit.text, unit.pos, nd, unit.ends_doc)
+                        yield epoch, c, dataclasses.replace(unit, new_doc=nd)
                     prev_kept = keep
                 first = False
             if not self.loop:
@@ -115,17 +116,35 @@ class TokenStream:
         if self._units is None:
             self._units = self._walk(self.epoch, self.cursor, None, True)
         for epoch, cursor, unit in self._units:
-            toks = ([self.bos] if self.bos is not None and unit.new_doc else [])
-            toks += self.tok.encode(unit.text)
-            if self.eos is not None and unit.ends_doc:
-                toks.append(self.eos)
+            if unit.tokens is not None:  # rendered already (a conversation): as it is
+                toks, learn = list(unit.tokens), list(unit.learn)
+            else:
+                toks = ([self.bos] if self.bos is not None and unit.new_doc else [])
+                toks += self.tok.encode(unit.text)
+                if self.eos is not None and unit.ends_doc:
+                    toks.append(self.eos)
+                learn = None
             if not toks:
                 continue
             self.epoch, self.cursor, self.pos, self.new_doc = epoch, cursor, unit.pos, unit.new_doc
             self._tokens, self._starts, self.offset = toks, [False] * len(toks), 0
+            self._learn = learn
             self._starts[0] = unit.new_doc
             return True
         return False
+
+    def peek_unit(self) -> tuple[list[int], list[bool]] | None:
+        """The unread tokens of the current unit (the next unit once it is used up) and which
+        are targets, without consuming them (`consume()` does); None at the end of the stream."""
+        if self.offset >= len(self._tokens) and not self._next_unit():
+            return None
+        toks = self._tokens[self.offset:]
+        learn = self._learn[self.offset:] if self._learn is not None else [True] * len(toks)
+        return toks, learn
+
+    def consume(self) -> None:
+        """Mark the current unit as read."""
+        self.offset = len(self._tokens)
 
     def take(self, n: int) -> tuple[list[int], list[bool]]:
         """Up to `n` tokens and their document-start flags (fewer only at the end of a held-out

@@ -39,6 +39,8 @@ class Unit:
     pos: int          # reopen the shard here to read this unit again
     new_doc: bool     # first piece of a document
     ends_doc: bool    # last piece of a document
+    tokens: tuple | None = None   # already tokenized (a chat conversation): these ids ...
+    learn: tuple | None = None    # ... and which of them are targets (train/data/chat.py)
 
 
 class TextFile:
@@ -104,11 +106,16 @@ class JsonlFile:
                 lineno += 1
                 if not line.strip():
                     continue
-                text, why = self._text(line)
+                unit, why = self._unit(line, here)
                 if why is not None:
                     self._bad_line(lineno, why)
                     continue
-                yield Unit(text, here, True, True)
+                yield unit
+
+    def _unit(self, line: bytes, pos: int) -> tuple[Unit | None, str | None]:
+        """The line's unit, or why it has none."""
+        text, why = self._text(line)
+        return (Unit(text, pos, True, True) if why is None else None), why
 
     def _text(self, line: bytes) -> tuple[str | None, str | None]:
         try:
@@ -287,7 +294,10 @@ def stdlib_shards() -> list[TextFile]:
     return files
 
 
-def _file_shard(path: Path, name: str, fmt: str, text_field: str, strict: bool = False):
+def _file_shard(path: Path, name: str, fmt: str, text_field: str, strict: bool = False,
+                chat_shard=None):
+    if fmt == "chat":  # every file is JSONL of conversations
+        return chat_shard(path, name, strict)
     suffix = path.suffix.lower()
     if fmt == "auto":
         fmt = ("jsonl" if suffix in JSONL_SUFFIXES else "parquet" if suffix in PARQUET_SUFFIXES
@@ -383,10 +393,17 @@ def _walk(root: Path, source: str) -> Iterator[Path]:
 
 def open_source(source: str, fmt: str = "auto", text_field: str = "text",
                 synthetic_tasks=TASKS, synthetic_length: int = 2048, seed: int = 0,
-                strict: bool = False) -> list:
+                strict: bool = False, chat_shard=None) -> list:
     """The shards of `source`: "stdlib", "synthetic", a file, or a folder (a `save_to_disk`
     dataset, or a tree of text / JSONL / parquet / Arrow files). Raises a one-line error for a
-    missing or empty path. `strict`: a malformed JSONL line is an error (default: skipped)."""
+    missing or empty path. `strict`: a malformed JSONL line is an error (default: skipped).
+    fmt "chat": every file is JSONL of conversations, read by `chat_shard(path, name, strict)`
+    (chat_data.ChatJsonlFile with its renderer)."""
+    if fmt == "chat" and chat_shard is None:
+        raise ValueError("data.format chat needs a chat renderer (TrainData makes one)")
+    if fmt == "chat" and source in ("stdlib", "synthetic"):
+        raise ValueError(f"data.format chat reads JSONL files of conversations; data.source "
+                         f"{source!r} has none")
     if source == "stdlib":
         return stdlib_shards()
     if source == "synthetic":
@@ -403,7 +420,7 @@ def open_source(source: str, fmt: str = "auto", text_field: str = "text",
         raise ValueError(f"data.source {source}: {e.strerror}") from None
     if path.is_file():
         shard = _file_shard(path, path.name, "text" if fmt == "auto" and not path.suffix else fmt,
-                            text_field, strict)
+                            text_field, strict, chat_shard)
         if shard is None:
             raise ValueError(f"data.source {source}: unknown file type {path.suffix!r}; set "
                              f"data.format to text, jsonl, parquet or arrow")
@@ -416,7 +433,7 @@ def open_source(source: str, fmt: str = "auto", text_field: str = "text",
             return saved
     shards = []
     for p in _walk(path, source):
-        shard = _file_shard(p, p.relative_to(path).as_posix(), fmt, text_field, strict)
+        shard = _file_shard(p, p.relative_to(path).as_posix(), fmt, text_field, strict, chat_shard)
         if shard is not None:
             shards.append(shard)
     if not shards:

@@ -1,5 +1,6 @@
 """The frozen reference model of DPO and of GRPO's KL term: built exactly like the policy (the
-same seed, the same parallel layout, the same `init`: the stage's starting weights), so on a
+same seed, the same parallel layout, the same `train.init_from` checkpoint and the same `init`: the
+stage's starting weights), so on a
 resume it is still the starting point, not the resumed weights."""
 
 from __future__ import annotations
@@ -9,6 +10,8 @@ def frozen_reference(trainer):
     from ...parallel.parallelize import parallelize
 
     ref = parallelize(trainer.build_model(), trainer.world, trainer.cfg.parallel)
+    if trainer.cfg.train.init_from:  # fine-tuning a released checkpoint: its weights
+        trainer._init_from(ref, resumed=False)
     if trainer.init is not None:
         trainer.init(ref, None)
     ref.eval()

@@ -75,6 +75,9 @@ class GRPOTrainer(Trainer):
             raise ValueError("train.objective grpo: parallel.cp and parallel.ep must be 1 (the "
                              "rollout engine holds the full weights on every rank); use "
                              "parallel.dp_shard for data parallelism")
+        if cfg.train.lora.rank:
+            raise ValueError("train.objective grpo: train.lora.rank must be 0 (the rollout "
+                             "engine runs plain weights; train the full model, or merge first)")
         self.verifier = load_verifier(cfg.train.rl.verifier)
         super().__init__(cfg, world, init)
         self.engine = self.reference = self.policy = None
