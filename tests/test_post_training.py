@@ -220,3 +220,31 @@ def test_sft_dpo_grpo_schedule_resumes_in_the_right_stage(tmp_path):
     assert [r["step"] for r in rl if "reward" in r] == [1, 2]
     done = json.loads((tmp_path / "run/stages/02-rl/stage_done.json").read_text())
     assert done["step"] == 2
+
+
+def scrambled_reward(prompt, completion, answer):
+    """A verifier (train.rl.verifier = "test_post_training:scrambled_reward") whose rewards
+    vary between any two completions, so advantages are not all zero."""
+    return float(sum(map(ord, completion)) % 7)
+
+
+def test_grpo_minibatches_after_the_first_see_a_ratio_other_than_one(tmp_path):
+    """Two optimizer steps per rollout batch: the first minibatch's policy is the rollout
+    policy (ratio exactly 1, nothing clipped); the second's has moved (ratio != 1)."""
+    cfg = from_preset("debug")
+    for k, v in {"train.objective": "grpo", "train.rl.prompts": "addition:1:4",
+                 "train.rl.group_size": 4, "train.rl.prompts_per_step": 4,
+                 "train.rl.minibatches": 2, "train.rl.max_new_tokens": 2,
+                 "train.rl.eval_prompts": 0, "train.rl.clip": "ppo", "train.rl.kl": "none",
+                 "train.rl.verifier": "test_post_training:scrambled_reward",
+                 "train.steps": 2, "train.seq_len": 32, "train.log_every": 1,
+                 "train.eval_every": 0, "train.save_every": 0, "optim.lr": 3e-2,
+                 "optim.warmup_steps": 0, "optim.schedule": "constant", "train.export": False,
+                 "train.sample_tokens": 0, "train.progress": False, "train.tensorboard": False,
+                 "train.out_dir": str(tmp_path / "run")}.items():
+        set_value(cfg, k, v)
+    make_trainer(cfg).fit()
+    recs = [r for r in read_metrics(tmp_path / "run/metrics.jsonl") if "ratio" in r]
+    assert recs[0]["ratio"] == pytest.approx(1.0, abs=1e-6) and recs[0]["clip_frac"] == 0
+    assert abs(recs[1]["ratio"] - 1.0) > 1e-4
+    assert "reward" in recs[0] and "reward" not in recs[1]  # one rollout batch, two updates

@@ -1,7 +1,6 @@
 """The frozen reference model of DPO and of GRPO's KL term: built exactly like the policy (the
-same seed, the same parallel layout, the same `train.init_from` checkpoint and the same `init`: the
-stage's starting weights), so on a
-resume it is still the starting point, not the resumed weights."""
+same seed, parallel layout, `train.init_from` checkpoint and stage `init`: the starting weights),
+so on a resume it is still the starting point, not the resumed weights."""
 
 from __future__ import annotations
 
