@@ -1,5 +1,5 @@
-"""DPO on two gloo processes equals one process: data parallel (FSDP2, pairs split over ranks)
-and context parallel (each pair's tokens split over two ranks, LASP+ / ring attention, the
+"""DPO on two gloo processes equals one process: data parallel (FSDP2, pairs split over ranks;
+with the chunked per-token log-probs, against the full logits of one process) and context parallel (each pair's tokens split over two ranks, LASP+ / ring attention, the
 per-sequence log-prob sums all-reduced over the CP group with the gradient reaching each rank's
 own positions once)."""
 
@@ -28,8 +28,8 @@ def _train(rank, world_size, work, parallel):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("parallel", [{"parallel.dp_shard": 2}, {"parallel.cp": 2}],
-                         ids=["dp2", "cp2"])
+@pytest.mark.parametrize("parallel", [{"parallel.dp_shard": 2, "train.loss_chunk_size": 16},
+                                      {"parallel.cp": 2}], ids=["dp2-chunked", "cp2"])
 def test_dpo_on_two_ranks_equals_one_process(tmp_path, parallel):
     threads = torch.get_num_threads()
     torch.set_num_threads(1)

@@ -180,3 +180,22 @@ def test_aggregate_token_and_sequence():
     assert total.item() == pytest.approx(6.0) and n == 3
     total, n = aggregate(loss, seq, 2, "sequence")
     assert total.item() == pytest.approx(1.5 + 3.0) and n == 2
+
+
+def test_chunked_token_logprobs_match_log_softmax_values_and_gradients():
+    from minimax01.ops.loss import chunked_token_logprobs
+
+    torch.manual_seed(0)
+    h = torch.randn(11, 8, dtype=torch.float64, requires_grad=True)
+    w = torch.randn(13, 8, dtype=torch.float64, requires_grad=True)
+    t = torch.randint(0, 13, (11,))
+    t[[2, 7]] = -100
+    g = torch.randn(11, dtype=torch.float64)
+    plain = token_logprobs(h @ w.t(), t)
+    (plain * g).sum().backward()
+    want = h.grad.clone(), w.grad.clone()
+    h.grad = w.grad = None
+    got = chunked_token_logprobs(h, w, t, chunk_size=4)
+    (got * g).sum().backward()
+    assert torch.allclose(got.double(), plain.double(), atol=1e-5) and got[2] == 0
+    assert torch.allclose(h.grad, want[0], atol=1e-5) and torch.allclose(w.grad, want[1], atol=1e-5)

@@ -22,7 +22,7 @@ import torch
 
 from ..trainer import Trainer
 from .dpo import dpo_loss
-from .logprobs import sequence_sums, token_logprobs
+from .logprobs import batch_logprobs, sequence_sums
 from .dpo_data import PreferenceData
 from .records import fingerprint
 from .reference import frozen_reference
@@ -89,9 +89,7 @@ class DPOTrainer(Trainer):
     def _sums(self, model, batch: dict, want_out: bool = False):
         """[2P] summed response log-probs (chosen, rejected interleaved) of this rank's pairs."""
         with self._autocast():
-            out = model(batch["input_ids"], cu_seqlens=batch.get("cu_seqlens"),
-                        position_ids=batch.get("position_ids"))
-        lp = token_logprobs(out.logits, batch["labels"]).reshape(-1)
+            out, lp = batch_logprobs(model, batch, self.cfg.train.loss_chunk_size)
         sums = sequence_sums(lp, batch["seq_index"].reshape(-1), 2 * int(batch["num_pairs"]),
                              self._cp_group())
         return (out, sums) if want_out else sums

@@ -31,3 +31,13 @@ def sequence_sums(values: torch.Tensor, seq_index: torch.Tensor, num_sequences: 
     total = sums.detach().clone()
     dist.all_reduce(total, group=cp_group)
     return sums + (total - sums.detach())
+
+
+def batch_logprobs(model, batch: dict, chunk_size: int = 0):
+    """(model output, flat [N] log-probs of `batch["labels"]`, next-token targets already):
+    through the model's per-token loss, chunked when `chunk_size` > 0 (train.loss_chunk_size:
+    no [N, V] logits are ever held)."""
+    out = model(batch["input_ids"], labels=batch["labels"], cu_seqlens=batch.get("cu_seqlens"),
+                position_ids=batch.get("position_ids"), shift_labels=False,
+                loss_chunk_size=chunk_size, reduction="none")
+    return out, -out.lm_loss.reshape(-1)

@@ -24,7 +24,7 @@ import torch
 from ..data.packing import IGNORE_INDEX
 from ..trainer import Trainer
 from .grpo import aggregate, balance_advantages, group_advantages, grpo_token_loss, pass_rate_keep
-from .logprobs import token_logprobs
+from .logprobs import batch_logprobs
 from .prompts import PromptSet
 from .reference import frozen_reference
 from .rollout import greedy, rollout_engine, sample_groups, sync_weights
@@ -199,8 +199,7 @@ class GRPOTrainer(Trainer):
     def _logp(self, model, batch: dict, want_out: bool = False):
         """Flat [N] log-probs of the batch's labels (and the model output)."""
         with self._autocast():
-            out = model(batch["input_ids"], cu_seqlens=batch.get("cu_seqlens"))
-        lp = token_logprobs(out.logits, batch["labels"]).reshape(-1)
+            out, lp = batch_logprobs(model, batch, self.cfg.train.loss_chunk_size)
         return (out, lp) if want_out else lp
 
     # ------------------------------------------------------------------ the loss
