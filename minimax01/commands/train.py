@@ -33,7 +33,8 @@ def run(args) -> int:
         check_run(cfg)
         print(to_toml(cfg), end="")
         return 0
-    from ..train.trainer import Trainer, TrainingDiverged, make_world
+    from ..train.objectives import make_trainer
+    from ..train.trainer import TrainingDiverged, make_world
 
     try:
         if cfg.train.stages:  # train/stages.py: one run per stage, in out_dir/stages/
@@ -44,7 +45,7 @@ def run(args) -> int:
             finally:
                 world.shutdown()
         else:
-            trainer = Trainer(cfg)
+            trainer = make_trainer(cfg)
             try:
                 result = trainer.fit()
             finally:

@@ -83,7 +83,8 @@ class MiniMaxForCausalLM(nn.Module):
                 cu_seqlens: torch.Tensor | None = None, position_ids: torch.Tensor | None = None,
                 cache=None, attention_mask: torch.Tensor | None = None, logits_to_keep: int = 0,
                 shift_labels: bool = True, loss_chunk_size: int = 0,
-                inputs_embeds: torch.Tensor | None = None) -> CausalLMOutput:
+                inputs_embeds: torch.Tensor | None = None,
+                reduction: str = "mean") -> CausalLMOutput:
         """input_ids [B, T]. `labels` [B, T] follow the HF convention (the model shifts them; -100
         is ignored; with `cu_seqlens` no document predicts the next one's first token); pass
         `shift_labels=False` when labels are already next-token targets. `attention_mask` [B, T]
@@ -92,7 +93,11 @@ class MiniMaxForCausalLM(nn.Module):
         labels) computes the lm loss over chunks of that many tokens without materialising the
         fp32 logits (long-sequence training); `logits` is then None. `inputs_embeds` [B, T, H]
         replaces the token embeddings (MiniMax-VL-01 splices image features in; input_ids still
-        give the shape)."""
+        give the shape). `reduction="none"` makes `lm_loss` the per-token cross entropy [B, T] (0
+        where ignored; `loss` is then None): the per-token log-probs of DPO and GRPO, chunked too
+        with `loss_chunk_size`."""
+        if reduction not in ("mean", "none"):
+            raise ValueError(f"reduction must be 'mean' or 'none', got {reduction!r}")
         if input_ids.dim() != 2:
             raise ValueError(f"input_ids must be [B, T], got shape {tuple(input_ids.shape)}")
         b, t = input_ids.shape
@@ -127,6 +132,13 @@ class MiniMaxForCausalLM(nn.Module):
         if cache is not None:
             cache.commit()
         aux_loss = aux * self.config.router_aux_loss_coef
+        if labels is not None and loss_chunk_size and reduction == "none":
+            from ..ops.loss import chunked_token_logprobs
+
+            targets = self.lm_targets(labels, cu_seqlens, shift_labels)
+            lp = chunked_token_logprobs(h.reshape(-1, h.shape[-1]), self.lm_head.weight,
+                                        targets.reshape(-1), loss_chunk_size)
+            return CausalLMOutput(logits=None, aux_loss=aux_loss, lm_loss=-lp.view(targets.shape))
         if labels is not None and loss_chunk_size:
             from ..ops.loss import chunked_cross_entropy
 
@@ -143,6 +155,9 @@ class MiniMaxForCausalLM(nn.Module):
         logits = self.lm_head(h).float()
         if labels is None:
             return CausalLMOutput(logits=logits, aux_loss=aux_loss)
+        if reduction == "none":
+            ce = self.lm_loss(logits, labels, cu_seqlens, shift_labels, reduction="none")
+            return CausalLMOutput(logits=logits, aux_loss=aux_loss, lm_loss=ce.view(labels.shape))
         lm_loss = self.lm_loss(logits, labels, cu_seqlens, shift_labels)
         return CausalLMOutput(logits=logits, loss=lm_loss + aux_loss, aux_loss=aux_loss,
                               lm_loss=lm_loss)

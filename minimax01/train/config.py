@@ -79,6 +79,47 @@ class OptimConfig:
     batch_warmup_tokens: list[float] = field(default_factory=list)  # batch doubles at each count
 
 
+OBJECTIVES = ("lm", "dpo", "grpo")
+DPO_REFERENCES = ("model", "precomputed")
+RL_CLIPS = ("ppo", "paper", "none")
+RL_KLS = ("none", "k1", "k3", "paper", "paper_prob")
+RL_AGGREGATES = ("token", "sequence")
+
+
+@dataclass
+class DPOConfig:
+    """`[train.dpo]`: direct preference optimisation (train/post/dpo.py)."""
+
+    beta: float = 0.1
+    label_smoothing: float = 0.0    # conservative DPO: the share of flipped preference labels
+    reference: str = "model"        # model (a frozen copy) | precomputed (a sidecar of log-probs)
+
+
+@dataclass
+class RLConfig:
+    """`[train.rl]`: online RL with GRPO (train/post/grpo.py, train/post/rl_trainer.py)."""
+
+    prompts: str = "addition"       # "addition" (the synthetic task) or a JSONL of prompt/answer
+    verifier: str = "exact_match"   # built-in name or module:function(prompt, completion, answer)
+    group_size: int = 8             # rollouts per prompt (G)
+    prompts_per_step: int = 8       # prompts per rollout batch
+    minibatches: int = 1            # optimizer steps per rollout batch
+    max_new_tokens: int = 16
+    temperature: float = 1.0
+    top_p: float = 1.0
+    clip: str = "paper"             # ppo | paper (ppo + drop ratio > ratio_drop with A < 0) | none
+    clip_low: float = 0.2
+    clip_high: float = 0.2
+    ratio_drop: float = 3.0         # the paper's extra clipping: tokens above it with A < 0
+    kl: str = "paper"               # none | k1 | k3 (GRPO) | paper (sg(log p - log ref) log p)
+    kl_coef: float = 0.01           #   | paper_prob (sg(p - p_ref) log p, token probabilities)
+    adv_std: bool = True            # divide group-centred rewards by the group's std
+    balance: bool = False           # equal positive and negative advantage mass over tokens
+    pass_rate: list[float] = field(default_factory=lambda: [0.0, 1.0])  # keep groups within
+    aggregate: str = "token"        # token (mean over all tokens) | sequence (GRPO's per-seq)
+    eval_prompts: int = 32          # held-out prompts for greedy eval_reward
+
+
 LORA_TARGETS = ("qkv_proj", "output_gate", "out_proj",   # lightning attention
                 "q_proj", "k_proj", "v_proj", "o_proj",   # softmax attention
                 "gate")                                    # the MoE router (not by default)
@@ -126,6 +167,9 @@ class TrainConfig:
     export: bool = True             # write out_dir/model (HF format + tokenizer) at the end
     sample_prompt: str = "def "
     sample_tokens: int = 200        # 0: no sample at the end
+    objective: str = "lm"           # lm (next-token) | dpo | grpo (docs/post_training.md)
+    dpo: DPOConfig = field(default_factory=DPOConfig)
+    rl: RLConfig = field(default_factory=RLConfig)
     init_from: str = ""             # an HF-format checkpoint folder to fine-tune (train/init_from.py)
     lora: LoraConfig = field(default_factory=LoraConfig)
 
@@ -212,6 +256,51 @@ def _check_train(t: TrainConfig, model: ModelConfig) -> None:
                              f"{', '.join(STAGE_PRESETS)}")
     elif not all(isinstance(stage, dict) for stage in t.stages):
         raise ValueError("train.stages must be a list of tables (one per stage) or a preset name")
+    _choice("train.objective", t.objective, OBJECTIVES)
+    _check_dpo(t.dpo)
+    _check_rl(t.rl)
+
+
+def _choice(name: str, value, options) -> None:
+    if value not in options:
+        raise ValueError(f"{name} must be one of {', '.join(options)}, got {value!r}")
+
+
+def _check_dpo(d: DPOConfig) -> None:
+    if not (math.isfinite(d.beta) and d.beta > 0):
+        raise ValueError(f"train.dpo.beta must be a positive finite number, got {d.beta}")
+    if not 0.0 <= d.label_smoothing < 0.5:
+        raise ValueError(f"train.dpo.label_smoothing must be in [0, 0.5), got {d.label_smoothing}")
+    _choice("train.dpo.reference", d.reference, DPO_REFERENCES)
+
+
+def _check_rl(r: RLConfig) -> None:
+    for name in ("group_size", "prompts_per_step", "minibatches", "max_new_tokens"):
+        if getattr(r, name) <= 0:
+            raise ValueError(f"train.rl.{name} must be positive, got {getattr(r, name)}")
+    if r.group_size < 2:
+        raise ValueError(f"train.rl.group_size must be at least 2 (advantages are relative to "
+                         f"the group), got {r.group_size}")
+    if r.prompts_per_step % r.minibatches:
+        raise ValueError(f"train.rl.prompts_per_step={r.prompts_per_step} must be a multiple of "
+                         f"train.rl.minibatches={r.minibatches}")
+    _choice("train.rl.clip", r.clip, RL_CLIPS)
+    _choice("train.rl.kl", r.kl, RL_KLS)
+    _choice("train.rl.aggregate", r.aggregate, RL_AGGREGATES)
+    for name in ("temperature", "clip_low", "clip_high", "kl_coef"):
+        value = getattr(r, name)
+        if not (math.isfinite(value) and value >= 0):
+            raise ValueError(f"train.rl.{name} must be a finite number >= 0, got {value}")
+    if not 0 < r.top_p <= 1:
+        raise ValueError(f"train.rl.top_p must be in (0, 1], got {r.top_p}")
+    if not (math.isfinite(r.ratio_drop) and r.ratio_drop > 1):
+        raise ValueError(f"train.rl.ratio_drop must be a finite number > 1, got {r.ratio_drop}")
+    lo_hi = r.pass_rate
+    if len(lo_hi) != 2 or not 0.0 <= lo_hi[0] <= lo_hi[1] <= 1.0:
+        raise ValueError(f"train.rl.pass_rate must be [lo, hi] with 0 <= lo <= hi <= 1, "
+                         f"got {lo_hi}")
+    if r.eval_prompts < 0:
+        raise ValueError(f"train.rl.eval_prompts must be >= 0, got {r.eval_prompts}")
 
 
 def _check_lora(lora: LoraConfig) -> None:

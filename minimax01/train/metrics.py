@@ -165,6 +165,12 @@ class IntervalStats:
         self.moe_drop = torch.zeros(layers, 2, dtype=torch.float64, device=device)
         self.grad_norm = None
         self.steps = self.skipped = self.tokens = 0
+        self.extra: dict[str, torch.Tensor] = {}  # name -> [sum, count] (post-training metrics)
+
+    def add_extra(self, name: str, value, count) -> None:
+        pair = torch.stack([torch.as_tensor(value, dtype=torch.float64, device=self.lm.device),
+                            torch.as_tensor(count, dtype=torch.float64, device=self.lm.device)])
+        self.extra[name] = self.extra[name] + pair if name in self.extra else pair
 
     def add_moe(self, stats) -> None:
         for i, s in enumerate(stats):
@@ -196,6 +202,10 @@ class IntervalStats:
                "aux_loss": float(self.aux / self.steps), "grad_norm": float(self.grad_norm),
                "moe_load": [[round(x, 4) for x in row] for row in load.tolist()],
                "moe_drop_rate": [round(x, 5) for x in drop.tolist()]}
+        if self.extra:  # each the mean over its own counts, all ranks
+            names = sorted(self.extra)
+            sums = reduce(torch.stack([self.extra[n] for n in names]))
+            rec.update({n: float(s / c) if c else None for n, (s, c) in zip(names, sums.tolist())})
         if self.skipped:
             rec["skipped"] = self.skipped
         return rec

@@ -7,7 +7,7 @@ the `1b` model at 8K context). Values are what a TOML file would hold (config_io
 them).
 
 A *stage preset* (STAGE_PRESETS) is a list of stages for `train.stages` (train/stages.py): the
-papers' context-extension schedules."""
+papers' context-extension schedules and MiniMax-01's post-training table."""
 
 from __future__ import annotations
 
@@ -64,6 +64,30 @@ STAGE_PRESETS: dict[str, list[dict[str, Any]]] = {
          "length_mixture": [_SHORT + [0.35], _MEDIUM + [0.35], _LONG + [0.30]]},
         {"name": "1m", "seq_len": 1024 * _K, "rope_theta": 1e7, "tokens": 26e9,
          "length_mixture": [_SHORT + [0.30], _MEDIUM + [0.30], _LONG + [0.40]]},
+    ],
+    # MiniMax-01 post-training (arXiv 2501.08313 §5, Table 7), after the long-context
+    # extension: SFT at 8K; SFT at 1,032,192 tokens with half the prompts long (here: half the
+    # rows from documents over 32K tokens); DPO at 8K, then at 1,032,192; online RL (GRPO) at 8K.
+    # Lengths, epochs, batch sizes and LR ranges as we read the table (not checked against the
+    # PDF here; docs/post_training.md). The paper counts epochs of its own data: set `steps` or
+    # `tokens` per stage for yours (check_run says so), and each stage's data (chat data for
+    # SFT, preference pairs for DPO, train.rl.prompts for RL). A new objective starts a fresh
+    # AdamW ("init": "weights"). The RL batch of 512 is rollouts: prompts_per_step x group_size.
+    "minimax-01-post": [
+        {"name": "sft-8k", "seq_len": 8192, "batch_size": 128, "epochs": 2,
+         "optim": {"lr": 1e-5, "min_lr_ratio": 0.1, "schedule": "cosine"}},
+        {"name": "sft-1m", "seq_len": 1032192, "batch_size": 80, "epochs": 2,
+         "length_mixture": [_SHORT + [0.5], [32 * _K, math.inf, 0.5]],
+         "optim": {"lr": 3e-6, "min_lr_ratio": 1.0, "schedule": "constant"}},
+        {"name": "dpo-8k", "seq_len": 8192, "batch_size": 64, "epochs": 1, "init": "weights",
+         "train": {"objective": "dpo"},
+         "optim": {"lr": 5e-7, "min_lr_ratio": 0.1, "schedule": "cosine"}},
+        {"name": "dpo-1m", "seq_len": 1032192, "batch_size": 64, "epochs": 1,
+         "train": {"objective": "dpo"},
+         "optim": {"lr": 5e-7, "min_lr_ratio": 1.0, "schedule": "constant"}},
+        {"name": "rl-8k", "seq_len": 8192, "batch_size": 512, "epochs": 1, "init": "weights",
+         "train": {"objective": "grpo"},
+         "optim": {"lr": 1e-6, "min_lr_ratio": 0.1, "schedule": "cosine"}},
     ],
     # MiniMax-M1 (arXiv 2506.13585) §2: continual pre-training extends the context "in four
     # stages" from 32K to 1M. The intermediate lengths below, the RoPE base (Text-01's 10M) and

@@ -8,7 +8,8 @@ A stage is a table. Short keys: `name`, `seq_len`, `rope_theta`, `batch_size`, `
 step)) or `steps`; `init` = "continue" (weights and AdamW state of the previous stage, the
 default) or "weights" (weights only, a fresh optimizer); `init_from` = a training checkpoint
 folder or an HF model folder to start from (default: the previous stage's final checkpoint;
-none for the first stage). Tables `train`, `optim`, `data` override any key of those sections,
+none for the first stage); `epochs` records a paper's count (informative: the budget is
+`tokens` or `steps`). Tables `train`, `optim`, `data` override any key of those sections,
 `model` the keys that keep the weights' shapes (`STAGE_MODEL_KEYS`).
 
 Each stage is an ordinary run in `out_dir/stages/NN-name/` (its own checkpoints, metrics.jsonl,
@@ -36,7 +37,7 @@ from .config_io import _toml_value, from_dict, set_value, to_toml
 from .presets import STAGE_PRESETS
 
 STAGE_KEYS = ("name", "seq_len", "rope_theta", "batch_size", "length_mixture", "tokens", "steps",
-              "init", "init_from", "train", "optim", "data", "model")
+              "epochs", "init", "init_from", "train", "optim", "data", "model")
 STAGE_MODEL_KEYS = ("rope_theta", "max_position_embeddings", "router_aux_loss_coef",
                     "capacity_factor", "dtype", "sliding_window")
 DONE_FILE = "stage_done.json"
@@ -109,7 +110,11 @@ def stage_config(base: RunConfig, stages: list[dict], index: int) -> RunConfig:
             put(f"{section}.{key}", value)
     cfg.train.out_dir = str(stage_dir(base.train.out_dir, index, name))
     if ("tokens" in st) == ("steps" in st):
-        raise ValueError(f"{where} ({name}): give exactly one of tokens (the budget) or steps")
+        epochs = "" if "epochs" not in st else \
+            f" (the preset's schedule says {st['epochs']} epoch(s) of its own data; set the " \
+            f"steps or tokens that are that many epochs of yours)"
+        raise ValueError(f"{where} ({name}): give exactly one of tokens (the budget) or "
+                         f"steps{epochs}")
     if "steps" in st:
         put("train.steps", st["steps"])
     else:
@@ -147,7 +152,8 @@ def check_run(cfg: RunConfig):
 
 # ---------------------------------------------------------------------- running
 def _initializer(path: Path, with_optimizer: bool, optim_cfg):
-    """Trainer `init` hook: fill the freshly built model (and AdamW) from `path`, a training
+    """Trainer `init` hook: fill the freshly built model (and AdamW, unless None: a reference
+    model) from `path`, a training
     checkpoint (its manifest and checksums verified: parallel/checkpoint.py) or an HF model
     folder; the stage's own AdamW settings are re-applied
     (a loaded optimizer state carries the previous stage's)."""
@@ -170,7 +176,7 @@ def _initializer(path: Path, with_optimizer: bool, optim_cfg):
         else:
             raise FileNotFoundError(f"init_from {path}: neither a training checkpoint "
                                     f"(trainer_state.json) nor an HF model (config.json)")
-        for i, group in enumerate(optimizer.param_groups):
+        for i, group in enumerate(optimizer.param_groups if optimizer is not None else []):
             group["betas"] = (optim_cfg.beta1, optim_cfg.beta2)
             group["eps"] = optim_cfg.eps
             group["weight_decay"] = optim_cfg.weight_decay if i == 0 else 0.0
@@ -197,7 +203,8 @@ def plan(cfg) -> list[dict]:
 def run_stages(cfg, world=None) -> list:
     """Run (or resume) every stage in order; returns their TrainResults. Stops after a stage
     that was stopped by a signal (its result is the last one)."""
-    from .trainer import Trainer, make_world
+    from .objectives import make_trainer
+    from .trainer import make_world
 
     stages = resolve_stages(cfg.train.stages)
     if not stages:
@@ -231,7 +238,7 @@ def run_stages(cfg, world=None) -> list:
         init = None
         if source is not None:
             init = _initializer(source, st.get("init", "continue") == "continue", sub.optim)
-        trainer = Trainer(sub, world, init=init)
+        trainer = make_trainer(sub, world, init=init)
         result = trainer.fit()
         results.append(result)
         if result.stopped_by_signal:

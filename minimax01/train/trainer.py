@@ -88,7 +88,7 @@ class Trainer:
         pad = self.tokenizer.pad_id
         if pad is None:
             pad = self.model_cfg.pad_token_id if self.model_cfg.pad_token_id is not None else 0
-        self.data = TrainData(cfg, self.tokenizer, self.world.dp_rank, self.world.dp_size, pad)
+        self.data = self.make_data(pad)
         self.out_dir = Path(cfg.train.out_dir)
         check_out_dir(self.out_dir)
         self.resume_from, self.damaged = ckpt.find_resumable(self.out_dir, self.world)
@@ -110,6 +110,19 @@ class Trainer:
         self._saving = False
         self._log: MetricsLogger | None = None
         self._evaluated_at: int | None = None  # the last step whose held-out loss was logged
+        self._metrics: dict = {}  # name -> (sum, count) of the last forward (post-training)
+
+    def make_data(self, pad: int):
+        """This rank's data (post-training trainers read their own formats)."""
+        return TrainData(self.cfg, self.tokenizer, self.world.dp_rank, self.world.dp_size, pad)
+
+    def prepare(self, model) -> None:
+        """After the weights are in place (initialised, loaded or resumed), before the first
+        step: where a post-training objective builds its reference model or rollout engine."""
+
+    def _count(self, batch: dict) -> torch.Tensor:
+        """What this micro-batch's loss sum is divided by, globally: its target tokens."""
+        return batch["labels"].ne(IGNORE_INDEX).sum()
 
     def _identity(self) -> dict:
         return {"config": self.cfg.to_dict(), "model_config": self.model_cfg.to_dict()}
@@ -317,6 +330,7 @@ class Trainer:
             self._evaluated_at = state.get("evaluated_at")
         elif self.init is not None:
             self.init(model, optimizer)
+        self.prepare(model)
         if world.is_main:
             lines = truncate_metrics(self.out_dir / "metrics.jsonl", lines, step)
         log = MetricsLogger(self.out_dir, world.is_main, t.steps, min(step, t.steps), t.progress,
@@ -442,7 +456,7 @@ class Trainer:
         world, dev = self.world, self.world.device
         data_before = self.data.state_dict()
         batches = [self._batch_to_device(self.data.next_batch()) for _ in range(micro)]
-        counts = torch.stack([b["labels"].ne(IGNORE_INDEX).sum() for b in batches])
+        counts = torch.stack([torch.as_tensor(self._count(b), device=dev) for b in batches])
         n_global = self._reduce(counts.sum().double()).clamp(min=1)
         set_lr(optimizer, lr)
         scale = world.loss_scale
@@ -459,6 +473,9 @@ class Trainer:
                     return None
                 out, lm_sum, _ = self._forward(model, batch)
                 acc.add_moe(raw_model.moe_stats())
+                for name, (value, count) in self._metrics.items():
+                    acc.add_extra(name, value, count)
+                self._metrics = {}
                 scale.rank_loss(lm_sum, n_global, out.aux_loss, micro).backward()
                 totals += torch.stack([lm_sum.detach(), out.aux_loss.detach() / micro]).double()
         finally:
@@ -475,8 +492,11 @@ class Trainer:
 
     def _log_eval(self, model, log: MetricsLogger, step: int) -> float | None:
         self._evaluated_at = step
-        loss = self.evaluate(model)
-        if loss is not None:
-            log.record({"step": step, "eval_loss": loss})
-            log.print(f"step {step}: held-out loss {loss:.4f}")
+        result = self.evaluate(model)  # the held-out loss, or a dict of held-out numbers
+        extra = result if isinstance(result, dict) else {"eval_loss": result}
+        loss = extra.get("eval_loss")
+        if any(v is not None for v in extra.values()):
+            log.record({"step": step, **extra})
+            log.print(f"step {step}: " + ", ".join(f"held-out {k.removeprefix('eval_')} {v:.4f}"
+                                                   for k, v in extra.items() if v is not None))
         return loss
