@@ -14,6 +14,7 @@ import sys
 from pathlib import Path
 
 from ..cli import CLIError
+from ..infer.media import MAX_IMAGE_BYTES, MAX_IMAGE_PIXELS, MAX_IMAGES
 from .tp_ranks import add_tp_arguments, check_before_launch, read_config, tp_mode
 
 
@@ -56,6 +57,16 @@ def add_arguments(parser) -> None:
     parser.add_argument("--seed", type=int, default=0, help="seed of unseeded sampling (and of "
                                                             "--preset weights)")
     parser.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
+    media = parser.add_argument_group("images (MiniMax-VL-01 checkpoints)")
+    media.add_argument("--allowed-local-media-path", default=None, metavar="DIR",
+                       help="image_url may be file:// paths inside DIR (default: no local files; "
+                            "http(s) URLs are never fetched)")
+    media.add_argument("--max-image-bytes", type=int, default=MAX_IMAGE_BYTES, metavar="N",
+                       help=f"largest encoded image (default {MAX_IMAGE_BYTES})")
+    media.add_argument("--max-image-pixels", type=int, default=MAX_IMAGE_PIXELS, metavar="N",
+                       help=f"largest width x height (default {MAX_IMAGE_PIXELS})")
+    media.add_argument("--max-images", type=int, default=MAX_IMAGES, metavar="N",
+                       help=f"images per request (default {MAX_IMAGES})")
     add_tp_arguments(parser)
 
 
@@ -73,9 +84,23 @@ def _template(args) -> str | None:
     return path.read_text()
 
 
+def _media(args):
+    from ..infer.media import MediaPolicy
+
+    try:
+        return MediaPolicy(args.max_image_bytes, args.max_image_pixels, args.max_images,
+                           args.allowed_local_media_path)
+    except ValueError as e:
+        field, why = str(e).split(": ", 1)
+        flag = {"allowed_local_path": "allowed-local-media-path"}.get(field,
+                                                                       field.replace("_", "-"))
+        raise CLIError(f"--{flag}: {why}") from None
+
+
 def _check(args) -> None:
     for name in ("max-context", "num-slots", "prefill-chunk"):
         _positive(name, getattr(args, name.replace("-", "_")))
+    _media(args)
     if not 0 < args.gpu_memory_utilization <= 1:
         raise CLIError(f"--gpu-memory-utilization must be in (0, 1], got "
                        f"{args.gpu_memory_utilization}")
@@ -140,7 +165,7 @@ def run(args) -> int:
                     prefill_chunk=args.prefill_chunk, cuda_graphs=not args.no_cuda_graphs,
                     gpu_memory_utilization=args.gpu_memory_utilization, seed=args.seed)
     app = create_app(engine, tokenizer, model_name=name, api_key=args.api_key,
-                     chat_template=template)
+                     chat_template=template, media=_media(args))
     serve(app, args.host, args.port, graceful_timeout=args.graceful_timeout,
           log_level=args.log_level)
     return 0

@@ -47,11 +47,12 @@ class MediaPolicy:
     def __post_init__(self):
         for name in ("max_image_bytes", "max_image_pixels", "max_images"):
             if not isinstance(getattr(self, name), int) or getattr(self, name) < 1:
-                raise ValueError(f"{name} must be a positive integer, got {getattr(self, name)!r}")
+                raise ValueError(f"{name}: must be a positive integer, got "
+                                 f"{getattr(self, name)!r}")
         from PIL import Image as PILImage
 
         if PILImage.MAX_IMAGE_PIXELS and self.max_image_pixels > PILImage.MAX_IMAGE_PIXELS:
-            raise ValueError(f"max_image_pixels {self.max_image_pixels} is above Pillow's own "
+            raise ValueError(f"max_image_pixels: {self.max_image_pixels} is above Pillow's own "
                              f"limit of {PILImage.MAX_IMAGE_PIXELS} pixels")
         if self.allowed_local_path is not None and not Path(self.allowed_local_path).is_dir():
             raise ValueError(f"allowed_local_path: no folder at {self.allowed_local_path}")

@@ -67,11 +67,16 @@ class VisionServing:
                 ) -> ImageInputs | None:
         """Preprocess a request's images (PIL) and check them against its prompt: the prompt
         must hold exactly as many image tokens as the images give, in order. RequestError
-        naming `param` otherwise."""
+        naming `param` otherwise. ImageInputs prepared before are checked and returned."""
         from ..vision import ImageError
 
-        images = list(images or [])
         positions = [k for k, t in enumerate(prompt) if t == self.image_token_id]
+        if isinstance(images, ImageInputs):  # prepared already (the server does, off its loop)
+            if images.positions != positions:
+                raise RequestError("prompt: its image tokens are not where the prepared images "
+                                   "expect them", param="prompt")
+            return images
+        images = list(images or [])
         if not images and not positions:
             return None
         try:
