@@ -4,7 +4,8 @@ from .config import ModelConfig
 
 __version__ = "0.1.0"
 
-__all__ = ["ModelConfig", "MiniMaxForCausalLM", "generate", "__version__"]
+__all__ = ["ModelConfig", "MiniMaxForCausalLM", "MiniMaxVLForConditionalGeneration", "generate",
+           "__version__"]
 
 
 def __getattr__(name):  # lazy: `import minimax01` stays cheap
@@ -12,6 +13,10 @@ def __getattr__(name):  # lazy: `import minimax01` stays cheap
         from .model import MiniMaxForCausalLM
 
         return MiniMaxForCausalLM
+    if name == "MiniMaxVLForConditionalGeneration":
+        from .vision.model import MiniMaxVLForConditionalGeneration
+
+        return MiniMaxVLForConditionalGeneration
     if name == "generate":
         from .infer.generate import generate
 

@@ -12,6 +12,8 @@ import importlib
 IMPLEMENTATIONS = {
     # load_pretrained(cls, path, **options) and save_pretrained(model, path, **options)
     "pretrained": "minimax01.checkpoint.pretrained",
+    # load_vl(cls, path, **options) and save_vl(model, path, **options): MiniMax-VL-01
+    "vl_pretrained": "minimax01.checkpoint.vl",
 }
 
 

@@ -30,7 +30,8 @@ def generate(model, input_ids, max_new_tokens: int = 32, temperature: float = 0.
              stop_tokens: Sequence[int] | None = None, attention_mask: torch.Tensor | None = None,
              pad_token_id: int | None = None, logit_bias: dict[int, float] | None = None,
              on_token: Callable[[torch.Tensor], bool | None] | None = None,
-             prefill_chunk: int | None = None) -> torch.Tensor:
+             prefill_chunk: int | None = None, pixel_values=None,
+             image_sizes=None) -> torch.Tensor:
     """Continue each prompt by up to `max_new_tokens` tokens.
 
     `input_ids`: [B, T] tensor (left-padded, with `attention_mask`) or a list of token lists.
@@ -39,7 +40,8 @@ def generate(model, input_ids, max_new_tokens: int = 32, temperature: float = 0.
     engine's sampler). `on_token(tokens [B])` is called after every step (to stream the text);
     when it returns True the loop ends there. `prefill_chunk`: the prompt goes through the cache
     this many tokens per forward (the same result; a 128K-token prompt then never builds a
-    128K x 128K attention mask); default: all at once."""
+    128K x 128K attention mask); default: all at once. `pixel_values` / `image_sizes` (a
+    MiniMax-VL-01 model): the images of the prompts, in order; only the prefill sees them."""
     if max_new_tokens < 0:
         raise ValueError(f"max_new_tokens must be >= 0, got {max_new_tokens}")
     if prefill_chunk is not None and prefill_chunk < 1:
@@ -47,7 +49,9 @@ def generate(model, input_ids, max_new_tokens: int = 32, temperature: float = 0.
     SamplingParams(max_tokens=None, temperature=temperature, top_k=top_k or 0,
                    top_p=1.0 if top_p is None else top_p, seed=seed,
                    logit_bias=logit_bias).validate(model.config.vocab_size)  # before any work
-    cfg = model.config
+    if pixel_values is not None and not hasattr(model, "embed"):
+        raise ValueError("pixel_values given, but this model takes no images")
+    cfg = getattr(model.config, "text_config", model.config)  # VL: the language model's
     pad = pad_token_id if pad_token_id is not None else (cfg.pad_token_id or cfg.eos_token_id or 0)
     device = next(model.parameters()).device
     if not isinstance(input_ids, torch.Tensor):
@@ -69,9 +73,13 @@ def generate(model, input_ids, max_new_tokens: int = 32, temperature: float = 0.
     model.eval()
     try:
         chunk = prefill_chunk or t
+        embeds = None
+        if pixel_values is not None:  # the image features, spliced in once for all chunks
+            embeds = model.embed(input_ids, pixel_values, image_sizes)
         for a in range(0, t, chunk):
+            extra = {} if embeds is None else {"inputs_embeds": embeds[:, a:a + chunk]}
             logits = model(input_ids[:, a:a + chunk], attention_mask=attention_mask[:, a:a + chunk],
-                           cache=cache, logits_to_keep=1).logits
+                           cache=cache, logits_to_keep=1, **extra).logits
         out = [input_ids]
         done = torch.zeros(b, dtype=torch.bool, device=device)
         for step in range(max_new_tokens):

@@ -49,8 +49,9 @@ class MiniMaxModel(nn.Module):
         self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
         self.gradient_checkpointing = False
 
-    def forward(self, input_ids, ctx: AttnContext) -> tuple[torch.Tensor, torch.Tensor]:
-        h = self.embed_tokens(input_ids)
+    def forward(self, input_ids, ctx: AttnContext,
+                inputs_embeds: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        h = self.embed_tokens(input_ids) if inputs_embeds is None else inputs_embeds
         aux_total = h.new_zeros((), dtype=torch.float32)
         for layer in self.layers:
             if self.gradient_checkpointing and self.training and torch.is_grad_enabled():
@@ -81,14 +82,17 @@ class MiniMaxForCausalLM(nn.Module):
     def forward(self, input_ids: torch.Tensor, labels: torch.Tensor | None = None,
                 cu_seqlens: torch.Tensor | None = None, position_ids: torch.Tensor | None = None,
                 cache=None, attention_mask: torch.Tensor | None = None, logits_to_keep: int = 0,
-                shift_labels: bool = True, loss_chunk_size: int = 0) -> CausalLMOutput:
+                shift_labels: bool = True, loss_chunk_size: int = 0,
+                inputs_embeds: torch.Tensor | None = None) -> CausalLMOutput:
         """input_ids [B, T]. `labels` [B, T] follow the HF convention (the model shifts them; -100
         is ignored; with `cu_seqlens` no document predicts the next one's first token); pass
         `shift_labels=False` when labels are already next-token targets. `attention_mask` [B, T]
         (1 = token, 0 = padding) for padded batches; `logits_to_keep` > 0 returns only the last
         positions' logits, or a LongTensor of positions keeps those. `loss_chunk_size` > 0 (with
         labels) computes the lm loss over chunks of that many tokens without materialising the
-        fp32 logits (long-sequence training); `logits` is then None."""
+        fp32 logits (long-sequence training); `logits` is then None. `inputs_embeds` [B, T, H]
+        replaces the token embeddings (MiniMax-VL-01 splices image features in; input_ids still
+        give the shape)."""
         if input_ids.dim() != 2:
             raise ValueError(f"input_ids must be [B, T], got shape {tuple(input_ids.shape)}")
         b, t = input_ids.shape
@@ -115,7 +119,11 @@ class MiniMaxForCausalLM(nn.Module):
         cos, sin = rope_cos_sin(position_ids, self.config.rotary_dim, self.config.rope_theta)
         ctx = AttnContext(cu_seqlens=cu_seqlens, cos=cos, sin=sin, valid=valid, cache=cache,
                           position_ids=given_positions)
-        h, aux = self.model(input_ids, ctx)
+        want = (b, t, self.config.hidden_size)
+        if inputs_embeds is not None and tuple(inputs_embeds.shape) != want:
+            raise ValueError(f"inputs_embeds must be [B, T, hidden] = {list(want)}, got "
+                             f"{list(inputs_embeds.shape)}")
+        h, aux = self.model(input_ids, ctx, inputs_embeds)
         if cache is not None:
             cache.commit()
         aux_loss = aux * self.config.router_aux_loss_coef
