@@ -97,6 +97,30 @@ def _media(args):
         raise CLIError(f"--{flag}: {why}") from None
 
 
+def _is_vl(checkpoint) -> bool:
+    """Whether the folder holds MiniMax-VL-01 (config.json's model_type minimax_vl_01)."""
+    import json
+
+    try:
+        cfg = json.loads((Path(checkpoint) / "config.json").read_text())
+    except (OSError, ValueError):
+        return False  # the loader explains what is wrong with the folder
+    return isinstance(cfg, dict) and cfg.get("model_type") == "minimax_vl_01"
+
+
+def _vl_presets():
+    from ..vision import VL_PRESETS
+
+    return VL_PRESETS
+
+
+def _quantize(model, quantization) -> None:
+    if quantization not in (None, "none"):
+        from ..quant import quantize_model
+
+        quantize_model(model, quantization)
+
+
 def _check(args) -> None:
     for name in ("max-context", "num-slots", "prefill-chunk"):
         _positive(name, getattr(args, name.replace("-", "_")))
@@ -139,10 +163,29 @@ def run(args) -> int:
 
         if not Path(args.checkpoint).is_dir():
             raise CLIError(f"no checkpoint folder at {args.checkpoint}")
-        model = MiniMaxForCausalLM.from_pretrained(args.checkpoint, dtype=args.dtype,
-                                                   device=device, quantization=args.quantization)
+        if _is_vl(args.checkpoint):  # MiniMax-VL-01: the engine serves images too
+            from ..vision.model import MiniMaxVLForConditionalGeneration
+
+            model = MiniMaxVLForConditionalGeneration.from_pretrained(
+                args.checkpoint, dtype=args.dtype, device=device)
+            _quantize(model.language_model, args.quantization)
+        else:
+            model = MiniMaxForCausalLM.from_pretrained(args.checkpoint, dtype=args.dtype,
+                                                       device=device,
+                                                       quantization=args.quantization)
         tokenizer = load_tokenizer(args.checkpoint)
         name = args.model_name or Path(args.checkpoint).resolve().name
+    elif args.preset in _vl_presets():
+        from ..vision import VLConfig
+        from ..vision.model import MiniMaxVLForConditionalGeneration
+
+        torch.manual_seed(args.seed)
+        vcfg = VLConfig.from_preset(args.preset)
+        model = cast_model(MiniMaxVLForConditionalGeneration(vcfg).eval(), device,
+                           getattr(torch, args.dtype or vcfg.text_config.dtype))
+        _quantize(model.language_model, args.quantization)
+        tokenizer = load_tokenizer("byte")
+        name = args.model_name or args.preset
     else:
         from ..config import ModelConfig
         from ..model import MiniMaxForCausalLM
@@ -151,13 +194,10 @@ def run(args) -> int:
         cfg = ModelConfig.from_preset(args.preset)
         dtype = getattr(torch, args.dtype or cfg.dtype)
         model = cast_model(MiniMaxForCausalLM(cfg).eval(), device, dtype)
-        if args.quantization not in (None, "none"):
-            from ..quant import quantize_model
-
-            quantize_model(model, args.quantization)
+        _quantize(model, args.quantization)
         tokenizer = load_tokenizer("byte")
         name = args.model_name or args.preset
-    if tokenizer.vocab_size > model.config.vocab_size:
+    if tokenizer.vocab_size > model.config.vocab_size:  # (a VL config: its text model's)
         logging.getLogger(__name__).warning(
             "the tokenizer has %d ids but the model only %d", tokenizer.vocab_size,
             model.config.vocab_size)
