@@ -101,6 +101,7 @@ class TrainConfig:
     progress: bool = True           # tqdm bar (plain log lines when stderr is not a terminal)
     tensorboard: bool = True        # write out_dir/tb when tensorboard is installed
     export: bool = True             # write out_dir/model (HF format + tokenizer) at the end
+    freeze: str = ""                # VL runs: a stage (stage1..3) or parts (train/vl_train.py)
     sample_prompt: str = "def "
     sample_tokens: int = 200        # 0: no sample at the end
 
@@ -158,6 +159,9 @@ def _check_train(t: TrainConfig, model: ModelConfig) -> None:
         raise ValueError(f"train.device must be auto, cpu, cuda or cuda:N, got {t.device!r}")
     if not t.out_dir.strip():
         raise ValueError("train.out_dir must not be empty")
+    if t.freeze:
+        raise ValueError("train.freeze: only VL model presets have parts to freeze "
+                         "(model.preset = vl-debug, ...; see docs/vision.md)")
     if isinstance(t.stages, str):
         if t.stages and t.stages not in STAGE_PRESETS:
             raise ValueError(f"train.stages: unknown preset {t.stages!r}; available: "
