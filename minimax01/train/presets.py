@@ -43,7 +43,7 @@ RUN_PRESETS: dict[str, dict[str, dict[str, Any]]] = {
         "optim": {"lr": 3e-3, "warmup_steps": 20, "schedule": "wsd", "decay_fraction": 0.3,
                   "min_lr_ratio": 0.1, "weight_decay": 0.0},
         "train": {"steps": 400, "batch_size": 1, "seq_len": 1024, "dtype": "float32",
-                  "out_dir": "runs/vl-demo", "log_every": 20, "eval_batches": 200,
+                  "out_dir": "runs/vl-demo", "log_every": 20, "eval_batches": 100,
                   "freeze": "stage2", "export": False},
     },
     # The `1b` model on one H100 at 8K context: 64 rows of 8K tokens (0.5M tokens) per step, in

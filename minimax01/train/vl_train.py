@@ -45,6 +45,7 @@ class VLResult:
     accuracy_before: dict = field(default_factory=dict)
     accuracy_after: dict = field(default_factory=dict)
     export: Path | None = None
+    model: object = None           # the trained MiniMaxVLForConditionalGeneration
 
 
 def is_vl_run(cfg: RunConfig) -> bool:
@@ -135,7 +136,8 @@ def accuracy(model, tok, examples, max_tokens: int = 16) -> dict[str, float]:
         k = next(i for i, t in enumerate(ex.targets) if t != IGNORE_INDEX)
         prompts.append(ex.ids[:k + 1])
     longest = max(len(p) for p in prompts) + max_tokens + 1
-    engine = Engine(model, tok, num_slots=16, max_context=longest, prefill_chunk=4096)
+    engine = Engine(model, tok, num_slots=min(len(prompts), 64), max_context=longest,
+                    prefill_chunk=8192)
     try:
         params = SamplingParams(max_tokens=max_tokens, temperature=0, stop=[EOS], ignore_eos=True)
         outs = engine.generate(prompts, params, images=[ex.images for ex in examples])
@@ -230,7 +232,7 @@ def run_vl(cfg: RunConfig, log=print) -> VLResult:
             torch.nn.utils.clip_grad_norm_(params, cfg.optim.grad_clip)
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
-        loss = float(out.lm_loss)
+        loss = float(out.lm_loss.detach())
         if not math.isfinite(loss):
             raise ValueError(f"step {step + 1}: the loss is not finite; lower optim.lr")
         losses.append(loss)
@@ -239,7 +241,7 @@ def run_vl(cfg: RunConfig, log=print) -> VLResult:
             log(f"step {step + 1}/{t.steps}: loss {result.loss:.4f} "
                 f"({time.perf_counter() - clock:.1f} s)")
             losses = []
-    result.step = t.steps
+    result.step, result.model = t.steps, model
     model.eval()
     if held_out:
         result.accuracy_after = accuracy(model, tok, held_out)
