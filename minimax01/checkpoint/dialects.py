@@ -22,8 +22,10 @@ LEGACY, HF = "legacy", "hf"
 DIALECTS = (LEGACY, HF)
 
 # transformers' lightning layers persist their decay tables; they are derived from the config
-DERIVED = re.compile(r"model\.layers\.\d+\.self_attn\.(slope_rate|query_decay|key_decay|diagonal_decay)")
-_MLP = re.compile(r"(model\.layers\.\d+)\.mlp\.(.+)")
+# (MiniMax-VL-01 nests the language model under `language_model.`: the same names, prefixed)
+DERIVED = re.compile(r"(?:language_model\.)?model\.layers\.\d+\.self_attn\."
+                     r"(slope_rate|query_decay|key_decay|diagonal_decay)")
+_MLP = re.compile(r"((?:language_model\.)?model\.layers\.\d+)\.mlp\.(.+)")
 
 Index = tuple  # of ints and slices, selecting the part of a model tensor a checkpoint tensor holds
 
@@ -75,11 +77,12 @@ def layout(param_shapes: dict[str, tuple[int, ...]], dialect: str) -> dict[str, 
 
 def detect_dialect(names: Iterable[str], fallback: str = HF) -> str:
     """The dialect of a set of tensor names: per-expert `block_sparse_moe` names are legacy, stacked
-    `mlp.experts` are hf; names that say neither (no layers) take `fallback`."""
+    `mlp.experts` are hf; names that say neither (no layers) take `fallback`. (Only the MoE's
+    names count: a vision tower's `mlp.fc1` says nothing.)"""
     legacy = hf = False
     for n in names:
         legacy = legacy or ".block_sparse_moe." in n
-        hf = hf or ".mlp." in n
+        hf = hf or ".mlp.experts." in n or ".mlp.gate." in n
     if legacy and hf:
         raise CheckpointError("checkpoint mixes the legacy (block_sparse_moe.*) and hf (mlp.*) "
                               "MoE tensor names")

@@ -163,9 +163,10 @@ def convert_checkpoint(src: str | Path, dst: str | Path, dialect: str,
                                 extras=lambda folder: copy_tokenizer_files(src, folder))
 
 
-def describe_checkpoint(path: str | Path) -> dict:
-    """What is in a checkpoint folder, from its headers only (for `info`)."""
-    with CheckpointReader(path) as reader:
+def describe_checkpoint(path: str | Path, parse_config=None) -> dict:
+    """What is in a checkpoint folder, from its headers only (for `info`); `parse_config` as
+    CheckpointReader's (MiniMax-VL-01's config)."""
+    with CheckpointReader(path, parse_config=parse_config) as reader:
         return {"path": str(reader.path), "dialect": reader.dialect, "files": len(reader.files),
                 "tensors": len(reader.entries), "bytes": reader.total_bytes(),
                 "dtypes": reader.dtypes(), "config": reader.config}

@@ -77,7 +77,9 @@ class CheckpointReader:
     Attributes: `config_dict` (config.json), `config` (ModelConfig), `files` (weight files in
     order), `entries` (tensor name -> Entry), `dialect` ("legacy" or "hf", from tensor names)."""
 
-    def __init__(self, path: str | Path):
+    def __init__(self, path: str | Path, parse_config=None):
+        """`parse_config(config.json dict)` makes `config` (default ModelConfig.from_hf_config;
+        MiniMax-VL-01 passes VLConfig.from_hf_config)."""
         self.path = Path(path)
         if not self.path.exists():
             raise FileNotFoundError(f"no checkpoint at {self.path}")
@@ -90,7 +92,7 @@ class CheckpointReader:
             raise CheckpointError(f"{self.path} is not a checkpoint: it has no {CONFIG_NAME}")
         self.config_dict = _read_json(self._where(CONFIG_NAME), "the model config", config_path)
         try:
-            self.config = ModelConfig.from_hf_config(self.config_dict)
+            self.config = (parse_config or ModelConfig.from_hf_config)(self.config_dict)
             stated = config_dtype(self.config_dict)
         except KeyError as e:
             raise CheckpointError(f"{config_path}: missing field {e.args[0]!r}") from None

@@ -1,6 +1,8 @@
 """`python -m minimax01 generate --checkpoint DIR --prompt TEXT [sampling options]`: load a
 checkpoint and its tokenizer, continue the prompt, print the continuation to stdout as it is
-generated (each piece flushed; stats on stderr).
+generated (each piece flushed; stats on stderr). A MiniMax-VL-01 checkpoint (config.json
+`model_type` minimax_vl_01) takes `--image FILE` (repeatable): each `<image>` of the prompt is
+one image, in order (without any, the images go first); only the prefill sees the pixels.
 
 `--tensor-parallel N` starts N ranks (or runs as one under torchrun), each loading its slices;
 every rank runs the same `generate()` loop on the all-gathered logits with the same seed (rank
@@ -39,6 +41,9 @@ def add_arguments(parser) -> None:
                         help="int8 | fp8: 8-bit expert and attention weights (a 16-bit "
                              "checkpoint is quantised while loading); none: 16-bit only; "
                              "default: as stored")
+    parser.add_argument("--image", action="append", default=[], metavar="FILE",
+                        help="an image for a MiniMax-VL-01 checkpoint (repeatable; one per "
+                             "<image> in the prompt)")
     add_tp_arguments(parser)
 
 
@@ -64,7 +69,13 @@ def run(args) -> int:
     from ..tokenizer import load_tokenizer
 
     _check(args)
+    vl = _is_vl(args.checkpoint)
+    if args.image and not vl:
+        raise CLIError(f"--image: {args.checkpoint} is a text model (its config.json model_type "
+                       f"is not minimax_vl_01)")
     mode = tp_mode(args)
+    if vl and mode != "single":
+        raise CLIError("--tensor-parallel is not supported for MiniMax-VL-01 checkpoints yet")
     if mode == "launch":
         from ..infer.ranks import launch
 
@@ -79,10 +90,50 @@ def run(args) -> int:
     if device.type == "cuda" and not torch.cuda.is_available():
         raise CLIError(f"--device {args.device}: CUDA is not available on this machine")
     start = time.perf_counter()
-    model = MiniMaxForCausalLM.from_pretrained(args.checkpoint, dtype=args.dtype, device=device,
-                                               quantization=args.quantization)
+    if vl:
+        from ..vision.model import MiniMaxVLForConditionalGeneration
+
+        if args.quantization not in (None, "none"):
+            raise CLIError("--quantization is not supported for MiniMax-VL-01 checkpoints yet")
+        model = MiniMaxVLForConditionalGeneration.from_pretrained(args.checkpoint,
+                                                                  dtype=args.dtype, device=device)
+    else:
+        model = MiniMaxForCausalLM.from_pretrained(args.checkpoint, dtype=args.dtype,
+                                                   device=device, quantization=args.quantization)
     tokenizer = load_tokenizer(args.checkpoint)
     return _generate(args, model, tokenizer, device, start, args.seed, True)
+
+
+def _is_vl(checkpoint: str) -> bool:
+    import json
+
+    from ..vision.config import VL_MODEL_TYPE
+
+    try:
+        cfg = json.loads((Path(checkpoint) / "config.json").read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return False  # the loader says what is wrong
+    return isinstance(cfg, dict) and cfg.get("model_type") == VL_MODEL_TYPE
+
+
+def _images(args, model):
+    """(ids, pixel_values, image_sizes) of the prompt with its --image files."""
+    from ..vision import ImageError, ImageProcessor, encode_with_images, load_image
+    from ..vision.chat import IMAGE_PLACEHOLDER
+
+    n = args.prompt.count(IMAGE_PLACEHOLDER)
+    if n and n != len(args.image):
+        raise CLIError(f"--prompt has {n} {IMAGE_PLACEHOLDER} placeholder(s) for "
+                       f"{len(args.image)} --image file(s)")
+    processor = ImageProcessor.from_config(model.config)
+    try:
+        batch = processor([load_image(f, processor.max_pixels, what=f"--image {f}")
+                           for f in args.image])
+    except ImageError as e:
+        raise CLIError(str(e)) from None
+    return batch["pixel_values"], batch["image_sizes"], lambda tokenizer: encode_with_images(
+        tokenizer, args.prompt, batch["image_sizes"], processor, model.config.image_token_index,
+        add_bos=not args.no_bos)
 
 
 def _run_rank(args) -> int:
@@ -113,7 +164,13 @@ def _generate(args, model, tokenizer, device, start, seed, output: bool) -> int:
     from ..infer.generate import generate
 
     loaded = time.perf_counter()
-    ids = tokenizer.encode(args.prompt, add_bos=not args.no_bos)
+    images = {}
+    if hasattr(model, "embed"):  # MiniMax-VL-01: the images' tokens in the prompt
+        pixel_values, image_sizes, encode = _images(args, model)
+        ids = encode(tokenizer)
+        images = {"pixel_values": pixel_values, "image_sizes": image_sizes}
+    else:
+        ids = tokenizer.encode(args.prompt, add_bos=not args.no_bos)
     vocab = model.config.vocab_size
     if max(ids) >= vocab:
         raise CLIError(f"the tokenizer gives token id {max(ids)} but the model's vocabulary has "
@@ -138,7 +195,7 @@ def _generate(args, model, tokenizer, device, start, seed, output: bool) -> int:
     write(args.prompt if args.echo else "")
     generate(model, torch.tensor([ids], device=device), max_new_tokens=args.max_new_tokens,
              temperature=args.temperature, top_k=args.top_k, top_p=args.top_p, seed=seed,
-             stop_tokens=[eos] if eos is not None else None, on_token=on_token)
+             stop_tokens=[eos] if eos is not None else None, on_token=on_token, **images)
     write(stream.finish() + "\n")
     done = time.perf_counter()
     if output:

@@ -16,8 +16,11 @@ from ..train.presets import RUN_PRESETS
 
 def add_arguments(parser) -> None:
     runs = [n for n in RUN_PRESETS if n not in MODEL_PRESETS]
+    from ..vision.config import VL_PRESETS
+
     parser.add_argument("--preset", metavar="NAME",
-                        help=f"a model preset ({', '.join(MODEL_PRESETS)}) or a run preset "
+                        help=f"a model preset ({', '.join(MODEL_PRESETS)}), a vision-language "
+                             f"preset ({', '.join(VL_PRESETS)}) or a run preset "
                              f"({', '.join(runs)}: shows the model it trains)")
     parser.add_argument("--checkpoint", metavar="DIR",
                         help="a checkpoint folder (reads config.json and the safetensors headers)")
@@ -42,11 +45,17 @@ def add_arguments(parser) -> None:
 
 def _checkpoint_lines(path: str) -> tuple[ModelConfig, list[str]]:
     from ..checkpoint import describe_checkpoint
+    from .generate import _is_vl
 
     if not Path(path).exists():
         raise CLIError(f"no checkpoint at {path}")
+    parse = None
+    if _is_vl(path):
+        from ..vision.config import VLConfig
+
+        parse = VLConfig.from_hf_config
     try:
-        d = describe_checkpoint(path)
+        d = describe_checkpoint(path, parse_config=parse)
     except OSError as e:
         if isinstance(e, FileNotFoundError):
             raise
@@ -71,6 +80,11 @@ def run(args) -> int:
         lines += [f"Config {args.config}", ""]
     else:
         cfg, lines = _checkpoint_lines(args.checkpoint)
+    if hasattr(cfg, "text_config"):  # MiniMax-VL-01: its parts, then the language model's tables
+        from ..vision.report import vl_report
+
+        lines += [t.render() + "\n" for t in vl_report(cfg)] + ["Language model", ""]
+        cfg = cfg.text_config
     if args.gpus is not None or args.tensor_parallel is not None or args.quantization \
             or args.json or args.gpu_bandwidth is not None:
         return _cluster(args, cfg, lines)
@@ -85,14 +99,19 @@ def run(args) -> int:
 
 def _preset(name: str) -> tuple[ModelConfig, str]:
     """A model preset, or the model of a run preset (a name that is both is the same model)."""
+    from ..vision.config import VL_PRESETS, VLConfig
+
     if name in MODEL_PRESETS:
         return ModelConfig.from_preset(name), f"Model preset {name}"
+    if name in VL_PRESETS:
+        return VLConfig.from_preset(name), f"Vision-language preset {name}"
     if name in RUN_PRESETS:
         from ..train.config_io import from_preset
 
         model = from_preset(name).model
         return model.build(), f"Run preset {name}: model preset {model.preset or '(none)'}"
     raise CLIError(f"unknown preset {name!r}; model presets: {', '.join(MODEL_PRESETS)}; "
+                   f"vision-language presets: {', '.join(VL_PRESETS)}; "
                    f"run presets: {', '.join(RUN_PRESETS)}")
 
 

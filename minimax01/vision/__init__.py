@@ -3,14 +3,14 @@ processor, the VL config and the full model. Usable alone: the tower needs only 
 processor Pillow."""
 
 from .anyres import AnyRes
-from .chat import expand_image_ids, expand_image_placeholders, render_chat
+from .chat import encode_with_images, expand_image_ids, expand_image_placeholders, render_chat
 from .config import VL_PRESETS, VisionConfig, VLConfig, grid_pinpoints
 from .processor import ImageError, ImageProcessor, load_image
 from .tower import Projector, VisionTower
 
 __all__ = ["AnyRes", "ImageError", "ImageProcessor", "MiniMaxVLForConditionalGeneration",
            "Projector", "VL_PRESETS", "VLConfig", "VisionConfig", "VisionTower",
-           "expand_image_ids", "expand_image_placeholders", "grid_pinpoints", "load_image",
+           "encode_with_images", "expand_image_ids", "expand_image_placeholders", "grid_pinpoints", "load_image",
            "render_chat"]
 
 

@@ -72,3 +72,17 @@ def expand_image_ids(ids: Sequence[int], image_sizes, processor, image_token_id:
         out += ids[start:k] + [image_token_id] * n
         start = k + 1
     return out + ids[start:]
+
+
+def encode_with_images(tokenizer, text: str, image_sizes, processor, image_token_id: int,
+                       add_bos: bool = False) -> list[int]:
+    """Token ids of a prompt whose `<image>` placeholders (one per image, in order) become the
+    expanded image tokens; without any placeholder the images go first. Text pieces are encoded
+    on their own, so this works whether or not the tokenizer knows `<image>` as a token."""
+    if IMAGE_PLACEHOLDER not in text:
+        text = IMAGE_PLACEHOLDER * len(image_sizes) + text
+    pieces = text.split(IMAGE_PLACEHOLDER)
+    ids = tokenizer.encode(pieces[0], add_bos=add_bos) if pieces[0] or add_bos else []
+    for piece in pieces[1:]:
+        ids += [image_token_id] + (tokenizer.encode(piece) if piece else [])
+    return expand_image_ids(ids, image_sizes, processor, image_token_id)

@@ -8,7 +8,8 @@ a truncated or unreadable file, a zero-size image or one over `max_pixels` (chec
 header, before decoding) are errors; CMYK, palette, grey, alpha images are resized in their own
 mode and then converted to RGB, as released (a palette image therefore resizes nearest-neighbour,
 which PIL does for palettes, and alpha is dropped, not composited); an animated image gives its
-first frame. 16-bit grey (modes I;16 and I) is scaled to 8 bits (x / 257) first — the released
+first frame. Pillow itself refuses images over twice `PIL.Image.MAX_IMAGE_PIXELS` (179M pixels)
+whatever `max_pixels` says. 16-bit grey (modes I;16 and I) is scaled to 8 bits (x / 257) first — the released
 processor's PIL conversion would clip it at 255 instead; float images (mode F) are refused."""
 
 from __future__ import annotations
@@ -69,7 +70,7 @@ def load_image(source, max_pixels: int | None = MAX_PIXELS, what: str = "image")
     except ImageError:
         raise
     except Image.DecompressionBombError as e:
-        raise ImageError(f"{what} is too large: {e}") from None
+        raise ImageError(f"{what} is too large for Pillow: {e}") from None
     except (OSError, SyntaxError, ValueError, EOFError) as e:
         raise ImageError(f"{what} is not a readable image ({type(e).__name__}: {e})") from None
     return img
