@@ -214,4 +214,4 @@ def test_subprocess_entry_point(checkpoint):
     assert bad.returncode == 2
     assert bad.stderr.strip().splitlines() == [
         "error: unknown preset 'nope'; model presets: debug, demo, small, 1b, minimax-text-01; "
-        "vision-language presets: vl-debug, minimax-vl-01; run presets: debug, demo, 1b-8k"]
+        "vision-language presets: vl-debug, minimax-vl-01; run presets: debug, demo, vl-demo, 1b-8k"]
