@@ -20,6 +20,7 @@ import uuid
 from fastapi import Request
 from fastapi.responses import StreamingResponse
 
+from ..vision.chat import encode_with_images
 from .media import MediaPolicy, load_image_url
 from .protocol import APIError, ChatRequest, CompletionRequest
 from .request import MAX_LOGPROBS, EngineError, RequestError, SamplingParams, StepOutput
@@ -325,10 +326,9 @@ class Handler:
         try:
             loaded = [load_image_url(url, self.media, f"messages[{i}].content[{j}].image_url")
                       for i, j, url in parts]
-            ids = self.tok.encode(pieces[0], add_bos)
-            for img, piece in zip(loaded, pieces[1:]):
-                ids += [vision.image_token_id] * vision.num_image_tokens(img.image)
-                ids += self.tok.encode(piece, False) if piece else []
+            ids = encode_with_images(self.tok, prompt, [(i.image.height, i.image.width)
+                                                        for i in loaded],
+                                     vision.processor, vision.image_token_id, add_bos, marker)
             param = "messages" if len(parts) > 1 else \
                 f"messages[{parts[0][0]}].content[{parts[0][1]}].image_url"
             inputs = vision.prepare(ids, [img.image for img in loaded],

@@ -58,10 +58,6 @@ class VisionServing:
         self.model.vision_tower.train(self._was_training)
         self.model.multi_modal_projector.train(self._was_training)
 
-    def num_image_tokens(self, image) -> int:
-        """`<image>` tokens a PIL image takes in the prompt."""
-        return self.processor.num_image_tokens(image.height, image.width)
-
     # ------------------------------------------------------------------ per request
     def prepare(self, prompt: list[int], images, digests=None, param: str = "images"
                 ) -> ImageInputs | None:

@@ -122,7 +122,7 @@ def _examples(cfg: RunConfig, tok, processor, image_token_id: int, seed: int):
             raise ValueError(f"data.source {path}: no usable chat record")
 
 
-def accuracy(model, tok, examples, max_tokens: int = 16) -> dict[str, float]:
+def accuracy(model, tok, examples, max_tokens: int = 14) -> dict[str, float]:
     """Exact-match accuracy of greedy answers per task (and "all"), through the serving engine:
     each prompt is its chat up to the assistant's header, the answer is what comes before
     `<end_of_sentence>`."""
@@ -145,7 +145,7 @@ def accuracy(model, tok, examples, max_tokens: int = 16) -> dict[str, float]:
         engine.close()
     right, total = defaultdict(int), defaultdict(int)
     for ex, out in zip(examples, outs):
-        ok = out.text.strip() == ex.answer.strip()
+        ok = out.text.split("<", 1)[0].strip() == ex.answer.strip()  # up to <end_of_sentence>
         for key in (ex.task or "all", "all") if ex.task else ("all",):
             right[key] += ok
             total[key] += 1
