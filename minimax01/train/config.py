@@ -32,8 +32,19 @@ class ModelPresetConfig:
     preset: str = "demo"
     fields: dict[str, Any] = field(default_factory=dict)
 
+    @property
+    def is_vl(self) -> bool:
+        from ..vision.config import VL_PRESETS
+
+        return self.preset in VL_PRESETS
+
     def build(self) -> ModelConfig:
-        """The ModelConfig; changing the layer count re-derives layer_types and the alphas."""
+        """The ModelConfig; changing the layer count re-derives layer_types and the alphas. A
+        VL preset (vl-debug, ...) gives its language model's config (train/vl_train.py)."""
+        if self.is_vl:
+            from ..vision.config import VLConfig
+
+            return VLConfig.from_preset(self.preset).text_config.replace(**self.fields)
         if self.preset:
             return ModelConfig.from_preset(self.preset).replace(**self.fields)
         return ModelConfig.from_dict(dict(self.fields))
@@ -129,7 +140,7 @@ class RunConfig:
         `train.stages` is checked for its form here; each stage's own config (the overrides
         applied) by `minimax01.train.stages.check_run`, which the train command runs."""
         model = self.model.build()
-        _check_train(self.train, model)
+        _check_train(self.train, model, self.model.is_vl)
         _check_data(self.data)
         _check_optim(self.optim, self.train)
         return model
@@ -140,7 +151,7 @@ def _finite(name: str, value: float) -> None:
         raise ValueError(f"{name} must be finite, got {value}")
 
 
-def _check_train(t: TrainConfig, model: ModelConfig) -> None:
+def _check_train(t: TrainConfig, model: ModelConfig, vl: bool = False) -> None:
     for name in ("steps", "batch_size", "seq_len", "grad_accum", "keep_last", "log_every",
                  "eval_batches"):
         if getattr(t, name) <= 0:
@@ -159,7 +170,7 @@ def _check_train(t: TrainConfig, model: ModelConfig) -> None:
         raise ValueError(f"train.device must be auto, cpu, cuda or cuda:N, got {t.device!r}")
     if not t.out_dir.strip():
         raise ValueError("train.out_dir must not be empty")
-    if t.freeze:
+    if t.freeze and not vl:
         raise ValueError("train.freeze: only VL model presets have parts to freeze "
                          "(model.preset = vl-debug, ...; see docs/vision.md)")
     if isinstance(t.stages, str):

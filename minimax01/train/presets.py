@@ -42,8 +42,8 @@ RUN_PRESETS: dict[str, dict[str, dict[str, Any]]] = {
         "data": {"source": "synthetic_images"},
         "optim": {"lr": 4e-3, "warmup_steps": 10, "schedule": "wsd", "decay_fraction": 0.3,
                   "min_lr_ratio": 0.1, "weight_decay": 0.0},
-        "train": {"steps": 150, "batch_size": 1, "seq_len": 1024, "dtype": "float32",
-                  "out_dir": "runs/vl-demo", "log_every": 10, "eval_batches": 40,
+        "train": {"steps": 300, "batch_size": 1, "seq_len": 1024, "dtype": "float32",
+                  "out_dir": "runs/vl-demo", "log_every": 20, "eval_batches": 100,
                   "freeze": "stage2", "export": False},
     },
     # The `1b` model on one H100 at 8K context: 64 rows of 8K tokens (0.5M tokens) per step, in

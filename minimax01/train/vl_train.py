@@ -20,6 +20,7 @@ after training, by greedy answers through the serving engine."""
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import sys
 import time
@@ -49,9 +50,7 @@ class VLResult:
 
 
 def is_vl_run(cfg: RunConfig) -> bool:
-    from ..vision import VL_PRESETS
-
-    return cfg.model.preset in VL_PRESETS
+    return cfg.model.is_vl
 
 
 def frozen_parts(spec: str) -> tuple[str, ...]:
@@ -165,7 +164,6 @@ def run_vl(cfg: RunConfig, log=print) -> VLResult:
     from ..tokenizer import load_tokenizer
     from ..vision import ImageProcessor, VLConfig
     from ..vision.model import MiniMaxVLForConditionalGeneration
-    from .config import _check_optim
     from .data.vl_data import VLBatches
     from .optim import build_optimizer, lr_at, set_lr
 
@@ -174,16 +172,10 @@ def run_vl(cfg: RunConfig, log=print) -> VLResult:
     if int(os.environ.get("WORLD_SIZE", "1")) > 1:
         raise ValueError("VL training runs in one process for now (see docs/vision.md)")
     t, d = cfg.train, cfg.data
-    vcfg = VLConfig.from_preset(cfg.model.preset)
-    if cfg.model.fields:
-        vcfg = vcfg.replace(text_config=vcfg.text_config.replace(**cfg.model.fields))
-    for name in ("steps", "batch_size", "seq_len", "log_every"):
-        if getattr(t, name) <= 0:
-            raise ValueError(f"train.{name} must be positive, got {getattr(t, name)}")
-    if t.grad_accum != 1 or cfg.optim.batch_warmup_tokens:
-        raise ValueError("train.grad_accum and optim.batch_warmup_tokens are not supported for "
-                         "VL runs yet")
-    _check_optim(cfg.optim, t)
+    vcfg = dataclasses.replace(VLConfig.from_preset(cfg.model.preset), text_config=cfg.validate())
+    if t.grad_accum != 1 or cfg.optim.batch_warmup_tokens or t.stages:
+        raise ValueError("train.grad_accum, train.stages and optim.batch_warmup_tokens are not "
+                         "supported for VL runs yet")
     parts = frozen_parts(t.freeze)
     device = torch.device("cuda" if t.device == "auto" and torch.cuda.is_available() else
                           "cpu" if t.device == "auto" else t.device)
