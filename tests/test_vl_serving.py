@@ -242,3 +242,20 @@ def test_fuzzed_image_requests_never_give_a_5xx(server):
             assert r.json()["error"]["param"].startswith("messages"), r.text
         statuses.append(r.status_code)
     assert 200 in statuses and 400 in statuses, statuses
+
+
+def test_serve_command_detects_a_vl_checkpoint(vl, tmp_path):
+    from server_utils import serve_process
+    model, proc, tok = vl
+    ckpt = tmp_path / "tiny-vl"
+    model.save_pretrained(ckpt, tokenizer=tok)
+    img = pictures((64, 64))[0]
+    want = expected(vl, "", [img], "Which colour?")
+    with serve_process(ckpt, "--max-context", "512", "--num-slots", "2", "--device", "cpu",
+                       "--dtype", "float32", "--log-level", "warning") as (proc_, url):
+        r = httpx.post(f"{url}/v1/chat/completions", timeout=60, json={
+            "model": "tiny-vl", "max_tokens": N, "temperature": 0, "ignore_eos": True,
+            "messages": [{"role": "user", "content": [
+                part(data_url(png(img))), {"type": "text", "text": "Which colour?"}]}]})
+        assert r.status_code == 200, r.text
+        assert r.json()["choices"][0]["message"]["content"] == want
