@@ -34,9 +34,10 @@ RUN_PRESETS: dict[str, dict[str, dict[str, Any]]] = {
                   "out_dir": "runs/demo", "save_every": 100, "log_every": 20, "eval_every": 100,
                   "eval_batches": 8, "sample_prompt": "def ", "sample_tokens": 300},
     },
-    # A few minutes on a 2-core CPU: the tiny VL model (vl-debug) learns to answer questions
-    # about synthetic images (colour, shape, count, position, character); held-out accuracy
-    # per task is printed before and after (train/vl_train.py).
+    # A few minutes on a 2-core CPU: the tiny VL model (vl-debug) trained on questions about
+    # synthetic images (colour, shape, count, position, character); held-out accuracy per task
+    # is printed before and after (train/vl_train.py). Measured: it learns the answer format
+    # (0% -> 19%) but stays at chance per task: it does not read the images yet (docs/vision.md).
     "vl-demo": {
         "model": {"preset": "vl-debug"},
         "data": {"source": "synthetic_images"},
