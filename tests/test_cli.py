@@ -100,9 +100,10 @@ def test_info_takes_model_and_run_presets(capsys):
 def test_run_presets_named_like_model_presets_train_that_model():
     from minimax01.config import MODEL_PRESETS
     from minimax01.train.presets import RUN_PRESETS, model_preset_of
+    from minimax01.vision.config import VL_PRESETS
 
-    for name in RUN_PRESETS:
-        assert model_preset_of(name) in MODEL_PRESETS
+    for name in RUN_PRESETS:  # (vl-demo trains a vision-language preset)
+        assert model_preset_of(name) in MODEL_PRESETS or model_preset_of(name) in VL_PRESETS
         if name in MODEL_PRESETS:
             assert model_preset_of(name) == name
 
@@ -214,4 +215,4 @@ def test_subprocess_entry_point(checkpoint):
     assert bad.returncode == 2
     assert bad.stderr.strip().splitlines() == [
         "error: unknown preset 'nope'; model presets: debug, demo, small, 1b, minimax-text-01; "
-        "vision-language presets: vl-debug, minimax-vl-01; run presets: debug, demo, 1b-8k"]
+        "vision-language presets: vl-debug, minimax-vl-01; run presets: debug, demo, vl-demo, 1b-8k"]

@@ -122,7 +122,10 @@ def _preset(name: str) -> tuple[ModelConfig, str]:
         from ..train.config_io import from_preset
 
         model = from_preset(name).model
-        return model.build(), f"Run preset {name}: model preset {model.preset or '(none)'}"
+        label = f"Run preset {name}: model preset {model.preset or '(none)'}"
+        if model.preset in VL_PRESETS:  # a VL run (train/vl_train.py)
+            return VLConfig.from_preset(model.preset), label
+        return model.build(), label
     raise CLIError(f"unknown preset {name!r}; model presets: {', '.join(MODEL_PRESETS)}; "
                    f"vision-language presets: {', '.join(VL_PRESETS)}; "
                    f"run presets: {', '.join(RUN_PRESETS)}")

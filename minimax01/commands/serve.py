@@ -14,6 +14,7 @@ import sys
 from pathlib import Path
 
 from ..cli import CLIError
+from ..infer.media import MAX_IMAGE_BYTES, MAX_IMAGE_PIXELS, MAX_IMAGES
 from .tp_ranks import add_tp_arguments, check_before_launch, read_config, tp_mode
 
 
@@ -56,6 +57,16 @@ def add_arguments(parser) -> None:
     parser.add_argument("--seed", type=int, default=0, help="seed of unseeded sampling (and of "
                                                             "--preset weights)")
     parser.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
+    media = parser.add_argument_group("images (MiniMax-VL-01 checkpoints)")
+    media.add_argument("--allowed-local-media-path", default=None, metavar="DIR",
+                       help="image_url may be file:// paths inside DIR (default: no local files; "
+                            "http(s) URLs are never fetched)")
+    media.add_argument("--max-image-bytes", type=int, default=MAX_IMAGE_BYTES, metavar="N",
+                       help=f"largest encoded image (default {MAX_IMAGE_BYTES})")
+    media.add_argument("--max-image-pixels", type=int, default=MAX_IMAGE_PIXELS, metavar="N",
+                       help=f"largest width x height (default {MAX_IMAGE_PIXELS})")
+    media.add_argument("--max-images", type=int, default=MAX_IMAGES, metavar="N",
+                       help=f"images per request (default {MAX_IMAGES})")
     add_tp_arguments(parser)
 
 
@@ -73,9 +84,47 @@ def _template(args) -> str | None:
     return path.read_text()
 
 
+def _media(args):
+    from ..infer.media import MediaPolicy
+
+    try:
+        return MediaPolicy(args.max_image_bytes, args.max_image_pixels, args.max_images,
+                           args.allowed_local_media_path)
+    except ValueError as e:
+        field, why = str(e).split(": ", 1)
+        flag = {"allowed_local_path": "allowed-local-media-path"}.get(field,
+                                                                       field.replace("_", "-"))
+        raise CLIError(f"--{flag}: {why}") from None
+
+
+def _is_vl(checkpoint) -> bool:
+    """Whether the folder holds MiniMax-VL-01 (config.json's model_type minimax_vl_01)."""
+    import json
+
+    try:
+        cfg = json.loads((Path(checkpoint) / "config.json").read_text())
+    except (OSError, ValueError):
+        return False  # the loader explains what is wrong with the folder
+    return isinstance(cfg, dict) and cfg.get("model_type") == "minimax_vl_01"
+
+
+def _vl_presets():
+    from ..vision import VL_PRESETS
+
+    return VL_PRESETS
+
+
+def _quantize(model, quantization) -> None:
+    if quantization not in (None, "none"):
+        from ..quant import quantize_model
+
+        quantize_model(model, quantization)
+
+
 def _check(args) -> None:
     for name in ("max-context", "num-slots", "prefill-chunk"):
         _positive(name, getattr(args, name.replace("-", "_")))
+    _media(args)
     if not 0 < args.gpu_memory_utilization <= 1:
         raise CLIError(f"--gpu-memory-utilization must be in (0, 1], got "
                        f"{args.gpu_memory_utilization}")
@@ -114,10 +163,29 @@ def run(args) -> int:
 
         if not Path(args.checkpoint).is_dir():
             raise CLIError(f"no checkpoint folder at {args.checkpoint}")
-        model = MiniMaxForCausalLM.from_pretrained(args.checkpoint, dtype=args.dtype,
-                                                   device=device, quantization=args.quantization)
+        if _is_vl(args.checkpoint):  # MiniMax-VL-01: the engine serves images too
+            from ..vision.model import MiniMaxVLForConditionalGeneration
+
+            model = MiniMaxVLForConditionalGeneration.from_pretrained(
+                args.checkpoint, dtype=args.dtype, device=device)
+            _quantize(model.language_model, args.quantization)
+        else:
+            model = MiniMaxForCausalLM.from_pretrained(args.checkpoint, dtype=args.dtype,
+                                                       device=device,
+                                                       quantization=args.quantization)
         tokenizer = load_tokenizer(args.checkpoint)
         name = args.model_name or Path(args.checkpoint).resolve().name
+    elif args.preset in _vl_presets():
+        from ..vision import VLConfig
+        from ..vision.model import MiniMaxVLForConditionalGeneration
+
+        torch.manual_seed(args.seed)
+        vcfg = VLConfig.from_preset(args.preset)
+        model = cast_model(MiniMaxVLForConditionalGeneration(vcfg).eval(), device,
+                           getattr(torch, args.dtype or vcfg.text_config.dtype))
+        _quantize(model.language_model, args.quantization)
+        tokenizer = load_tokenizer("byte")
+        name = args.model_name or args.preset
     else:
         from ..config import ModelConfig
         from ..model import MiniMaxForCausalLM
@@ -126,13 +194,10 @@ def run(args) -> int:
         cfg = ModelConfig.from_preset(args.preset)
         dtype = getattr(torch, args.dtype or cfg.dtype)
         model = cast_model(MiniMaxForCausalLM(cfg).eval(), device, dtype)
-        if args.quantization not in (None, "none"):
-            from ..quant import quantize_model
-
-            quantize_model(model, args.quantization)
+        _quantize(model, args.quantization)
         tokenizer = load_tokenizer("byte")
         name = args.model_name or args.preset
-    if tokenizer.vocab_size > model.config.vocab_size:
+    if tokenizer.vocab_size > model.config.vocab_size:  # (a VL config: its text model's)
         logging.getLogger(__name__).warning(
             "the tokenizer has %d ids but the model only %d", tokenizer.vocab_size,
             model.config.vocab_size)
@@ -140,7 +205,7 @@ def run(args) -> int:
                     prefill_chunk=args.prefill_chunk, cuda_graphs=not args.no_cuda_graphs,
                     gpu_memory_utilization=args.gpu_memory_utilization, seed=args.seed)
     app = create_app(engine, tokenizer, model_name=name, api_key=args.api_key,
-                     chat_template=template)
+                     chat_template=template, media=_media(args))
     serve(app, args.host, args.port, graceful_timeout=args.graceful_timeout,
           log_level=args.log_level)
     return 0

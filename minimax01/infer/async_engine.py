@@ -67,7 +67,8 @@ class AsyncEngine:
 
     # ------------------------------------------------------------------ requests
     def submit(self, prompt_ids: list[int], params: SamplingParams,
-               request_id: str | None = None) -> tuple[str, asyncio.Queue]:
+               request_id: str | None = None, images=None,
+               image_digests=None) -> tuple[str, asyncio.Queue]:
         """Validate (RequestError on a bad request) and queue; returns the id and the queue that
         receives its StepOutputs, the last one with finished=True. Call from the event loop.
         EngineError "engine_unavailable" / "server_shutdown" when it cannot take requests."""
@@ -75,7 +76,7 @@ class AsyncEngine:
             raise EngineError(SHUTDOWN, "server_shutdown")
         if not self.alive:
             raise EngineError("the engine is not running", "engine_unavailable")
-        seq = self.engine.make_sequence(prompt_ids, params, request_id)
+        seq = self.engine.make_sequence(prompt_ids, params, request_id, images, image_digests)
         queue: asyncio.Queue = asyncio.Queue()
         with self._lock:
             self._queues[seq.request_id] = (asyncio.get_running_loop(), queue)

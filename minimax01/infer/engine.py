@@ -8,7 +8,10 @@ Each `step()`:
      forward (each document continues from its slot's state, so long prompts go in chunks); on
      GPU it runs on a second stream, overlapping the memory-bound decode (paper §3.3);
   4. one sampling call covers the decoded rows and the prompts that just finished.
-Greedy output equals `generate()` token for token (tests/test_engine.py). Steps 2-3 are driven by
+Greedy output equals `generate()` token for token (tests/test_engine.py). A MiniMax-VL-01 model
+is served as its language model plus a vision hook (infer/vision_inputs.py): a request's images
+are encoded once when it gets its slot and their features replace the `<image>` tokens'
+embeddings in the packed prefill (tests/test_vl_serving.py). Steps 2-3 are driven by
 the step's `StepRecord` (plain lists, `run_step`): under tensor parallelism rank 0 hands it to
 `step_broadcast` first and the other ranks run the same record (infer/tp_engine.py)."""
 
@@ -46,13 +49,23 @@ class Engine:
     packed prefill pass. cuda_graphs / overlap: default on for CUDA.
 
     The engine prepares `model` in place with `prepare_for_serving` (infer/prepare.py: eval mode;
-    on CUDA the sync-free MoE pipeline); `close()` gives it back as it was."""
+    on CUDA the sync-free MoE pipeline); `close()` gives it back as it was. `model` may be a
+    MiniMaxVLForConditionalGeneration: requests may then carry images (`add_request(...,
+    images=[PIL images])`, with the prompt's `<image>` tokens already expanded)."""
 
     def __init__(self, model, tokenizer=None, *, max_context: int | None = None,
                  num_slots: int | None = None, prefill_chunk: int | None = None,
                  max_batch: int | None = None, cuda_graphs: bool | None = None,
                  overlap: bool | None = None, gpu_memory_utilization: float = 0.9,
                  seed: int = 0, step_broadcast: Callable[[StepRecord], None] | None = None):
+        self.vision = None
+        if hasattr(model, "language_model") and hasattr(model, "image_features"):  # VL-01
+            if step_broadcast is not None:
+                raise ValueError("images under tensor parallelism are not supported yet")
+            from .vision_inputs import VisionServing
+
+            self.vision = VisionServing(model)
+            model = model.language_model
         check_servable(model.config)  # before the model is touched
         self._restore_model = prepare_for_serving(model)
         self.step_broadcast = step_broadcast  # tensor parallel: send each step to the other ranks
@@ -95,23 +108,28 @@ class Engine:
         and drop the captured graphs; the engine is not usable afterwards."""
         self.graphs = None
         self._restore_model()
+        if self.vision is not None:
+            self.vision.restore()
 
     # ------------------------------------------------------------------ requests
     def add_request(self, prompt_ids: Seq[int], params: SamplingParams | None = None,
-                    request_id: str | None = None) -> str:
+                    request_id: str | None = None, images=None) -> str:
         """Queue a request; returns its id. ValueError for an empty prompt, ids outside the
-        vocabulary, or prompt + max_tokens longer than max_context."""
-        seq = self.make_sequence(prompt_ids, params, request_id)
+        vocabulary, or prompt + max_tokens longer than max_context. `images`: PIL images (VL
+        models), whose `<image>` tokens the prompt holds already expanded."""
+        seq = self.make_sequence(prompt_ids, params, request_id, images)
         self.scheduler.add(seq)
         return seq.request_id
 
     def make_sequence(self, prompt_ids: Seq[int], params: SamplingParams | None = None,
-                      request_id: str | None = None) -> Sequence:
+                      request_id: str | None = None, images=None,
+                      image_digests: Seq[str] | None = None) -> Sequence:
         """Validate a request and build its Sequence without queueing it (thread-safe: touches
         no engine state, so a server thread can reject bad requests before the engine sees
         them). Queue it with `scheduler.add` on the engine's thread. Raises RequestError (a
         ValueError) with `code` and `param`: "context_length_exceeded" when prompt + max_tokens
-        pass max_context, "invalid_value" otherwise."""
+        pass max_context, "invalid_value" otherwise. `images` are preprocessed here (VL models;
+        "invalid_image" for one the processor refuses)."""
         params = (params or SamplingParams()).validate(self.config.vocab_size)
         vocab = self.config.vocab_size
         try:
@@ -142,10 +160,14 @@ class Engine:
         gen = None
         if params.seed is not None:
             gen = torch.Generator(device=self.device).manual_seed(params.seed)
+        if images and self.vision is None:
+            raise RequestError("images: this model does not take images", "unsupported_value",
+                               "images")
+        inputs = self.vision.prepare(prompt, images, image_digests) if self.vision else None
         rid = request_id or f"req-{uuid.uuid4().hex[:16]}"
         stream = TextStream(self.tokenizer, params.stop) if self.tokenizer else None
         return Sequence(rid, prompt, params, frozenset(stops), params.max_tokens or room, gen,
-                        stream)
+                        stream, images=inputs)
 
     def abort(self, request_id: str) -> bool:
         """Stop a request; its slot is freed at the next step. False if unknown or finished."""
@@ -165,13 +187,21 @@ class Engine:
         before = {id(s) for s in self.scheduler.running}
         plan = self.scheduler.schedule()
         admitted = [s.slot for s in self.scheduler.running if id(s) not in before]
+        extras = None
+        if self.vision is not None:
+            outputs += self._encode_images([s for s in self.scheduler.running
+                                            if id(s) not in before])
+            plan.prefill = [c for c in plan.prefill if not c[0].finished]
+            extras = self.vision.prefill_extras(plan.prefill)
         record, done = self.step_record(plan, admitted)
         if self.step_broadcast is not None:  # the other ranks run the same record
             self.step_broadcast(record)
-        logits = self.run_step(record)
+        logits = self.run_step(record, extras)
         rows = plan.decode + done
         for seq, _, n in plan.prefill:
             seq.num_cached += n
+            if seq.images is not None and not seq.prefilling:  # features are spent
+                seq.images = None
             if len(seq.prompt_ids) > 4 * self.scheduler.prefill_chunk:  # long prompt: progress
                 log.info("%s: prefilled %d / %d prompt tokens", seq.request_id, seq.num_cached,
                          len(seq.prompt_ids))
@@ -201,18 +231,34 @@ class Engine:
                 done.append(seq)
         return r, done
 
+    def _encode_images(self, admitted: list[Sequence]) -> list[StepOutput]:
+        """Vision features of the requests that just got a slot; one that fails ends alone."""
+        failed = []
+        for seq in admitted:
+            if seq.images is None or seq.finished:
+                continue
+            try:
+                self.vision.encode(seq.images)
+            except Exception as e:  # e.g. out of memory on a huge image
+                log.exception("%s: encoding its images failed", seq.request_id)
+                seq.images = None
+                failed.append(self._fail(seq, f"encoding the images failed: "
+                                              f"{type(e).__name__}: {e}", "generation_failed"))
+        return failed
+
     @torch.inference_mode()
-    def run_step(self, record: StepRecord) -> torch.Tensor | None:
+    def run_step(self, record: StepRecord, extras=None) -> torch.Tensor | None:
         """The forwards of one step: the decode rows, then the packed prefill. Returns the
         logits of the decode rows and of the finished prompts, in that order (None: no work).
-        Under tensor parallelism every rank runs this with the same record."""
+        Under tensor parallelism every rank runs this with the same record. `extras`: the
+        prefill's image features (infer/vision_inputs.py PrefillExtras), or None."""
         logits = []
         if record.prefill_slots and self.prefill_stream is not None:  # waits for earlier work
             self.prefill_stream.wait_stream(torch.cuda.current_stream(self.device))
         if record.decode_slots:
             logits.append(self._decode(record))
         if record.prefill_slots:
-            logits.append(self._prefill(record))
+            logits.append(self._prefill(record, extras))
         return torch.cat(logits, 0) if logits else None
 
     def _decode(self, record: StepRecord) -> torch.Tensor:
@@ -230,15 +276,19 @@ class Engine:
         step = self.cache.begin_decode(slot_idx, active, record.decode_lengths)
         return self.model(tokens[:, None], cache=step).logits[:, -1]
 
-    def _prefill(self, record: StepRecord) -> torch.Tensor:
+    def _prefill(self, record: StepRecord, extras=None) -> torch.Tensor:
         stream = self.prefill_stream
         with torch.cuda.stream(stream) if stream is not None else contextlib.nullcontext():
             step = self.cache.begin_prefill(record.prefill_slots, record.prefill_starts,
                                             record.prefill_lengths)
             input_ids = torch.tensor([record.prefill_ids], device=self.device)
             keep = torch.tensor(record.prefill_keep, dtype=torch.long, device=self.device)
+            more = {}
+            if extras is not None:  # images: their features at the <image> tokens
+                more["inputs_embeds"] = self.vision.splice(self.model.model.embed_tokens,
+                                                           input_ids, extras)
             logits = self.model(input_ids, cu_seqlens=step.cu_seqlens, cache=step,
-                                logits_to_keep=keep).logits[0]
+                                logits_to_keep=keep, **more).logits[0]
         if stream is not None:
             torch.cuda.current_stream(self.device).wait_stream(stream)
         return logits
@@ -318,8 +368,10 @@ class Engine:
 
     # ------------------------------------------------------------------ offline batch
     def generate(self, prompts: Seq[Seq[int]] | Seq[str],
-                 params: SamplingParams | Seq[SamplingParams] | None = None) -> list[Completion]:
-        """Run a batch of prompts (token lists, or strings with a tokenizer) to completion."""
+                 params: SamplingParams | Seq[SamplingParams] | None = None,
+                 images: Seq[Seq] | None = None) -> list[Completion]:
+        """Run a batch of prompts (token lists, or strings with a tokenizer) to completion;
+        `images`: one list of PIL images per prompt (VL models)."""
         if isinstance(params, SamplingParams) or params is None:
             params = [params or SamplingParams()] * len(prompts)
         if len(params) != len(prompts):
@@ -330,7 +382,7 @@ class Engine:
                 if self.tokenizer is None:
                     raise ValueError("string prompts need a tokenizer")
                 prompt = self.tokenizer.encode(prompt)
-            ids.append(self.add_request(prompt, p))
+            ids.append(self.add_request(prompt, p, images=images[len(ids)] if images else None))
         seqs = {s.request_id: s for s in self.scheduler.waiting if s.request_id in ids}
         errors = {}
         while any(not seqs[r].finished for r in ids):

@@ -1,7 +1,12 @@
 """Requests to responses for the OpenAI routes: `Handler` checks a validated body against OpenAI's
 ranges and what this server supports, builds the engine request (prompt ids, SamplingParams),
 submits it (mapping the engine's error codes, never its messages), and turns the engine's
-StepOutputs into a JSON body or server-sent events (text, log-probs, tool calls, usage)."""
+StepOutputs into a JSON body or server-sent events (text, log-probs, tool calls, usage).
+
+Images (`image_url` parts of user messages, VL models only) are decoded under the server's
+MediaPolicy (infer/media.py) and preprocessed off the event loop; each stands in the rendered
+prompt as a one-off marker, which becomes that image's run of `<image>` tokens after the text
+around it is tokenized (so no text, whatever it holds, can stand for an image)."""
 
 from __future__ import annotations
 
@@ -15,6 +20,8 @@ import uuid
 from fastapi import Request
 from fastapi.responses import StreamingResponse
 
+from ..vision.chat import encode_with_images
+from .media import MediaPolicy, load_image_url
 from .protocol import APIError, ChatRequest, CompletionRequest
 from .request import MAX_LOGPROBS, EngineError, RequestError, SamplingParams, StepOutput
 from .tools import CALL_PREFIX, ToolCallStream, parse_tool_calls
@@ -46,9 +53,11 @@ class Handler:
     """Turns validated request models into engine requests and engine outputs into OpenAI
     responses (a JSON body, or server-sent events)."""
 
-    def __init__(self, runner, engine, tokenizer, template, model_name):
+    def __init__(self, runner, engine, tokenizer, template, model_name,
+                 media: MediaPolicy | None = None):
         self.runner, self.engine, self.tok, self.template = runner, engine, tokenizer, template
         self.model_name, self.created = model_name, int(time.time())
+        self.media = media or MediaPolicy()
 
     def model_card(self) -> dict:
         return {"id": self.model_name, "object": "model", "created": self.created,
@@ -98,9 +107,9 @@ class Handler:
                               ignore_eos=bool(req.ignore_eos), logprobs=logprobs,
                               logit_bias=bias)
 
-    def submit(self, prompt_ids, params, rename: dict[str, str]):
+    def submit(self, prompt_ids, params, rename: dict[str, str], images=None):
         try:
-            return self.runner.submit(prompt_ids, params, uuid.uuid4().hex[:24])
+            return self.runner.submit(prompt_ids, params, uuid.uuid4().hex[:24], images)
         except RequestError as e:
             raise APIError(400, e.message, rename.get(e.param, e.param), e.code) from None
         except EngineError as e:
@@ -200,19 +209,29 @@ class Handler:
                            "unsupported_value")
         tools, names, prefix = self.tools(req)
         messages = [m.model_dump(exclude_none=True) for m in req.messages]
+        parts = self.image_parts(messages)
+        marker = f"<image-{uuid.uuid4().hex}>"  # no text can be it
+        for i, j, _ in parts:
+            messages[i]["content"][j] = {"type": "text", "text": marker}
         try:
             prompt = self.template.render(messages, tools, prefix)
         except RequestError as e:
             raise APIError(400, e.message, e.param, e.code) from None
         # a tokenizer's own template writes its special tokens; the default one gets BOS
-        ids = await self.encode(prompt, add_bos=self.template.name == "default")
+        add_bos = self.template.name == "default"
+        images = None
+        if parts:
+            ids, images = await asyncio.get_running_loop().run_in_executor(
+                None, self.with_images, prompt, marker, parts, add_bos)
+        else:
+            ids = await self.encode(prompt, add_bos=add_bos)
         use_max = "max_completion_tokens" if req.max_completion_tokens is not None \
             else "max_tokens"
         max_tokens = getattr(req, use_max)
         logprobs = (req.top_logprobs or 0) if req.logprobs else None
         params = self.params(req, max_tokens, logprobs)
         rid, queue = self.submit(ids, params, {"prompt": "messages", "max_tokens": use_max,
-                                               "logprobs": "top_logprobs"})
+                                               "logprobs": "top_logprobs"}, images)
         cid, now = f"chatcmpl-{rid}", int(time.time())
         head = {"id": cid, "object": "chat.completion.chunk", "created": now,
                 "model": self.model_name}
@@ -272,6 +291,53 @@ class Handler:
             "index": 0, "message": message,
             "logprobs": chat_logprobs(outs, last.completion_tokens), "finish_reason": finish}],
             "usage": self.usage(last)}
+
+    def image_parts(self, messages: list[dict]) -> list[tuple[int, int, str]]:
+        """(message index, part index, url) of every image part; APIError for images this
+        server or model does not take (before anything is decoded)."""
+        found = []
+        for i, m in enumerate(messages):
+            content = m.get("content")
+            for j, part in enumerate(content if isinstance(content, list) else []):
+                if part.get("type") != "image_url":
+                    continue
+                param = f"messages[{i}].content[{j}].image_url"
+                if m["role"] != "user":
+                    raise APIError(400, f"{param}: only user messages may hold images", param,
+                                   "invalid_value")
+                if getattr(self.engine, "vision", None) is None:
+                    raise APIError(400, f"{param}: this model does not take images", param,
+                                   "unsupported_value")
+                found.append((i, j, part["image_url"]["url"]))
+        if len(found) > self.media.max_images:
+            raise APIError(400, f"messages: {len(found)} images, more than this server's limit "
+                                f"of {self.media.max_images} per request", "messages",
+                           "too_many_images")
+        return found
+
+    def with_images(self, prompt: str, marker: str, parts, add_bos: bool):
+        """(prompt ids with each marker replaced by its image's `<image>` tokens, the images
+        preprocessed for the engine); runs in a worker thread (decoding, resizing)."""
+        vision = self.engine.vision
+        pieces = prompt.split(marker)
+        if len(pieces) != len(parts) + 1:
+            raise APIError(400, "messages: the chat template does not show every image",
+                           "messages", "unsupported_value")
+        try:
+            loaded = [load_image_url(url, self.media, f"messages[{i}].content[{j}].image_url")
+                      for i, j, url in parts]
+            ids = encode_with_images(self.tok, prompt, [(i.image.height, i.image.width)
+                                                        for i in loaded],
+                                     vision.processor, vision.image_token_id, add_bos, marker)
+            param = "messages" if len(parts) > 1 else \
+                f"messages[{parts[0][0]}].content[{parts[0][1]}].image_url"
+            inputs = vision.prepare(ids, [img.image for img in loaded],
+                                    [img.sha256 for img in loaded], param)
+        except RequestError as e:
+            param = "messages" if e.param == "prompt" else e.param
+            raise APIError(400, e.message.replace("prompt:", "messages:", 1), param,
+                           e.code) from None
+        return ids, inputs
 
     def tools(self, req: ChatRequest) -> tuple[list[dict] | None, set[str], str]:
         """(the tools to render, the names whose calls are parsed back, the prompt prefix a

@@ -10,9 +10,9 @@ from __future__ import annotations
 import json
 import math
 import re
-from typing import Literal
+from typing import Annotated, Literal
 
-from pydantic import BaseModel, ConfigDict, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 
 class APIError(Exception):
@@ -81,9 +81,20 @@ class TextPart(_Strict):
     text: str
 
 
+class ImageURL(_Strict):
+    url: str
+    detail: Literal["auto", "low", "high"] | None = None  # accepted; every image is any-res
+
+
+class ImagePart(_Strict):
+    type: Literal["image_url"]
+    image_url: ImageURL
+
+
 class ChatMessage(_Strict):
     role: Literal["system", "developer", "user", "assistant", "tool", "function"]
-    content: str | list[TextPart] | None = None
+    content: str | list[Annotated[TextPart | ImagePart, Field(discriminator="type")]] | None = \
+        None
     name: str | None = None
     tool_calls: list[ToolCall] | None = None
     tool_call_id: str | None = None
@@ -234,11 +245,26 @@ _FIELD = re.compile(r"^[a-z_][a-z0-9_]*$")
 _TYPE_TAGS = {"str", "int", "float", "bool", "list", "dict", "none"}
 
 
+def _untagged(loc) -> list:
+    """`loc` without a discriminated union's tags: pydantic puts the list's type
+    ('list[tagged-union[...]]') and, after the index, the member's tag (the value of `type`)."""
+    out, tagged = [], False
+    for part in loc:
+        if isinstance(part, str) and "tagged-union[" in part:
+            tagged = True
+            continue
+        if tagged and isinstance(part, str) and out and isinstance(out[-1], int):
+            tagged = False
+            continue
+        out.append(part)
+    return out
+
+
 def _param(loc) -> str | None:
     """pydantic's error location -> OpenAI's param ("messages[0].content"), without the tags
     pydantic puts in for union members and dict keys."""
     out = ""
-    for part in loc:
+    for part in _untagged(loc):
         if isinstance(part, int):
             out += f"[{part}]"
         elif _FIELD.match(part) and part not in _TYPE_TAGS:
@@ -250,7 +276,7 @@ def _validation_error(e: ValidationError) -> APIError:
     errors = e.errors(include_url=False)
     # a union reports one error per member; the deepest is the member the value was meant for
     # (stop: [1] -> "stop[0]", not "stop" for the string member)
-    depth = [sum(1 for part in err["loc"] if isinstance(part, int) or (
+    depth = [sum(1 for part in _untagged(err["loc"]) if isinstance(part, int) or (
         _FIELD.match(part) and part not in _TYPE_TAGS)) for err in errors]
     first = errors[depth.index(max(depth))]
     param = _param(first["loc"])

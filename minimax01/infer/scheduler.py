@@ -34,6 +34,7 @@ class Sequence:
     output_ids: list[int] = field(default_factory=list)
     logprobs: list[TokenLogprob] = field(default_factory=list)
     finish_reason: str | None = None
+    images: object | None = None          # infer/vision_inputs.ImageInputs (VL models)
 
     @property
     def prefilling(self) -> bool:

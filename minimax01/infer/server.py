@@ -29,6 +29,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from .async_engine import AsyncEngine
 from .chat import ChatTemplate
 from .handlers import Handler, off_loop
+from .media import MediaPolicy
 from .protocol import (APIError, ChatRequest, CompletionRequest, error_body, parse_body,
                        read_body, too_large)
 
@@ -67,12 +68,14 @@ class Guard:
 
 # ---------------------------------------------------------------------------- the app
 def create_app(engine, tokenizer, *, model_name: str = "minimax01", api_key: str | None = None,
-               chat_template: str | None = None, max_body_bytes: int = MAX_BODY_BYTES) -> FastAPI:
+               chat_template: str | None = None, max_body_bytes: int = MAX_BODY_BYTES,
+               media: MediaPolicy | None = None) -> FastAPI:
     """An app serving `engine` (an infer.engine.Engine). The engine thread starts with the app
-    and stops at shutdown; `app.state.runner` is its AsyncEngine."""
+    and stops at shutdown; `app.state.runner` is its AsyncEngine. `media`: the images a VL
+    model's requests may carry (infer/media.py)."""
     runner = AsyncEngine(engine)
     template = ChatTemplate(tokenizer, chat_template)
-    handler = Handler(runner, engine, tokenizer, template, model_name)
+    handler = Handler(runner, engine, tokenizer, template, model_name, media)
 
     @asynccontextmanager
     async def lifespan(app):

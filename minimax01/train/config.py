@@ -34,8 +34,19 @@ class ModelPresetConfig:
     preset: str = "demo"
     fields: dict[str, Any] = field(default_factory=dict)
 
+    @property
+    def is_vl(self) -> bool:
+        from ..vision.config import VL_PRESETS
+
+        return self.preset in VL_PRESETS
+
     def build(self) -> ModelConfig:
-        """The ModelConfig; changing the layer count re-derives layer_types and the alphas."""
+        """The ModelConfig; changing the layer count re-derives layer_types and the alphas. A
+        VL preset (vl-debug, ...) gives its language model's config (train/vl_train.py)."""
+        if self.is_vl:
+            from ..vision.config import VLConfig
+
+            return VLConfig.from_preset(self.preset).text_config.replace(**self.fields)
         if self.preset:
             return ModelConfig.from_preset(self.preset).replace(**self.fields)
         return ModelConfig.from_dict(dict(self.fields))
@@ -165,6 +176,7 @@ class TrainConfig:
     progress: bool = True           # tqdm bar (plain log lines when stderr is not a terminal)
     tensorboard: bool = True        # write out_dir/tb when tensorboard is installed
     export: bool = True             # write out_dir/model (HF format + tokenizer) at the end
+    freeze: str = ""                # VL runs: a stage (stage1..3) or parts (train/vl_train.py)
     sample_prompt: str = "def "
     sample_tokens: int = 200        # 0: no sample at the end
     objective: str = "lm"           # lm (next-token) | dpo | grpo (docs/post_training.md)
@@ -204,7 +216,7 @@ class RunConfig:
                                        ModelPresetConfig.preset)
         else:
             model = self.model.build()
-        _check_train(self.train, model)
+        _check_train(self.train, model, self.model.is_vl)
         if self.train.cast_weights == "per_step" and not self.parallel.degrees_are_one():
             raise ValueError("train.cast_weights = per_step is for one process; under FSDP set "
                              "parallel.param_dtype = bfloat16 (the all-gather casts the shards)")
@@ -218,7 +230,7 @@ def _finite(name: str, value: float) -> None:
         raise ValueError(f"{name} must be finite, got {value}")
 
 
-def _check_train(t: TrainConfig, model: ModelConfig) -> None:
+def _check_train(t: TrainConfig, model: ModelConfig, vl: bool = False) -> None:
     for name in ("steps", "batch_size", "seq_len", "grad_accum", "keep_last", "log_every",
                  "eval_batches"):
         if getattr(t, name) <= 0:
@@ -250,6 +262,9 @@ def _check_train(t: TrainConfig, model: ModelConfig) -> None:
     if not t.out_dir.strip():
         raise ValueError("train.out_dir must not be empty")
     _check_lora(t.lora)
+    if t.freeze and not vl:
+        raise ValueError("train.freeze: only VL model presets have parts to freeze "
+                         "(model.preset = vl-debug, ...; see docs/vision.md)")
     if isinstance(t.stages, str):
         if t.stages and t.stages not in STAGE_PRESETS:
             raise ValueError(f"train.stages: unknown preset {t.stages!r}; available: "

@@ -68,9 +68,11 @@ def set_value(cfg: RunConfig, dotted: str, value: Any) -> None:
     section, _, key = dotted.partition(".")
     if dotted == "model.preset":
         value = "" if value is None else coerce(dotted, value, str)
-        if value and value not in MODEL_PRESETS:
+        from ..vision.config import VL_PRESETS  # VL runs: train/vl_train.py
+
+        if value and value not in MODEL_PRESETS and value not in VL_PRESETS:
             raise ValueError(f"model.preset: unknown model preset {value!r}; available: "
-                             f"{', '.join(MODEL_PRESETS)}")
+                             f"{', '.join([*MODEL_PRESETS, *VL_PRESETS])}")
         cfg.model.preset = value
     elif section == "model":
         cfg.model.fields[key] = coerce(dotted, value, typ)

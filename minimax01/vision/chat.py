@@ -76,13 +76,14 @@ def expand_image_ids(ids: Sequence[int], image_sizes, processor, image_token_id:
 
 
 def encode_with_images(tokenizer, text: str, image_sizes, processor, image_token_id: int,
-                       add_bos: bool = False) -> list[int]:
+                       add_bos: bool = False, placeholder: str = IMAGE_PLACEHOLDER) -> list[int]:
     """Token ids of a prompt whose `<image>` placeholders (one per image, in order) become the
     expanded image tokens; without any placeholder the images go first. Text pieces are encoded
-    on their own, so this works whether or not the tokenizer knows `<image>` as a token."""
-    if IMAGE_PLACEHOLDER not in text:
-        text = IMAGE_PLACEHOLDER * len(image_sizes) + text
-    pieces = text.split(IMAGE_PLACEHOLDER)
+    on their own, so this works whether or not the tokenizer knows `<image>` as a token. (The
+    server passes a one-off `placeholder`, so that no user text can stand for an image.)"""
+    if placeholder not in text:
+        text = placeholder * len(image_sizes) + text
+    pieces = text.split(placeholder)
     ids = tokenizer.encode(pieces[0], add_bos=add_bos) if pieces[0] or add_bos else []
     for piece in pieces[1:]:
         ids += [image_token_id] + (tokenizer.encode(piece) if piece else [])
