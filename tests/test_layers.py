@@ -3,8 +3,10 @@
 Every `import` / `from ... import` in the package is read (also the ones inside functions, which
 run later but are dependencies all the same) and mapped onto the layers:
 
-    ops < config (dtypes, hf_config, config, accounting, tokenizer) < model, quant < checkpoint
-        < parallel < train / infer / eval / vision < commands / cli
+    ops < config (dtypes, hf_config, config, accounting, tokenizer) < model, quant, vision
+        < checkpoint < parallel < train / infer / eval < commands / cli
+
+(vision is the VL-01 model beside the text model: the checkpoint layer reads and writes both)
 
 `minimax01.wiring` sits at the bottom: it names, as data, the one implementation that the model
 layer's public contract needs from above (HF-format I/O)."""
@@ -17,7 +19,7 @@ from pathlib import Path
 PACKAGE = Path(__file__).resolve().parents[1] / "minimax01"
 LAYER = {"ops": 0, "wiring": 0, "dtypes": 1, "hf_config": 1, "config": 1, "accounting": 1,
          "tokenizer": 1, "model": 2, "quant": 2, "checkpoint": 3, "parallel": 4, "train": 5, "infer": 5,
-         "eval": 5, "vision": 5, "commands": 6, "cli": 6, "__main__": 6}
+         "eval": 5, "vision": 2, "commands": 6, "cli": 6, "__main__": 6}
 # Cycles another change is breaking (issue 11, point 6); remove an entry once it is gone.
 KNOWN_CYCLES: list[set[str]] = []
 
