@@ -88,6 +88,12 @@ class SlotPool:
             s[slot].zero_()
         self.lengths[slot] = 0
 
+    def reserve(self, slot: int, num_tokens: int) -> bool:
+        """Can `slot` hold `num_tokens` tokens? (The scheduler asks before each step and
+        preempts when a pool that sizes sequences by their length is full; a slot here always
+        has room for max_context.)"""
+        return num_tokens <= self.max_context
+
     def release(self, slot: int) -> None:
         if not 0 <= slot < self.num_slots or slot in self._free:
             raise ValueError(f"slot {slot} is not allocated")

@@ -22,6 +22,9 @@ class StepRecord:
     prefill_lengths: list[int] = field(default_factory=list)
     prefill_keep: list[int] = field(default_factory=list)     # packed positions whose logits
                                                               # are kept (finished prompts)
+    cache_loads: list[int] = field(default_factory=list)      # prefix cache -> slots, before
+    cache_saves: list[int] = field(default_factory=list)      # slots -> prefix cache, after
+                                                              # (infer/prefix_cache.py)
 
     def encode(self) -> list[int]:
         parts = [getattr(self, f.name) for f in fields(self)]
@@ -46,4 +49,4 @@ class StepRecord:
 
     @property
     def empty(self) -> bool:
-        return not (self.reset or self.decode_slots or self.prefill_slots)
+        return not (self.reset or self.decode_slots or self.prefill_slots or self.cache_saves)
