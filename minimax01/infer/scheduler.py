@@ -143,17 +143,20 @@ class Scheduler:
     def schedule(self) -> StepPlan:
         self.reap()
         admitted = self._admit()
-        decode = self._reserve_decodes()
-        prefill, budget = [], self.token_budget
-        for seq in self.running:
-            if budget == 0:
+        while True:
+            decode = self._reserve_decodes()
+            prefill, budget = [], self.token_budget
+            for seq in self.running:
+                if budget == 0:
+                    break
+                if seq.prefilling:
+                    n = self._chunk(seq, budget)
+                    if n:
+                        prefill.append((seq, seq.num_cached, n))
+                        budget -= n
+            if prefill or decode or len(self.running) <= 1:
                 break
-            if seq.prefilling:
-                n = self._chunk(seq, budget)
-                if n == 0:
-                    continue
-                prefill.append((seq, seq.num_cached, n))
-                budget -= n
+            self.preempt(self.running[-1])  # prompts only, none can grow: make room
         return StepPlan(prefill, decode, [s for s in admitted if s.slot is not None])
 
     def _admit(self) -> list[Sequence]:
