@@ -93,22 +93,36 @@ def engine_case(rank, world, control):
     full = full_model()
     tp = TPGroup()
     model = parallelize_for_inference(full, tp)
-    kw = dict(num_slots=3, max_context=96, prefill_chunk=16)
+    kw = dict(num_slots=3, max_context=96, prefill_chunk=16, prefix_block_size=8)
     channel = StepChannel(control)
     engine = rank_engine(model, None, channel, rank, **kw)
     if rank != 0:
         assert follow(engine, channel) > 0
         return
     ps = prompts([5, 23, 1, 40, 9])
+    ps += [ps[3][:20] + ps[1][:7], ps[3] + ps[0]]  # shared prefixes: prefix cache hits
     params = SamplingParams(max_tokens=6, temperature=0.0, ignore_eos=True)
     ref = Engine(full, **kw)
     rec_ref, rec_tp = Recorder(ref), Recorder(engine)
-    want = ref.generate(ps, params)
-    got = engine.generate(ps, params)
+    want = ref.generate(ps, params) + ref.generate(ps[3:], params)
+    got = engine.generate(ps, params) + engine.generate(ps[3:], params)
+    # the prefix cache's operations reached every rank (hits, snapshots, evictions under a
+    # budget of a few blocks)
+    assert engine.prefix_cache.stats["hit_tokens"] == ref.prefix_cache.stats["hit_tokens"] > 0
+    engine.prefix_cache.budget_bytes = 4 * engine.prefix_cache.kv_bytes
+    ref.prefix_cache.budget_bytes = 4 * ref.prefix_cache.kv_bytes
+    fresh = prompts([40, 33], seed=7)
+    want += ref.generate(fresh + ps[::-1], params)
+    got += engine.generate(fresh + ps[::-1], params)
+    assert engine.prefix_cache.stats["evicted_nodes"] > 0
+    assert set(engine.prefix_store.kv) == {n.id for n in engine.prefix_cache.nodes.values()}
     channel.stop()
     assert [o.token_ids for o in got] == [o.token_ids for o in want]
     assert all(len(o.token_ids) == 6 for o in got)
     assert len(rec_tp.steps) == len(rec_ref.steps) > 6
+    # without the cache: the same tokens
+    plain = Engine(full, **{**kw, "prefix_cache": False})
+    assert [o.token_ids for o in plain.generate(ps, params)] == [o.token_ids for o in got[:7]]
     packed = 0
     ids = {a.request_id: b.request_id for a, b in zip(got, want)}
     for (rows_t, lt), (rows_r, lr) in zip(rec_tp.steps, rec_ref.steps):
