@@ -41,6 +41,7 @@ from .slot_cache import SlotCache, SlotPool, check_servable
 from .step_record import StepRecord
 
 log = logging.getLogger(__name__)
+LONG_PROMPT = 65536  # log the prefill progress of prompts this long, every this many tokens
 
 
 class Engine:
@@ -198,7 +199,7 @@ class Engine:
         rows = plan.decode + done
         for seq, _, n in plan.prefill:
             seq.num_cached += n
-            if seq.prefill_target > 4 * self.scheduler.token_budget:  # long prompt: progress
+            if seq.prefill_target >= LONG_PROMPT and seq.num_cached % LONG_PROMPT < n:
                 log.info("%s: prefilled %d / %d prompt tokens", seq.request_id, seq.num_cached,
                          seq.prefill_target)
         for seq in plan.decode:
