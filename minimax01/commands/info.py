@@ -77,9 +77,10 @@ def run(args) -> int:
     contexts = _contexts(args) if args.gpu_memory is not None else None
     print("\n".join(lines + [t.render() + "\n" for t in report(cfg)]).rstrip())
     if contexts:
-        from ..infer.planner import GiB, fits_table
+        from ..infer.planner import GiB, fits_table, paged_fits_table
 
         print("\n" + fits_table(cfg, int(args.gpu_memory * GiB), contexts))
+        print("\n" + paged_fits_table(cfg, int(args.gpu_memory * GiB), contexts))
     return 0
 
 

@@ -310,3 +310,114 @@ def plan_cluster(cfg: ModelConfig, gpus: int, gpu_bytes: int, *, quantization=No
     return ClusterPlan(preset, gpus, tp, gpus // tp, label, gpu_bytes, budget, w["total"], act,
                        runtime, state, kv_tok, prefill_chunk, max_context, sequences, decode,
                        allreduces, bandwidth_tb_s, notes)
+
+
+# ---------------------------------------------------------------------- paged K/V (issue 18)
+@dataclass
+class PagedPlan:
+    """Memory of a paged cache: `num_seqs` lightning-state rows (+ 1 scratch) and `num_pages`
+    K/V pages of `page_size` tokens (page 0 the null page, infer/pool.py), so sequences take
+    pages for their actual lengths instead of a `max_context` reservation each."""
+
+    max_context: int
+    num_seqs: int
+    page_size: int
+    num_pages: int
+    prefill_chunk: int
+    budget_bytes: int
+    weights_bytes: int
+    activation_bytes: int
+    state_bytes_per_seq: int
+    page_bytes: int              # one page of every softmax layer's K and V (0: none to page)
+
+    @property
+    def token_capacity(self) -> int:
+        """K/V tokens the usable pages hold, over all sequences together."""
+        return (self.num_pages - 1) * self.page_size
+
+    @property
+    def pool_bytes(self) -> int:
+        return (self.num_seqs + 1) * self.state_bytes_per_seq + self.num_pages * self.page_bytes
+
+    def pages_for(self, length: int) -> int:
+        from .pool import pages_for
+
+        return pages_for(length, self.page_size)
+
+    def sequences_that_fit(self, lengths) -> int:
+        """How many of `lengths` (actual tokens each, taken in order) fit at once."""
+        free, n = self.num_pages - 1, 0
+        for length in lengths:
+            need = self.pages_for(length) if self.page_bytes else 0
+            if n == self.num_seqs or need > free or length > self.max_context:
+                break
+            free -= need
+            n += 1
+        return n
+
+
+def page_bytes(cfg: ModelConfig, page_size: int, dtype_bytes: int) -> int:
+    """Bytes of one page over all softmax layers (K and V)."""
+    return cfg.kv_cache_bytes_per_token(dtype_bytes) * page_size
+
+
+def plan_paged(cfg: ModelConfig, free_bytes: int, max_context: int, *, page_size: int = 16,
+               dtype: str = "bfloat16", weights_loaded: bool = True, prefill_chunk: int = 8192,
+               max_seqs: int = 256, utilization: float = 0.9,
+               margin_bytes: int = GiB // 2) -> PagedPlan:
+    """Split the budget into state rows for up to `max_seqs` sequences and K/V pages: as many
+    rows as leave pages for at least one `max_context`-token sequence. ValueError when not
+    even one sequence of `max_context` tokens fits."""
+    if max_context <= 0 or page_size <= 0 or max_seqs <= 0:
+        raise ValueError(f"max_context, page_size and max_seqs must be positive, got "
+                         f"{max_context}, {page_size} and {max_seqs}")
+    if max_context > cfg.max_position_embeddings:
+        raise ValueError(f"max_context {max_context:,} exceeds the model's "
+                         f"max_position_embeddings {cfg.max_position_embeddings:,}")
+    nbytes = DTYPE_BYTES[dtype]
+    budget = int(free_bytes * utilization)
+    weights = 0 if weights_loaded else int(cfg.weight_bytes(nbytes))
+    chunk = min(prefill_chunk, max_context)
+    act = activation_bytes(cfg, chunk, max_seqs, nbytes) + margin_bytes
+    state = cfg.lightning_state_bytes() + cfg.sliding_cache_bytes(nbytes)
+    pbytes = page_bytes(cfg, page_size, nbytes)  # 0 without softmax layers: nothing to page
+    room = budget - weights - act
+    need_pages = -(-max_context // page_size) + 1 if pbytes else 0  # one sequence + the null page
+    seqs = min(max_seqs, (room - need_pages * pbytes) // state - 1) if state else max_seqs
+    if room <= 0 or seqs < 1:
+        need = weights + act + 2 * state + need_pages * pbytes
+        raise ValueError(f"one sequence of {max_context:,} tokens does not fit: needs about "
+                         f"{need / GiB:.2f} GiB, the budget is {budget / GiB:.2f} GiB "
+                         f"({utilization:.0%} of {free_bytes / GiB:.2f} GiB free); lower "
+                         f"--max-context or --prefill-chunk")
+    pages = int((room - (seqs + 1) * state) // pbytes) if pbytes else 2
+    return PagedPlan(max_context, int(seqs), page_size, max(pages, 2), chunk, budget, weights,
+                     act, state, pbytes)
+
+
+def paged_fits_table(cfg: ModelConfig, gpu_bytes: int, contexts: list[int], *,
+                     dtype: str | None = None, page_size: int = 16, prefill_chunk: int = 16384,
+                     utilization: float = 0.9) -> str:
+    """What a paged cache planned for the longest of `contexts` holds on a GPU of `gpu_bytes`
+    (weights included): sequences of each actual length, against a slot pool for that longest
+    context, which reserves it for every sequence (fits_table)."""
+    dtype = dtype or (cfg.dtype if cfg.dtype in DTYPE_BYTES else "bfloat16")
+    longest = max(contexts)
+    lines = [f"Paged K/V ({page_size}-token pages, planned for contexts up to {longest:,}):"]
+    try:
+        p = plan_paged(cfg, gpu_bytes, longest, page_size=page_size, dtype=dtype,
+                       weights_loaded=False, prefill_chunk=prefill_chunk, utilization=utilization)
+    except ValueError as e:
+        return "\n".join(lines + [f"  does not fit: {e}"])
+    lines.append(f"  {p.num_seqs} state rows, {p.num_pages - 1:,} pages = {p.token_capacity:,} "
+                 f"K/V tokens over all sequences, cache pool {p.pool_bytes / GiB:.1f} GiB")
+    try:
+        slots = plan_memory(cfg, gpu_bytes, longest, dtype=dtype, weights_loaded=False,
+                            prefill_chunk=prefill_chunk, utilization=utilization).num_slots
+    except ValueError:
+        slots = 0
+    lines.append(f"  {'length':>12}  {'sequences':>9}  (a slot pool for max context {longest:,} "
+                 f"holds {slots} of any length)")
+    for ctx in contexts:
+        lines.append(f"  {ctx:>12,}  {p.sequences_that_fit([ctx] * p.num_seqs):>9}")
+    return "\n".join(lines)

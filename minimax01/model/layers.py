@@ -73,6 +73,11 @@ class LightningAttention(nn.Module):
         self.attn_fn = None  # sequence-parallel code (LASP+): attn_fn(q, k, v, slope, ctx) -> o
 
     def forward(self, x: torch.Tensor, ctx: AttnContext) -> torch.Tensor:
+        fused = getattr(ctx.cache, "lightning_layer", None) if self.attn_fn is None else None
+        if fused is not None:  # a decode step running the whole layer fused (infer/fused_decode.py)
+            out = fused(self, x, ctx)
+            if out is not None:
+                return out
         b, t, _ = x.shape
         qkv = F.silu(self.qkv_proj(x)).view(b, t, self.num_heads, 3 * self.head_dim)
         q, k, v = qkv.split(self.head_dim, dim=-1)
@@ -206,6 +211,11 @@ class DecoderLayer(nn.Module):
         self.mlp = MoE(config)
 
     def forward(self, x: torch.Tensor, ctx: AttnContext) -> tuple[torch.Tensor, torch.Tensor]:
+        fused = getattr(ctx.cache, "decoder_layer", None)
+        if fused is not None:  # a decode step running the layer's norms fused (infer/fused_decode.py)
+            out = fused(self, x, ctx)
+            if out is not None:
+                return out
         h1 = self.input_layernorm(x)
         residual = h1 if self.postnorm else x
         y = self.attn_alpha * residual + self.attn_beta * self.self_attn(h1, ctx)
