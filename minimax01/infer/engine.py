@@ -31,6 +31,7 @@ import torch
 from ..dtypes import dtype_name
 from ..ops.lightning import check_slot_idx
 from .detok import TextStream
+from .fused_decode import fused_decode_supported
 from .planner import plan_memory
 from .prefix_cache import DEFAULT_BLOCK_SIZE, DEFAULT_PREFIX_CACHE_GIB, PrefixCache, PrefixStore
 from .prepare import cast_model, prepare_for_serving  # noqa: F401  (cast_model: its old home)
@@ -52,8 +53,8 @@ class Engine:
     the pool from free GPU memory (planner) or uses 8 on CPU. max_num_batched_tokens: prompt
     tokens per step (the token budget; `prefill_chunk` is its old name).
     prefix_cache: resume requests from cached prefixes (default on), in blocks of
-    `prefix_block_size` tokens, within `prefix_cache_gb` GiB. cuda_graphs / overlap: default on
-    for CUDA.
+    `prefix_block_size` tokens, within `prefix_cache_gb` GiB. cuda_graphs / overlap /
+    fused_decode (small-batch decode kernels, infer/fused_decode.py): default on for CUDA.
 
     The engine prepares `model` in place with `prepare_for_serving` (infer/prepare.py: eval mode;
     on CUDA the sync-free MoE pipeline); `close()` gives it back as it was."""
@@ -65,7 +66,8 @@ class Engine:
                  seed: int = 0, step_broadcast: Callable[[StepRecord], None] | None = None,
                  max_num_batched_tokens: int | None = None, prefix_cache: bool = True,
                  prefix_block_size: int = DEFAULT_BLOCK_SIZE,
-                 prefix_cache_gb: float = DEFAULT_PREFIX_CACHE_GIB):
+                 prefix_cache_gb: float = DEFAULT_PREFIX_CACHE_GIB,
+                 fused_decode: bool | None = None):
         check_servable(model.config)  # before the model is touched
         self._restore_model = prepare_for_serving(model)
         self.step_broadcast = step_broadcast  # tensor parallel: send each step to the other ranks
@@ -93,7 +95,9 @@ class Engine:
                 num_slots = 8
         self.max_context = max_context
         self.pool = SlotPool(cfg, num_slots, max_context, self.device, self.dtype)
-        self.cache = SlotCache(self.pool)
+        if fused_decode is None:  # on GPU for one-process models (rank_engine turns it off)
+            fused_decode = cuda and fused_decode_supported(cfg)
+        self.cache = SlotCache(self.pool, fused_decode=fused_decode)
         self.prefix_cache = self.prefix_store = None
         if prefix_cache:
             self.prefix_cache = PrefixCache(self.pool, prefix_block_size, cache_bytes)

@@ -108,8 +108,10 @@ class SlotCache:
     """The kernels for a SlotPool (softmax: "triton" or "torch"; lightning: "triton" or "chunk")
     and the factory of the per-forward step records."""
 
-    def __init__(self, pool: SlotPool, attention: str | None = None, lightning: str | None = None):
+    def __init__(self, pool: SlotPool, attention: str | None = None, lightning: str | None = None,
+                 fused_decode: bool = False):
         self.pool = pool
+        self.fused_decode = fused_decode  # decode records run fused kernels (infer/fused_decode.py)
         dev = pool.device
         probe = torch.empty(1, 1, pool.config.head_dim, device=dev, dtype=pool.dtype)
         keys = next(iter(pool.keys.values()), None)
@@ -166,7 +168,12 @@ class SlotCache:
                                    torch.ones(b, dtype=torch.int32, device=dev),
                                    decode_splits(b, hkv, self.pool.max_context))
         work, ones, splits = self._decode_aux[b]
-        return DecodeStep(self, slot_idx, active, host_lengths, work, ones, splits)
+        step = DecodeStep(self, slot_idx, active, host_lengths, work, ones, splits)
+        if self.fused_decode:
+            from .fused_decode import fused
+
+            step = fused(step)
+        return step
 
 
 @dataclass

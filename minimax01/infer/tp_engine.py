@@ -223,8 +223,9 @@ def agree_num_slots(model, device: torch.device, num_slots: int | None, max_cont
 
 def rank_engine(model, tokenizer, channel: StepChannel, rank: int, **kw) -> Engine:
     """Rank 0's TPEngine or another rank's Engine, with the same pool and graph settings. Prefill
-    does not overlap decode on a second stream under TP (one order of collectives per rank)."""
-    kw = {**kw, "overlap": False}
+    does not overlap decode on a second stream under TP (one order of collectives per rank), and
+    decodes unfused (the fused lightning norm would span ranks)."""
+    kw = {**kw, "overlap": False, "fused_decode": False}  # (a rank holds a slice of the heads)
     if rank == 0:
         return TPEngine(model, tokenizer, channel, **kw)
     return Engine(model, None, **kw)
