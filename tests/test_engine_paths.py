@@ -24,3 +24,27 @@ def test_fused_decode_equals_unfused(model):
     slot_idx = torch.tensor([0]), torch.tensor([True])
     assert isinstance(eng.cache.begin_decode(*slot_idx, [0]), FusedDecodeStep)
     assert outputs(eng, prompts) == want
+
+
+@pytest.mark.parametrize("prefix", [False, True])
+def test_paged_kv_equals_slots_and_preempts_when_pages_run_out(model, prefix):
+    # paged K/V (infer/pool.py, ops/paged_attention torch twin): the same tokens as the slot
+    # pool; with only enough pages for about two sequences, four slots must preempt, and the
+    # recomputed sequences still give the same tokens
+    prompts = workload(12, n=7)
+    params = GREEDY.__class__(max_tokens=10, temperature=0.0, ignore_eos=True)
+    kw = dict(num_slots=4, max_context=192, max_num_batched_tokens=24, prefix_cache=prefix,
+              prefix_block_size=8)
+    want = outputs(Engine(model, **kw), prompts, params)
+    roomy = Engine(model, kv_page_size=8, **kw)
+    assert roomy.pool.pages.capacity == 4 * 192 // 8
+    assert outputs(roomy, prompts, params) == want
+    need = max(len(p) for p in prompts) + 10
+    tight = Engine(model, kv_page_size=8, kv_pages=2 * (need // 8 + 1) + 1, **kw)
+    assert outputs(tight, prompts, params) == want
+    assert tight.scheduler.num_preemptions > 0
+    tight.pool.pages.check()
+    assert tight.pool.pages.free_pages == tight.pool.pages.capacity  # every page back
+    # a request longer than all pages together is refused up front, naming the limit
+    with pytest.raises(ValueError, match=f"context limit of {tight.pool.max_sequence_tokens}"):
+        tight.add_request([1] * (tight.pool.max_sequence_tokens + 1), params)

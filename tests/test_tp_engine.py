@@ -4,8 +4,10 @@ One forked group per TP size runs every case (parallel/tensor_parallel.py, infer
 
   * the serving engine: rank 0's TPEngine broadcasts each step's record, the other ranks follow;
     several requests, more than the slots (slots reset and reused), prompts longer than a
-    prefill chunk and packed together (varlen prefill): the logits of every step within 1e-5
-    relative of a one-process Engine, greedy tokens identical;
+    prefill chunk and packed together (varlen prefill), shared prefixes (prefix cache loads,
+    snapshots and evictions reach every rank), paged K/V at TP 2 (block tables in the record):
+    the logits of every step within 1e-5 relative of a one-process Engine, greedy tokens
+    identical;
   * collectives per forward, counted at torch.distributed: 1 (embedding) + one all-reduce per
     sub-layer (attention and MoE of every layer) and one all-gather (logits); the unfused
     lightning norm adds its own per lightning layer;
@@ -93,7 +95,8 @@ def engine_case(rank, world, control):
     full = full_model()
     tp = TPGroup()
     model = parallelize_for_inference(full, tp)
-    kw = dict(num_slots=3, max_context=96, prefill_chunk=16, prefix_block_size=8)
+    kw = dict(num_slots=3, max_context=96, prefill_chunk=16, prefix_block_size=8,
+              kv_page_size=8 if world == 2 else None)  # TP 2: paged K/V, rank 0's pages
     channel = StepChannel(control)
     engine = rank_engine(model, None, channel, rank, **kw)
     if rank != 0:

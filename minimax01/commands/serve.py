@@ -50,6 +50,10 @@ def add_arguments(parser) -> None:
     parser.add_argument("--prefix-cache-gb", type=float, default=DEFAULT_PREFIX_CACHE_GIB,
                         metavar="GB", help="memory for cached prefixes, per GPU (default "
                                            f"{DEFAULT_PREFIX_CACHE_GIB:g}; LRU-evicted)")
+    parser.add_argument("--kv-page-size", type=int, default=None, metavar="N",
+                        help="keep the softmax layers' K/V in pages of N tokens, so sequences "
+                             "take memory for their actual length (default: off, a max-context "
+                             "slot each)")
     parser.add_argument("--prefix-block-size", type=int, default=DEFAULT_BLOCK_SIZE, metavar="N",
                         help="tokens per prefix-cache block: prefixes resume at multiples of N "
                              f"(default {DEFAULT_BLOCK_SIZE})")
@@ -88,7 +92,8 @@ def _template(args) -> str | None:
 
 
 def _check(args) -> None:
-    for name in ("max-context", "num-slots", "max-num-batched-tokens", "prefix-block-size"):
+    for name in ("max-context", "num-slots", "max-num-batched-tokens", "prefix-block-size",
+                 "kv-page-size"):
         _positive(name, getattr(args, name.replace("-", "_")))
     if not 0 <= args.prefix_cache_gb < 1 << 20:
         raise CLIError(f"--prefix-cache-gb must be a number of GiB >= 0, got "
@@ -107,7 +112,7 @@ def scheduling_kwargs(args) -> dict:
     """The Engine's scheduling and prefix-cache arguments from the command line."""
     return dict(max_num_batched_tokens=args.max_num_batched_tokens or DEFAULT_MAX_NUM_BATCHED_TOKENS,
                 prefix_cache=not args.no_prefix_cache, prefix_cache_gb=args.prefix_cache_gb,
-                prefix_block_size=args.prefix_block_size)
+                prefix_block_size=args.prefix_block_size, kv_page_size=args.kv_page_size)
 
 
 def run(args) -> int:

@@ -32,7 +32,7 @@ from ..dtypes import dtype_name
 from ..ops.lightning import check_slot_idx
 from .detok import TextStream
 from .fused_decode import fused_decode_supported
-from .planner import plan_memory
+from .planner import plan_memory, plan_paged
 from .prefix_cache import DEFAULT_BLOCK_SIZE, DEFAULT_PREFIX_CACHE_GIB, PrefixCache, PrefixStore
 from .prepare import cast_model, prepare_for_serving  # noqa: F401  (cast_model: its old home)
 from .request import Completion, RequestError, SamplingParams, StepOutput
@@ -55,6 +55,9 @@ class Engine:
     prefix_cache: resume requests from cached prefixes (default on), in blocks of
     `prefix_block_size` tokens, within `prefix_cache_gb` GiB. cuda_graphs / overlap /
     fused_decode (small-batch decode kernels, infer/fused_decode.py): default on for CUDA.
+    kv_page_size: keep the softmax K/V in pages of this many tokens (`kv_pages` of them; on GPU
+    planned from free memory), so sequences take memory for their actual length; None: a
+    max_context slot each.
 
     The engine prepares `model` in place with `prepare_for_serving` (infer/prepare.py: eval mode;
     on CUDA the sync-free MoE pipeline); `close()` gives it back as it was."""
@@ -67,7 +70,8 @@ class Engine:
                  max_num_batched_tokens: int | None = None, prefix_cache: bool = True,
                  prefix_block_size: int = DEFAULT_BLOCK_SIZE,
                  prefix_cache_gb: float = DEFAULT_PREFIX_CACHE_GIB,
-                 fused_decode: bool | None = None):
+                 fused_decode: bool | None = None, kv_page_size: int | None = None,
+                 kv_pages: int | None = None):
         check_servable(model.config)  # before the model is touched
         self._restore_model = prepare_for_serving(model)
         self.step_broadcast = step_broadcast  # tensor parallel: send each step to the other ranks
@@ -82,6 +86,15 @@ class Engine:
         if not prefix_cache_gb >= 0:
             raise ValueError(f"prefix_cache_gb must be >= 0, got {prefix_cache_gb}")
         cache_bytes = int(prefix_cache_gb * 2 ** 30) if prefix_cache else 0
+        if num_slots is None and kv_page_size is not None and cuda:
+            free, _ = torch.cuda.mem_get_info(self.device)
+            plan = plan_paged(cfg, free - cache_bytes / gpu_memory_utilization, max_context,
+                              page_size=kv_page_size, dtype=dtype_name(self.dtype),
+                              prefill_chunk=budget, max_seqs=max_batch or 256,
+                              utilization=gpu_memory_utilization)
+            num_slots, kv_pages = plan.num_seqs, kv_pages or plan.num_pages
+            log.info("paged memory plan: %d sequences, %d pages of %d tokens (%d K/V tokens)",
+                     num_slots, plan.num_pages, kv_page_size, plan.token_capacity)
         if num_slots is None:
             if cuda:
                 free, _ = torch.cuda.mem_get_info(self.device)
@@ -94,7 +107,8 @@ class Engine:
             else:
                 num_slots = 8
         self.max_context = max_context
-        self.pool = SlotPool(cfg, num_slots, max_context, self.device, self.dtype)
+        self.pool = SlotPool(cfg, num_slots, max_context, self.device, self.dtype,
+                             page_size=kv_page_size, num_pages=kv_pages)
         if fused_decode is None:  # on GPU for one-process models (rank_engine turns it off)
             fused_decode = cuda and fused_decode_supported(cfg)
         self.cache = SlotCache(self.pool, fused_decode=fused_decode)
@@ -155,11 +169,12 @@ class Engine:
         if bad is not None:
             raise RequestError(f"prompt: token id {bad!r} is outside the vocabulary "
                                f"[0, {vocab})", param="prompt")
-        room = self.max_context - len(prompt)
+        limit = self.pool.max_sequence_tokens
+        room = limit - len(prompt)
         if room < 1 or (params.max_tokens is not None and params.max_tokens > room):
             want = params.max_tokens or 1
             raise RequestError(f"prompt of {len(prompt)} tokens + max_tokens {want} exceeds the "
-                               f"context limit of {self.max_context} tokens",
+                               f"context limit of {limit} tokens",
                                "context_length_exceeded", "prompt" if room < 1 else "max_tokens")
         if params.stop and self.tokenizer is None:
             raise RequestError("stop: stop strings need a tokenizer", param="stop")
@@ -191,6 +206,7 @@ class Engine:
         outputs = [self._final(s) for s in self.scheduler.reap()]  # aborted since the last step
         plan = self.scheduler.schedule()
         record, done = self.step_record(plan, [s.slot for s in plan.admitted])
+        record.page_tables = self.pool.take_page_updates()
         if self.prefix_cache is not None:
             bs = self.prefix_cache.block_size
             for seq, start, n in plan.prefill:  # snapshot chunks that end on a block boundary
@@ -238,6 +254,8 @@ class Engine:
         logits of the decode rows and of the finished prompts, in that order (None: no work).
         Under tensor parallelism every rank runs this with the same record (prefix cache
         operations included: loads before the forwards, saves after)."""
+        if record.page_tables:
+            self.pool.apply_page_updates(record.page_tables)
         if record.cache_loads:
             self.prefix_store.apply_before(record.cache_loads)
         logits = []

@@ -182,7 +182,7 @@ class PrefixCache:
 def block_bytes(pool: SlotPool, block_size: int) -> tuple[int, int]:
     """(K/V bytes of one block, bytes of one snapshot of every lightning state) in `pool`."""
     kv = sum(2 * x.shape[1] * block_size * x.shape[3] * x.element_size()
-             for x in pool.keys.values())
+             for x in pool.keys.values())  # (paged or not: [rows or pages, Hkv, *, D])
     state = sum(x[0].numel() * x.element_size() for x in pool.states.values())
     return kv, state
 
@@ -205,8 +205,7 @@ class PrefixStore:
             i += 2 + n
             for j, node in enumerate(ids):
                 for (k, v), layer in zip(self.kv[node], pool.keys):
-                    pool.keys[layer][slot, :, j * bs:(j + 1) * bs] = k
-                    pool.values[layer][slot, :, j * bs:(j + 1) * bs] = v
+                    pool.write_kv(layer, slot, j * bs, k, v)
             for s, layer in zip(self.states[ids[-1]], pool.states):
                 pool.states[layer][slot] = s
             pool.lengths[slot] = n * bs
@@ -219,8 +218,8 @@ class PrefixStore:
                 self.kv.pop(node, None)
                 self.states.pop(node, None)
             if flags & SAVE_KV:
-                self.kv[node] = [(pool.keys[l][slot, :, j * bs:(j + 1) * bs].clone(),
-                                  pool.values[l][slot, :, j * bs:(j + 1) * bs].clone())
+                self.kv[node] = [tuple(x.clone() for x in pool.read_kv(l, slot, j * bs,
+                                                                       (j + 1) * bs))
                                  for l in pool.keys]
             if flags & SAVE_STATE:
                 self.states[node] = [pool.states[l][slot].clone() for l in pool.states]
