@@ -4,7 +4,8 @@
     python benchmarks/check_serving_gpu.py --tiny     # the same on the CPU with tiny shapes
 
 1. correctness first: a small fp32 model (TF32 off) serves prefix-sharing greedy requests with
-   the prefix cache on and off, several token budgets, chunks not aligned with cache blocks:
+   the prefix cache on and off, several token budgets, chunks not aligned with cache blocks,
+   paged K/V (Triton paged attention; pages for about one longest sequence: it preempts):
    tokens must be identical (exit status 1 otherwise; the measurements still run);
 2. the token budget under admission (`1b` preset, bf16, random weights): --decoders distinct
    sequences decode while one --long-prompt token prompt (64K) is admitted. For each
@@ -69,20 +70,24 @@ def correctness(device, tiny: bool) -> dict:
     ctx = max(map(len, prompts)) + 16
     ref = None
     out = {"mismatches": 0, "runs": []}
-    for budget, block, cache in ((512, 64, False), (512, 64, True), (37, 16, True),
-                                 (100, 32, True)):
+    for budget, block, cache, page in ((512, 64, False, None), (512, 64, True, None),
+                                       (37, 16, True, None), (100, 32, True, None),
+                                       (100, 32, True, 16), (512, 64, False, 16)):
         eng = Engine(model, num_slots=4, max_context=ctx, max_num_batched_tokens=budget,
-                     prefix_cache=cache, prefix_block_size=block)
+                     prefix_cache=cache, prefix_block_size=block, kv_page_size=page,
+                     kv_pages=None if page is None else ctx // page + 2)
         got = [o.token_ids for o in eng.generate(prompts, params)]
         got += [o.token_ids for o in eng.generate(prompts[::-1], params)][::-1]
         bad = 0 if ref is None else sum(a != b for a, b in zip(got, ref))
         ref = ref or got
         hit = eng.prefix_cache.info()["hit_rate"] if cache else 0.0
         out["runs"].append({"budget": budget, "block": block, "prefix_cache": cache,
-                            "mismatched_requests": bad, "hit_rate": hit})
+                            "kv_page_size": page, "mismatched_requests": bad, "hit_rate": hit,
+                            "preemptions": eng.scheduler.num_preemptions})
         out["mismatches"] += bad
-        print(f"  budget {budget:>4}, block {block:>3}, prefix cache {'on ' if cache else 'off'}: "
-              f"{bad} of {len(got)} requests differ, hit rate {hit:.2f}", flush=True)
+        print(f"  budget {budget:>4}, block {block:>3}, prefix cache {'on ' if cache else 'off'}, "
+              f"pages {page or '-':>2}: {bad} of {len(got)} requests differ, hit rate {hit:.2f}, "
+              f"{eng.scheduler.num_preemptions} preemptions", flush=True)
         eng.close()
     return out
 

@@ -13,7 +13,8 @@ Every prompt is distinct random tokens (beyond the shared prefixes), so no two s
 alike; outputs are fixed lengths (ignore_eos) so the work is the same in every configuration.
 
 The same workload runs against the engine with each feature off: `all` (defaults), `no-prefix-
-cache`, `no-token-budget` (max_num_batched_tokens = the old 16384-token prefill chunk). Per
+cache`, `no-token-budget` (max_num_batched_tokens = the old 16384-token prefill chunk), and with
+paged K/V on (`paged-kv`, 16-token pages; off by default). Per
 (configuration, rate): request and output-token throughput, TTFT and inter-token latency
 p50/p99 (ITL: gaps between streamed tokens), the prefix-cache hit rate (usage.prompt_tokens_
 details.cached_tokens over prompt tokens) and preemptions. Prints a table; --json PATH (and
@@ -43,7 +44,8 @@ from minimax01.tokenizer import load_tokenizer  # noqa: E402
 
 OLD_PREFILL_CHUNK = 16384  # the engine's prefill chunk before the token budget (issue 18)
 CONFIGS = {"all": {}, "no-prefix-cache": {"prefix_cache": False},
-           "no-token-budget": {"max_num_batched_tokens": OLD_PREFILL_CHUNK}}
+           "no-token-budget": {"max_num_batched_tokens": OLD_PREFILL_CHUNK},
+           "paged-kv": {"kv_page_size": 16}}
 
 
 @dataclass
