@@ -117,3 +117,19 @@ def test_preemption_by_recompute_keeps_greedy_outputs(model, prefix):
     assert outputs(eng, prompts, params) == want
     assert eng.scheduler.num_preemptions > 0
     assert pool.free_slots == 4 and not pool.held
+
+
+@pytest.mark.parametrize("argv, fragment", [
+    (["--max-num-batched-tokens", "0"], "--max-num-batched-tokens must be positive"),
+    (["--prefill-chunk", "-3"], "--max-num-batched-tokens must be positive"),
+    (["--prefix-block-size", "0"], "--prefix-block-size must be positive"),
+    (["--kv-page-size", "0"], "--kv-page-size must be positive"),
+    (["--prefix-cache-gb", "nan"], "--prefix-cache-gb must be a number of GiB >= 0"),
+    (["--prefix-cache-gb", "-1"], "--prefix-cache-gb must be a number of GiB >= 0"),
+])
+def test_serve_scheduling_flags_fail_in_one_line(capsys, argv, fragment):
+    from minimax01.cli import main
+
+    assert main(["serve", "--preset", "debug", "--device", "cpu", *argv]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: ") and fragment in err and "Traceback" not in err

@@ -98,6 +98,10 @@ class AsyncEngine:
         out = {"running": len(sched.running), "waiting": len(sched.waiting),
                "free_slots": self.engine.pool.free_slots, "preemptions": sched.num_preemptions,
                "requests": dict(self.counts)}
+        pages = self.engine.pool.pages
+        if pages is not None:
+            out["kv_pages"] = {"page_size": pages.page_size, "total": pages.capacity,
+                               "free": pages.free_pages}
         if self.engine.prefix_cache is not None:
             out["prefix_cache"] = self.engine.prefix_cache.info()
         return out
