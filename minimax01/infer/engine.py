@@ -86,26 +86,9 @@ class Engine:
         if not prefix_cache_gb >= 0:
             raise ValueError(f"prefix_cache_gb must be >= 0, got {prefix_cache_gb}")
         cache_bytes = int(prefix_cache_gb * 2 ** 30) if prefix_cache else 0
-        if num_slots is None and kv_page_size is not None and cuda:
-            free, _ = torch.cuda.mem_get_info(self.device)
-            plan = plan_paged(cfg, free - cache_bytes / gpu_memory_utilization, max_context,
-                              page_size=kv_page_size, dtype=dtype_name(self.dtype),
-                              prefill_chunk=budget, max_seqs=max_batch or 256,
-                              utilization=gpu_memory_utilization)
-            num_slots, kv_pages = plan.num_seqs, kv_pages or plan.num_pages
-            log.info("paged memory plan: %d sequences, %d pages of %d tokens (%d K/V tokens)",
-                     num_slots, plan.num_pages, kv_page_size, plan.token_capacity)
         if num_slots is None:
-            if cuda:
-                free, _ = torch.cuda.mem_get_info(self.device)
-                plan = plan_memory(cfg, free, max_context, dtype=dtype_name(self.dtype),
-                                   prefill_chunk=budget, max_slots=max_batch or 256,
-                                   utilization=gpu_memory_utilization,
-                                   prefix_cache_bytes=cache_bytes)
-                num_slots = plan.num_slots
-                log.info("memory plan:\n%s", plan.table())
-            else:
-                num_slots = 8
+            num_slots, kv_pages = self._plan(max_context, budget, max_batch, kv_page_size,
+                                             kv_pages, cache_bytes, gpu_memory_utilization)
         self.max_context = max_context
         self.pool = SlotPool(cfg, num_slots, max_context, self.device, self.dtype,
                              page_size=kv_page_size, num_pages=kv_pages)
@@ -130,6 +113,24 @@ class Engine:
                  self.pool.memory_bytes() / 2 ** 30, budget,
                  f"{prefix_cache_gb:g} GiB in blocks of {prefix_block_size}" if prefix_cache
                  else "off", self.graphs is not None)
+
+    def _plan(self, max_context, budget, max_batch, page_size, pages, cache_bytes,
+              utilization) -> tuple[int, int | None]:
+        """(slots, K/V pages) from free GPU memory (infer/planner.py); 8 slots on the CPU."""
+        if self.device.type != "cuda":
+            return 8, pages
+        free, _ = torch.cuda.mem_get_info(self.device)
+        kw = dict(dtype=dtype_name(self.dtype), prefill_chunk=budget, utilization=utilization)
+        if page_size is not None:
+            plan = plan_paged(self.config, free - cache_bytes / utilization, max_context,
+                              page_size=page_size, max_seqs=max_batch or 256, **kw)
+            log.info("paged memory plan: %d sequences, %d pages of %d tokens (%d K/V tokens)",
+                     plan.num_seqs, plan.num_pages, page_size, plan.token_capacity)
+            return plan.num_seqs, pages or plan.num_pages
+        plan = plan_memory(self.config, free, max_context, max_slots=max_batch or 256,
+                           prefix_cache_bytes=cache_bytes, **kw)
+        log.info("memory plan:\n%s", plan.table())
+        return plan.num_slots, pages
 
     def close(self) -> None:
         """Give the model back as it was before the engine prepared it (mode, MoE pipelines)
