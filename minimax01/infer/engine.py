@@ -31,7 +31,7 @@ import torch
 from ..dtypes import dtype_name
 from ..ops.lightning import check_slot_idx
 from .detok import TextStream
-from .fused_decode import fused_decode_supported
+from .fused_decode import fused, fused_decode_supported
 from .planner import plan_memory, plan_paged
 from .prefix_cache import DEFAULT_BLOCK_SIZE, DEFAULT_PREFIX_CACHE_GIB, PrefixCache, PrefixStore
 from .prepare import cast_model, prepare_for_serving  # noqa: F401  (cast_model: its old home)
@@ -94,7 +94,7 @@ class Engine:
                              page_size=kv_page_size, num_pages=kv_pages)
         if fused_decode is None:  # on GPU for one-process models (rank_engine turns it off)
             fused_decode = cuda and fused_decode_supported(cfg)
-        self.cache = SlotCache(self.pool, fused_decode=fused_decode)
+        self.cache = SlotCache(self.pool, wrap_decode=fused if fused_decode else None)
         self.prefix_cache = self.prefix_store = None
         if prefix_cache:
             self.prefix_cache = PrefixCache(self.pool, prefix_block_size, cache_bytes)

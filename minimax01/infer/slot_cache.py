@@ -212,9 +212,9 @@ class SlotCache:
     and the factory of the per-forward step records."""
 
     def __init__(self, pool: SlotPool, attention: str | None = None, lightning: str | None = None,
-                 fused_decode: bool = False):
+                 wrap_decode=None):
         self.pool = pool
-        self.fused_decode = fused_decode  # decode records run fused kernels (infer/fused_decode.py)
+        self.wrap_decode = wrap_decode  # e.g. infer/fused_decode.fused: decode records, fused
         dev = pool.device
         probe = torch.empty(1, 1, pool.config.head_dim, device=dev, dtype=pool.dtype)
         keys = next(iter(pool.keys.values()), None)
@@ -272,11 +272,7 @@ class SlotCache:
                                    decode_splits(b, hkv, self.pool.max_context))
         work, ones, splits = self._decode_aux[b]
         step = DecodeStep(self, slot_idx, active, host_lengths, work, ones, splits)
-        if self.fused_decode:
-            from .fused_decode import fused
-
-            step = fused(step)
-        return step
+        return self.wrap_decode(step) if self.wrap_decode is not None else step
 
 
 @dataclass
