@@ -69,7 +69,8 @@ def test_completion_streaming_and_not(server, model):
     data = r.json()
     assert data["choices"][0]["text"] == want and data["choices"][0]["finish_reason"] == "length"
     assert data["usage"] == {"prompt_tokens": len(ids), "completion_tokens": 12,
-                             "total_tokens": len(ids) + 12}
+                             "total_tokens": len(ids) + 12,
+                             "prompt_tokens_details": {"cached_tokens": 0}}
     usage = {"stream": True, "stream_options": {"include_usage": True}}
     with httpx.stream("POST", f"{url}/v1/completions", headers=AUTH, timeout=60,
                       json={**body, **usage}) as s:

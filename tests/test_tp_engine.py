@@ -4,8 +4,10 @@ One forked group per TP size runs every case (parallel/tensor_parallel.py, infer
 
   * the serving engine: rank 0's TPEngine broadcasts each step's record, the other ranks follow;
     several requests, more than the slots (slots reset and reused), prompts longer than a
-    prefill chunk and packed together (varlen prefill): the logits of every step within 1e-5
-    relative of a one-process Engine, greedy tokens identical;
+    prefill chunk and packed together (varlen prefill), shared prefixes (prefix cache loads,
+    snapshots and evictions reach every rank), paged K/V at TP 2 (block tables in the record):
+    the logits of every step within 1e-5 relative of a one-process Engine, greedy tokens
+    identical;
   * collectives per forward, counted at torch.distributed: 1 (embedding) + one all-reduce per
     sub-layer (attention and MoE of every layer) and one all-gather (logits); the unfused
     lightning norm adds its own per lightning layer;
@@ -93,25 +95,41 @@ def engine_case(rank, world, control):
     full = full_model()
     tp = TPGroup()
     model = parallelize_for_inference(full, tp)
-    kw = dict(num_slots=3, max_context=96, prefill_chunk=16)
+    kw = dict(num_slots=3, max_context=96, prefill_chunk=16, prefix_block_size=8,
+              kv_page_size=8 if world == 2 else None)  # TP 2: paged K/V, rank 0's pages
     channel = StepChannel(control)
     engine = rank_engine(model, None, channel, rank, **kw)
     if rank != 0:
         assert follow(engine, channel) > 0
         return
     ps = prompts([5, 23, 1, 40, 9])
+    ps += [ps[3][:20] + ps[1][:7], ps[3] + ps[0]]  # shared prefixes: prefix cache hits
     params = SamplingParams(max_tokens=6, temperature=0.0, ignore_eos=True)
     ref = Engine(full, **kw)
     rec_ref, rec_tp = Recorder(ref), Recorder(engine)
-    want = ref.generate(ps, params)
-    got = engine.generate(ps, params)
+    want = ref.generate(ps, params) + ref.generate(ps[3:], params)
+    got = engine.generate(ps, params) + engine.generate(ps[3:], params)
+    # the prefix cache's operations reached every rank (hits, snapshots, evictions under a
+    # budget of a few blocks)
+    assert engine.prefix_cache.stats["hit_tokens"] == ref.prefix_cache.stats["hit_tokens"] > 0
+    steps = len(rec_ref.steps)  # (below, the ranks' cache sizes differ: so may evictions)
+    engine.prefix_cache.budget_bytes = 4 * engine.prefix_cache.kv_bytes
+    ref.prefix_cache.budget_bytes = 4 * ref.prefix_cache.kv_bytes
+    fresh = prompts([40, 33], seed=7)
+    want += ref.generate(fresh + ps[::-1], params)
+    got += engine.generate(fresh + ps[::-1], params)
+    assert engine.prefix_cache.stats["evicted_nodes"] > 0
+    assert set(engine.prefix_store.kv) == {n.id for n in engine.prefix_cache.nodes.values()}
     channel.stop()
     assert [o.token_ids for o in got] == [o.token_ids for o in want]
     assert all(len(o.token_ids) == 6 for o in got)
-    assert len(rec_tp.steps) == len(rec_ref.steps) > 6
+    assert len(rec_tp.steps[:steps]) == steps > 6
+    # without the cache: the same tokens
+    plain = Engine(full, **{**kw, "prefix_cache": False})
+    assert [o.token_ids for o in plain.generate(ps, params)] == [o.token_ids for o in got[:7]]
     packed = 0
     ids = {a.request_id: b.request_id for a, b in zip(got, want)}
-    for (rows_t, lt), (rows_r, lr) in zip(rec_tp.steps, rec_ref.steps):
+    for (rows_t, lt), (rows_r, lr) in zip(rec_tp.steps[:steps], rec_ref.steps[:steps]):
         assert [ids[r] for r in rows_t] == rows_r and lt.shape == lr.shape
         assert rel(lt, lr) <= TOL, rel(lt, lr)
         packed += len(rows_t) > 1

@@ -15,6 +15,8 @@ from pathlib import Path
 
 from ..cli import CLIError
 from ..infer.media import MAX_IMAGE_BYTES, MAX_IMAGE_PIXELS, MAX_IMAGES
+from ..infer.prefix_cache import DEFAULT_BLOCK_SIZE, DEFAULT_PREFIX_CACHE_GIB
+from ..infer.scheduler import DEFAULT_MAX_NUM_BATCHED_TOKENS
 from .tp_ranks import add_tp_arguments, check_before_launch, read_config, tp_mode
 
 
@@ -38,8 +40,24 @@ def add_arguments(parser) -> None:
     parser.add_argument("--num-slots", type=int, default=None, metavar="N",
                         help="concurrent sequences (default: as many as fit in GPU memory; 8 on "
                              "CPU)")
-    parser.add_argument("--prefill-chunk", type=int, default=None, metavar="N",
-                        help="prompt tokens per packed prefill pass (default 16384 GPU, 1024 CPU)")
+    parser.add_argument("--max-num-batched-tokens", "--prefill-chunk", type=int, default=None,
+                        metavar="N", dest="max_num_batched_tokens",
+                        help="prompt tokens per engine step, on top of every running decode: "
+                             "long prompts are prefilled in chunks of at most N (default "
+                             f"{DEFAULT_MAX_NUM_BATCHED_TOKENS}; --prefill-chunk is its old name)")
+    parser.add_argument("--no-prefix-cache", action="store_true",
+                        help="do not cache prompt prefixes (default: a new request resumes from "
+                             "the longest cached prefix)")
+    parser.add_argument("--prefix-cache-gb", type=float, default=DEFAULT_PREFIX_CACHE_GIB,
+                        metavar="GB", help="memory for cached prefixes, per GPU (default "
+                                           f"{DEFAULT_PREFIX_CACHE_GIB:g}; LRU-evicted)")
+    parser.add_argument("--kv-page-size", type=int, default=None, metavar="N",
+                        help="keep the softmax layers' K/V in pages of N tokens, so sequences "
+                             "take memory for their actual length (default: off, a max-context "
+                             "slot each)")
+    parser.add_argument("--prefix-block-size", type=int, default=DEFAULT_BLOCK_SIZE, metavar="N",
+                        help="tokens per prefix-cache block: prefixes resume at multiples of N "
+                             f"(default {DEFAULT_BLOCK_SIZE})")
     parser.add_argument("--gpu-memory-utilization", type=float, default=0.9, metavar="F",
                         help="fraction of free GPU memory the engine may use (default 0.9)")
     parser.add_argument("--no-cuda-graphs", action="store_true", help="decode without CUDA graphs")
@@ -122,9 +140,13 @@ def _quantize(model, quantization) -> None:
 
 
 def _check(args) -> None:
-    for name in ("max-context", "num-slots", "prefill-chunk"):
+    for name in ("max-context", "num-slots", "max-num-batched-tokens", "prefix-block-size",
+                 "kv-page-size"):
         _positive(name, getattr(args, name.replace("-", "_")))
     _media(args)
+    if not 0 <= args.prefix_cache_gb < 1 << 20:
+        raise CLIError(f"--prefix-cache-gb must be a number of GiB >= 0, got "
+                       f"{args.prefix_cache_gb}")
     if not 0 < args.gpu_memory_utilization <= 1:
         raise CLIError(f"--gpu-memory-utilization must be in (0, 1], got "
                        f"{args.gpu_memory_utilization}")
@@ -133,6 +155,13 @@ def _check(args) -> None:
                        f"{args.graceful_timeout}")
     if not 0 < args.port < 65536:
         raise CLIError(f"--port must be in 1..65535, got {args.port}")
+
+
+def scheduling_kwargs(args) -> dict:
+    """The Engine's scheduling and prefix-cache arguments from the command line."""
+    return dict(max_num_batched_tokens=args.max_num_batched_tokens or DEFAULT_MAX_NUM_BATCHED_TOKENS,
+                prefix_cache=not args.no_prefix_cache, prefix_cache_gb=args.prefix_cache_gb,
+                prefix_block_size=args.prefix_block_size, kv_page_size=args.kv_page_size)
 
 
 def run(args) -> int:
@@ -202,8 +231,9 @@ def run(args) -> int:
             "the tokenizer has %d ids but the model only %d", tokenizer.vocab_size,
             model.config.vocab_size)
     engine = Engine(model, tokenizer, max_context=args.max_context, num_slots=args.num_slots,
-                    prefill_chunk=args.prefill_chunk, cuda_graphs=not args.no_cuda_graphs,
-                    gpu_memory_utilization=args.gpu_memory_utilization, seed=args.seed)
+                    cuda_graphs=not args.no_cuda_graphs,
+                    gpu_memory_utilization=args.gpu_memory_utilization, seed=args.seed,
+                    **scheduling_kwargs(args))
     app = create_app(engine, tokenizer, model_name=name, api_key=args.api_key,
                      chat_template=template, media=_media(args))
     serve(app, args.host, args.port, graceful_timeout=args.graceful_timeout,
@@ -235,13 +265,15 @@ def run_rank(args) -> int:
     cuda = device.type == "cuda"
     max_context = args.max_context or min(model.config.max_position_embeddings,
                                           32768 if cuda else 4096)
-    prefill_chunk = args.prefill_chunk or (16384 if cuda else 1024)
-    num_slots = agree_num_slots(model, device, args.num_slots, max_context, prefill_chunk, None,
-                                args.gpu_memory_utilization)
+    sched = scheduling_kwargs(args)
+    num_slots = agree_num_slots(model, device, args.num_slots, max_context,
+                                sched["max_num_batched_tokens"], None,
+                                args.gpu_memory_utilization,
+                                int(sched["prefix_cache"] and args.prefix_cache_gb * 2 ** 30))
     engine = rank_engine(model, tokenizer, channel, tp.rank, max_context=max_context,
-                         num_slots=num_slots, prefill_chunk=prefill_chunk,
-                         cuda_graphs=not args.no_cuda_graphs, seed=args.seed,
-                         gpu_memory_utilization=args.gpu_memory_utilization)
+                         num_slots=num_slots, cuda_graphs=not args.no_cuda_graphs,
+                         seed=args.seed, gpu_memory_utilization=args.gpu_memory_utilization,
+                         **sched)
     if tp.rank > 0:
         try:
             follow(engine, channel)

@@ -96,8 +96,16 @@ class AsyncEngine:
 
     def load(self) -> dict:
         sched = self.engine.scheduler
-        return {"running": len(sched.running), "waiting": len(sched.waiting),
-                "free_slots": self.engine.pool.free_slots, "requests": dict(self.counts)}
+        out = {"running": len(sched.running), "waiting": len(sched.waiting),
+               "free_slots": self.engine.pool.free_slots, "preemptions": sched.num_preemptions,
+               "requests": dict(self.counts)}
+        pages = self.engine.pool.pages
+        if pages is not None:
+            out["kv_pages"] = {"page_size": pages.page_size, "total": pages.capacity,
+                               "free": pages.free_pages}
+        if self.engine.prefix_cache is not None:
+            out["prefix_cache"] = self.engine.prefix_cache.info()
+        return out
 
     # ------------------------------------------------------------------ engine thread
     def _deliver(self, out: StepOutput) -> None:
@@ -173,4 +181,9 @@ class AsyncEngine:
             seq.slot = None
         sched.running.clear()
         sched.waiting.clear()  # (a failed step leaves no cache state: steps are records)
+        if self.engine.prefix_cache is not None:  # its snapshots may be half written: forget them
+            self.engine.prefix_cache.take_ops()
+            self.engine.prefix_cache.clear()
+            loads, ops = self.engine.prefix_cache.take_ops()
+            self.engine.prefix_store.apply_after(ops)
         return outs

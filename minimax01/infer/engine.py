@@ -1,19 +1,25 @@
 """The serving engine: continuous batching over a fixed pool of cache slots.
 
 Each `step()`:
-  1. the scheduler frees finished slots, gives waiting requests free slots and picks the work;
+  1. the scheduler frees finished slots, gives waiting requests free slots (each starting from
+     its longest cached prefix, infer/prefix_cache.py) and picks the work under the token
+     budget (infer/scheduler.py);
   2. every sequence past its prompt decodes one token in one batched forward (a captured CUDA
      graph per padded batch size on GPU);
-  3. up to `prefill_chunk` prompt tokens of any number of requests run in one packed varlen
-     forward (each document continues from its slot's state, so long prompts go in chunks); on
-     GPU it runs on a second stream, overlapping the memory-bound decode (paper §3.3);
-  4. one sampling call covers the decoded rows and the prompts that just finished.
-Greedy output equals `generate()` token for token (tests/test_engine.py). A MiniMax-VL-01 model
-is served as its language model plus a vision hook (infer/vision_inputs.py): a request's images
-are encoded once when it gets its slot and their features replace the `<image>` tokens'
-embeddings in the packed prefill (tests/test_vl_serving.py). Steps 2-3 are driven by
-the step's `StepRecord` (plain lists, `run_step`): under tensor parallelism rank 0 hands it to
-`step_broadcast` first and the other ranks run the same record (infer/tp_engine.py)."""
+  3. up to `max_num_batched_tokens` prompt tokens of any number of requests run in one packed
+     varlen forward (each document continues from its slot's state, so long prompts go in
+     chunks); on GPU it runs on a second stream, overlapping the memory-bound decode (paper §3.3);
+  4. chunks that ended at a cache-block boundary are snapshotted into the prefix cache;
+  5. one sampling call covers the decoded rows and the prompts that just finished.
+Greedy output equals `generate()` token for token, with or without the prefix cache
+(tests/test_engine.py, tests/test_prefix_cache.py). Steps 2-4 are driven by the step's
+`StepRecord` (plain lists, `run_step`): under tensor parallelism rank 0 hands it to
+`step_broadcast` first and the other ranks run the same record (infer/tp_engine.py), prefix
+cache operations included. A MiniMax-VL-01
+model is served as its language model plus a vision hook (infer/vision_inputs.py): a request's
+images are encoded once when it gets its slot and their features replace the `<image>` tokens'
+embeddings in the packed prefill (tests/test_vl_serving.py); requests with images bypass the
+prefix cache (its blocks are keyed on token ids, and every image's tokens are the same id)."""
 
 from __future__ import annotations
 
@@ -29,15 +35,18 @@ import torch
 from ..dtypes import dtype_name
 from ..ops.lightning import check_slot_idx
 from .detok import TextStream
-from .planner import plan_memory
+from .fused_decode import fused, fused_decode_supported
+from .planner import plan_memory, plan_paged
+from .prefix_cache import DEFAULT_BLOCK_SIZE, DEFAULT_PREFIX_CACHE_GIB, PrefixCache, PrefixStore
 from .prepare import cast_model, prepare_for_serving  # noqa: F401  (cast_model: its old home)
 from .request import Completion, RequestError, SamplingParams, StepOutput
 from .sampling import BROKEN, sample_rows, token_logprobs
-from .scheduler import Scheduler, Sequence
+from .scheduler import DEFAULT_MAX_NUM_BATCHED_TOKENS, Scheduler, Sequence
 from .slot_cache import SlotCache, SlotPool, check_servable
 from .step_record import StepRecord
 
 log = logging.getLogger(__name__)
+LONG_PROMPT = 65536  # log the prefill progress of prompts this long, every this many tokens
 
 
 class Engine:
@@ -45,8 +54,15 @@ class Engine:
     `has_work()` is False, or `generate(prompts, params)` for a whole batch offline.
 
     max_context: tokens per sequence (prompt + output). num_slots: concurrent sequences; None sizes
-    the pool from free GPU memory (planner) or uses 8 on CPU. prefill_chunk: prompt tokens per
-    packed prefill pass. cuda_graphs / overlap: default on for CUDA.
+    the pool from free GPU memory (planner) or uses 8 on CPU. max_num_batched_tokens: prompt
+    tokens per step (the token budget; `prefill_chunk` is its old name).
+    prefix_cache: resume requests from cached prefixes (default on), in blocks of
+    `prefix_block_size` tokens, within `prefix_cache_gb` GiB. cuda_graphs / overlap /
+    fused_decode (small-batch decode kernels, infer/fused_decode.py): off by default until its
+    GPU check passes (the H200 run of 2026-12-02 found lightning states 2e-2 off the unfused step).
+    kv_page_size: keep the softmax K/V in pages of this many tokens (`kv_pages` of them; on GPU
+    planned from free memory), so sequences take memory for their actual length; None: a
+    max_context slot each.
 
     The engine prepares `model` in place with `prepare_for_serving` (infer/prepare.py: eval mode;
     on CUDA the sync-free MoE pipeline); `close()` gives it back as it was. `model` may be a
@@ -57,7 +73,12 @@ class Engine:
                  num_slots: int | None = None, prefill_chunk: int | None = None,
                  max_batch: int | None = None, cuda_graphs: bool | None = None,
                  overlap: bool | None = None, gpu_memory_utilization: float = 0.9,
-                 seed: int = 0, step_broadcast: Callable[[StepRecord], None] | None = None):
+                 seed: int = 0, step_broadcast: Callable[[StepRecord], None] | None = None,
+                 max_num_batched_tokens: int | None = None, prefix_cache: bool = True,
+                 prefix_block_size: int = DEFAULT_BLOCK_SIZE,
+                 prefix_cache_gb: float = DEFAULT_PREFIX_CACHE_GIB,
+                 fused_decode: bool | None = None, kv_page_size: int | None = None,
+                 kv_pages: int | None = None):
         self.vision = None
         if hasattr(model, "language_model") and hasattr(model, "image_features"):  # VL-01
             if step_broadcast is not None:
@@ -76,21 +97,27 @@ class Engine:
         self.device, self.dtype = param.device, param.dtype
         cuda = self.device.type == "cuda"
         max_context = max_context or min(cfg.max_position_embeddings, 32768 if cuda else 4096)
-        prefill_chunk = prefill_chunk or (16384 if cuda else 1024)
+        budget = max_num_batched_tokens or prefill_chunk or DEFAULT_MAX_NUM_BATCHED_TOKENS
+        if not prefix_cache_gb >= 0:
+            raise ValueError(f"prefix_cache_gb must be >= 0, got {prefix_cache_gb}")
+        cache_bytes = int(prefix_cache_gb * 2 ** 30) if prefix_cache else 0
         if num_slots is None:
-            if cuda:
-                free, _ = torch.cuda.mem_get_info(self.device)
-                plan = plan_memory(cfg, free, max_context, dtype=dtype_name(self.dtype),
-                                   prefill_chunk=prefill_chunk, max_slots=max_batch or 256,
-                                   utilization=gpu_memory_utilization)
-                num_slots = plan.num_slots
-                log.info("memory plan:\n%s", plan.table())
-            else:
-                num_slots = 8
+            num_slots, kv_pages = self._plan(max_context, budget, max_batch, kv_page_size,
+                                             kv_pages, cache_bytes, gpu_memory_utilization)
         self.max_context = max_context
-        self.pool = SlotPool(cfg, num_slots, max_context, self.device, self.dtype)
-        self.cache = SlotCache(self.pool)
-        self.scheduler = Scheduler(self.pool, prefill_chunk, max_batch)
+        self.pool = SlotPool(cfg, num_slots, max_context, self.device, self.dtype,
+                             page_size=kv_page_size, num_pages=kv_pages)
+        if fused_decode is None:  # opt-in: benchmarks/check_decode_gpu.py found state mismatches
+            fused_decode = False
+        if fused_decode and not fused_decode_supported(cfg):
+            raise ValueError("fused_decode: this model (or its parallel layout) has no fused "
+                             "decode path (infer/fused_decode.py fused_decode_supported)")
+        self.cache = SlotCache(self.pool, wrap_decode=fused if fused_decode else None)
+        self.prefix_cache = self.prefix_store = None
+        if prefix_cache:
+            self.prefix_cache = PrefixCache(self.pool, prefix_block_size, cache_bytes)
+            self.prefix_store = PrefixStore(self.pool, prefix_block_size)
+        self.scheduler = Scheduler(self.pool, budget, max_batch, self.prefix_cache)
         self.eos_id = getattr(tokenizer, "eos_id", None) if tokenizer else cfg.eos_token_id
         self.shared_gen = torch.Generator(device=self.device).manual_seed(seed)
         self.graphs = None
@@ -99,9 +126,29 @@ class Engine:
 
             self.graphs = DecodeGraphs(model, self.cache, self.scheduler.max_batch)
         self.prefill_stream = torch.cuda.Stream(self.device) if cuda and overlap is not False else None
-        log.info("engine: %d slots x %d tokens, cache %.2f GiB, prefill chunk %d, cuda graphs %s",
-                 num_slots, max_context, self.pool.memory_bytes() / 2 ** 30, prefill_chunk,
-                 self.graphs is not None)
+        log.info("engine: %d slots x %d tokens, cache %.2f GiB, max_num_batched_tokens %d, "
+                 "prefix cache %s, cuda graphs %s", num_slots, max_context,
+                 self.pool.memory_bytes() / 2 ** 30, budget,
+                 f"{prefix_cache_gb:g} GiB in blocks of {prefix_block_size}" if prefix_cache
+                 else "off", self.graphs is not None)
+
+    def _plan(self, max_context, budget, max_batch, page_size, pages, cache_bytes,
+              utilization) -> tuple[int, int | None]:
+        """(slots, K/V pages) from free GPU memory (infer/planner.py); 8 slots on the CPU."""
+        if self.device.type != "cuda":
+            return 8, pages
+        free, _ = torch.cuda.mem_get_info(self.device)
+        kw = dict(dtype=dtype_name(self.dtype), prefill_chunk=budget, utilization=utilization)
+        if page_size is not None:
+            plan = plan_paged(self.config, free - cache_bytes / utilization, max_context,
+                              page_size=page_size, max_seqs=max_batch or 256, **kw)
+            log.info("paged memory plan: %d sequences, %d pages of %d tokens (%d K/V tokens)",
+                     plan.num_seqs, plan.num_pages, page_size, plan.token_capacity)
+            return plan.num_seqs, pages or plan.num_pages
+        plan = plan_memory(self.config, free, max_context, max_slots=max_batch or 256,
+                           prefix_cache_bytes=cache_bytes, **kw)
+        log.info("memory plan:\n%s", plan.table())
+        return plan.num_slots, pages
 
     def close(self) -> None:
         """Give the model back as it was before the engine prepared it (mode, MoE pipelines)
@@ -146,11 +193,12 @@ class Engine:
         if bad is not None:
             raise RequestError(f"prompt: token id {bad!r} is outside the vocabulary "
                                f"[0, {vocab})", param="prompt")
-        room = self.max_context - len(prompt)
+        limit = self.pool.max_sequence_tokens
+        room = limit - len(prompt)
         if room < 1 or (params.max_tokens is not None and params.max_tokens > room):
             want = params.max_tokens or 1
             raise RequestError(f"prompt of {len(prompt)} tokens + max_tokens {want} exceeds the "
-                               f"context limit of {self.max_context} tokens",
+                               f"context limit of {limit} tokens",
                                "context_length_exceeded", "prompt" if room < 1 else "max_tokens")
         if params.stop and self.tokenizer is None:
             raise RequestError("stop: stop strings need a tokenizer", param="stop")
@@ -184,27 +232,29 @@ class Engine:
     @torch.inference_mode()
     def step(self) -> list[StepOutput]:
         outputs = [self._final(s) for s in self.scheduler.reap()]  # aborted since the last step
-        before = {id(s) for s in self.scheduler.running}
         plan = self.scheduler.schedule()
-        admitted = [s.slot for s in self.scheduler.running if id(s) not in before]
         extras = None
         if self.vision is not None:
-            outputs += self._encode_images([s for s in self.scheduler.running
-                                            if id(s) not in before])
+            outputs += self._encode_images(plan.admitted)
             plan.prefill = [c for c in plan.prefill if not c[0].finished]
             extras = self.vision.prefill_extras(plan.prefill)
-        record, done = self.step_record(plan, admitted)
+        record, done = self.step_record(plan, [s.slot for s in plan.admitted])
+        record.page_tables = self.pool.take_page_updates()
+        if self.prefix_cache is not None:
+            bs = self.prefix_cache.block_size
+            for seq, start, n in plan.prefill:  # snapshot chunks that end on a block boundary
+                if (start + n) % bs == 0 and seq.images is None:
+                    self.prefix_cache.save(seq.tokens(0, start + n), start + n, seq.slot)
+            record.cache_loads, record.cache_saves = self.prefix_cache.take_ops()
         if self.step_broadcast is not None:  # the other ranks run the same record
             self.step_broadcast(record)
         logits = self.run_step(record, extras)
         rows = plan.decode + done
         for seq, _, n in plan.prefill:
             seq.num_cached += n
-            if seq.images is not None and not seq.prefilling:  # features are spent
-                seq.images = None
-            if len(seq.prompt_ids) > 4 * self.scheduler.prefill_chunk:  # long prompt: progress
+            if seq.prefill_target >= LONG_PROMPT and seq.num_cached % LONG_PROMPT < n:
                 log.info("%s: prefilled %d / %d prompt tokens", seq.request_id, seq.num_cached,
-                         len(seq.prompt_ids))
+                         seq.prefill_target)
         for seq in plan.decode:
             seq.num_cached += 1
         if rows:
@@ -222,11 +272,11 @@ class Engine:
             r.decode_lengths.append(s.num_cached)
         done = []
         for seq, start, n in plan.prefill:
-            r.prefill_ids += seq.prompt_ids[start:start + n]
+            r.prefill_ids += seq.tokens(start, start + n)
             r.prefill_slots.append(seq.slot)
             r.prefill_starts.append(start)
             r.prefill_lengths.append(n)
-            if start + n == len(seq.prompt_ids):
+            if start + n == seq.prefill_target:
                 r.prefill_keep.append(len(r.prefill_ids) - 1)
                 done.append(seq)
         return r, done
@@ -250,8 +300,13 @@ class Engine:
     def run_step(self, record: StepRecord, extras=None) -> torch.Tensor | None:
         """The forwards of one step: the decode rows, then the packed prefill. Returns the
         logits of the decode rows and of the finished prompts, in that order (None: no work).
-        Under tensor parallelism every rank runs this with the same record. `extras`: the
-        prefill's image features (infer/vision_inputs.py PrefillExtras), or None."""
+        Under tensor parallelism every rank runs this with the same record (prefix cache
+        operations included: loads before the forwards, saves after). `extras`: the prefill's
+        image features (infer/vision_inputs.py PrefillExtras), or None."""
+        if record.page_tables:
+            self.pool.apply_page_updates(record.page_tables)
+        if record.cache_loads:
+            self.prefix_store.apply_before(record.cache_loads)
         logits = []
         if record.prefill_slots and self.prefill_stream is not None:  # waits for earlier work
             self.prefill_stream.wait_stream(torch.cuda.current_stream(self.device))
@@ -259,6 +314,8 @@ class Engine:
             logits.append(self._decode(record))
         if record.prefill_slots:
             logits.append(self._prefill(record, extras))
+        if record.cache_saves:
+            self.prefix_store.apply_after(record.cache_saves)
         return torch.cat(logits, 0) if logits else None
 
     def _decode(self, record: StepRecord) -> torch.Tensor:
@@ -331,7 +388,8 @@ class Engine:
         """End one request with an error; its slot is freed at the next step."""
         seq.finish_reason = "error"
         return StepOutput(seq.request_id, [], "", None, True, "error", len(seq.prompt_ids),
-                          self._returned(seq), error=message, error_code=code)
+                          self._returned(seq), error=message, error_code=code,
+                          cached_tokens=seq.cached_tokens or 0)
 
     @staticmethod
     def _returned(seq: Sequence) -> int:
@@ -360,11 +418,13 @@ class Engine:
             text += seq.stream.finish()
         return StepOutput(seq.request_id, new_ids, text,
                           lps if seq.params.logprobs is not None else None, seq.finished,
-                          seq.finish_reason, len(seq.prompt_ids), self._returned(seq))
+                          seq.finish_reason, len(seq.prompt_ids), self._returned(seq),
+                          cached_tokens=seq.cached_tokens or 0)
 
     def _final(self, seq: Sequence) -> StepOutput:
         return StepOutput(seq.request_id, [], "", None, True, seq.finish_reason,
-                          len(seq.prompt_ids), len(seq.output_ids))
+                          len(seq.prompt_ids), len(seq.output_ids),
+                          cached_tokens=seq.cached_tokens or 0)
 
     # ------------------------------------------------------------------ offline batch
     def generate(self, prompts: Seq[Seq[int]] | Seq[str],

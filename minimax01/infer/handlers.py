@@ -376,7 +376,8 @@ class Handler:
     @staticmethod
     def usage(out: StepOutput) -> dict:
         return {"prompt_tokens": out.prompt_tokens, "completion_tokens": out.completion_tokens,
-                "total_tokens": out.prompt_tokens + out.completion_tokens}
+                "total_tokens": out.prompt_tokens + out.completion_tokens,
+                "prompt_tokens_details": {"cached_tokens": out.cached_tokens}}
 
     @staticmethod
     def failure(out: StepOutput) -> APIError:

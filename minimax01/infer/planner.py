@@ -26,6 +26,7 @@ class MemoryPlan:
     activation_bytes: int        # one prefill chunk's temporaries + decode logits + margin
     state_bytes_per_slot: int    # lightning states
     kv_bytes_per_slot: int       # softmax-layer K/V at max_context
+    prefix_cache_bytes: int = 0  # the prefix cache's budget (infer/prefix_cache.py)
 
     @property
     def slot_bytes(self) -> int:
@@ -40,6 +41,7 @@ class MemoryPlan:
             ("memory budget", self.budget_bytes),
             ("weights", self.weights_bytes),
             ("activations (one prefill chunk) + margin", self.activation_bytes),
+            ("prefix cache budget", self.prefix_cache_bytes),
             ("lightning state per sequence (any length)", self.state_bytes_per_slot),
             (f"softmax K/V per sequence at {self.max_context:,} tokens", self.kv_bytes_per_slot),
             (f"cache pool: {self.num_slots} slots + 1 scratch", self.pool_bytes),
@@ -47,7 +49,7 @@ class MemoryPlan:
         width = max(len(r[0]) for r in rows)
         lines = [f"{name:<{width}}  {size / GiB:10.3f} GiB" for name, size in rows]
         lines.append(f"{'concurrent sequences at max context':<{width}}  {self.num_slots:10d}")
-        lines.append(f"{'prefill chunk (tokens)':<{width}}  {self.prefill_chunk:10d}")
+        lines.append(f"{'max_num_batched_tokens':<{width}}  {self.prefill_chunk:10d}")
         return "\n".join(lines)
 
 
@@ -67,9 +69,11 @@ def activation_bytes(cfg: ModelConfig, prefill_chunk: int, max_batch: int,
 
 def plan_memory(cfg: ModelConfig, free_bytes: int, max_context: int, *, dtype: str = "bfloat16",
                 weights_loaded: bool = True, prefill_chunk: int = 8192, max_slots: int = 256,
-                utilization: float = 0.9, margin_bytes: int = GiB // 2) -> MemoryPlan:
+                utilization: float = 0.9, margin_bytes: int = GiB // 2,
+                prefix_cache_bytes: int = 0) -> MemoryPlan:
     """Slots of `max_context` tokens that fit in `free_bytes` (free device memory; when the
-    weights are not on the device yet pass weights_loaded=False to count them)."""
+    weights are not on the device yet pass weights_loaded=False to count them) beside a prefix
+    cache of `prefix_cache_bytes`."""
     if max_context <= 0:
         raise ValueError(f"max_context must be positive, got {max_context}")
     if max_context > cfg.max_position_embeddings:
@@ -82,15 +86,16 @@ def plan_memory(cfg: ModelConfig, free_bytes: int, max_context: int, *, dtype: s
     act = activation_bytes(cfg, chunk, max_slots, nbytes) + margin_bytes
     state = cfg.lightning_state_bytes() + cfg.sliding_cache_bytes(nbytes)  # fixed per sequence
     kv = cfg.kv_cache_bytes_per_token(nbytes) * max_context
-    room = budget - weights - act
+    room = budget - weights - act - prefix_cache_bytes
     slots = min(max_slots, room // (state + kv) - 1) if room > 0 else 0
     if slots < 1:
-        need = weights + act + 2 * (state + kv)
+        need = weights + act + prefix_cache_bytes + 2 * (state + kv)
         raise ValueError(f"one sequence of {max_context:,} tokens does not fit: needs about "
                          f"{need / GiB:.2f} GiB, the budget is {budget / GiB:.2f} GiB "
                          f"({utilization:.0%} of {free_bytes / GiB:.2f} GiB free); lower "
-                         f"--max-context or --prefill-chunk")
-    return MemoryPlan(max_context, int(slots), chunk, budget, weights, act, state, kv)
+                         f"--max-context, --max-num-batched-tokens or --prefix-cache-gb")
+    return MemoryPlan(max_context, int(slots), chunk, budget, weights, act, state, kv,
+                      prefix_cache_bytes)
 
 
 def fits_table(cfg: ModelConfig, gpu_bytes: int, contexts: list[int], *, dtype: str | None = None,

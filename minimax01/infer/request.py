@@ -120,7 +120,8 @@ class TokenLogprob:
 @dataclass
 class StepOutput:
     """What one engine step produced for one request (a streaming delta). `completion_tokens`
-    counts the tokens whose text is returned (not those of a matched stop string). A request
+    counts the tokens whose text is returned (not those of a matched stop string); `cached_tokens`
+    the prompt tokens the prefix cache served (OpenAI's usage.prompt_tokens_details). A request
     that failed ends with finish_reason "error", `error` (a message) and `error_code`."""
 
     request_id: str
@@ -133,6 +134,7 @@ class StepOutput:
     completion_tokens: int = 0
     error: str | None = None
     error_code: str | None = None
+    cached_tokens: int = 0             # prompt tokens served from the prefix cache
 
 
 @dataclass

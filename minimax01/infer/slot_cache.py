@@ -25,7 +25,9 @@ import torch
 from ..config import LINEAR, SLIDING, ModelConfig
 from ..ops import lightning_attn, lightning_decode
 from ..ops.lightning import triton_available
+from ..ops.paged_attention import paged_attention, write_kv
 from ..ops.slot_attention import decode_splits, slot_attention, triton_supported, work_list
+from .pool import OutOfPages, PagePool, kv_page_shape, pages_for
 
 
 def lightning_backend(device: torch.device) -> str:
@@ -43,13 +45,23 @@ def check_servable(config: ModelConfig) -> None:
 
 
 class SlotPool:
-    """Cache memory for `num_slots` sequences of up to `max_context` tokens each."""
+    """Cache memory for `num_slots` sequences of up to `max_context` tokens each.
+
+    Paged (`page_size` given): the softmax layers' K/V live in `num_pages` pages of `page_size`
+    tokens (infer/pool.py hands them out, page 0 the null page) and each slot has a row of
+    `block_tables` [num_slots + 1, max_context / page_size] int32 on the device; a slot takes
+    pages as it grows (`reserve`), so the pool holds as many sequences as their actual lengths
+    allow. Rank 0 decides the pages; `take_page_updates` / `apply_page_updates` carry the
+    changed rows to every rank's tables (in the StepRecord)."""
 
     def __init__(self, config: ModelConfig, num_slots: int, max_context: int,
-                 device: torch.device | str | None = None, dtype: torch.dtype = torch.float32):
+                 device: torch.device | str | None = None, dtype: torch.dtype = torch.float32,
+                 page_size: int | None = None, num_pages: int | None = None):
         if num_slots <= 0 or max_context <= 0:
             raise ValueError(f"SlotPool needs num_slots > 0 and max_context > 0, got "
                              f"{num_slots} and {max_context}")
+        if page_size is not None and page_size <= 0:
+            raise ValueError(f"kv page size must be positive, got {page_size}")
         h, d, hkv = config.num_attention_heads, config.head_dim, config.num_key_value_heads
         self.config, self.num_slots, self.max_context = config, num_slots, max_context
         self.device = torch.device(device) if device is not None else torch.device("cpu")
@@ -59,9 +71,20 @@ class SlotPool:
         self.keys: dict[int, torch.Tensor] = {}
         self.values: dict[int, torch.Tensor] = {}
         check_servable(config)
+        self.page_size, self.pages = page_size, None
+        if page_size is not None:
+            width = pages_for(max_context, page_size)
+            num_pages = num_pages or num_slots * width + 1  # default: the slot pool's memory
+            self.pages = PagePool(num_pages, page_size)
+            self.block_tables = torch.zeros(rows, width, dtype=torch.int32, device=self.device)
+            self._dirty: set[int] = set()
         for i, kind in enumerate(config.layer_types):
             if kind == LINEAR:
                 self.states[i] = torch.zeros(rows, h, d, d, device=self.device, dtype=torch.float32)
+            elif page_size is not None:
+                self.keys[i] = torch.zeros(kv_page_shape(num_pages, hkv, page_size, d),
+                                           device=self.device, dtype=dtype)
+                self.values[i] = torch.zeros_like(self.keys[i])
             else:  # never read past a slot's length, so no need to zero
                 self.keys[i] = torch.empty(rows, hkv, max_context, d, device=self.device, dtype=dtype)
                 self.values[i] = torch.empty_like(self.keys[i])
@@ -88,10 +111,96 @@ class SlotPool:
             s[slot].zero_()
         self.lengths[slot] = 0
 
+    @property
+    def paged(self) -> bool:
+        return self.pages is not None
+
+    @property
+    def max_sequence_tokens(self) -> int:
+        """The longest sequence the pool can hold (alone)."""
+        if self.pages is None:
+            return self.max_context
+        return min(self.max_context, self.pages.capacity * self.page_size)
+
+    def reserve(self, slot: int, num_tokens: int) -> bool:
+        """Room for `num_tokens` tokens in `slot`? The scheduler asks before each step and
+        preempts when it is refused: a paged pool takes pages here (False when they run out);
+        a slot of the unpaged pool always has room for max_context."""
+        if num_tokens > self.max_context:
+            return False
+        if self.pages is None:
+            return True
+        try:
+            if slot not in self.pages:
+                self.pages.allocate(slot, num_tokens)
+            elif num_tokens > self.pages.length(slot):
+                if not self.pages.extend(slot, num_tokens):
+                    return True  # the pages it has hold it
+            else:
+                return True
+        except OutOfPages:
+            return False
+        self._dirty.add(slot)
+        return True
+
     def release(self, slot: int) -> None:
         if not 0 <= slot < self.num_slots or slot in self._free:
             raise ValueError(f"slot {slot} is not allocated")
+        if self.pages is not None and slot in self.pages:
+            self.pages.free(slot)
+            self._dirty.add(slot)
         self._free.append(slot)
+
+    def take_page_updates(self) -> list[int]:
+        """The block-table rows changed since the last call: [slot, n, page_1..page_n]..."""
+        if self.pages is None:
+            return []
+        out = []
+        for slot in sorted(self._dirty):
+            pages = self.pages.pages(slot) if slot in self.pages else []
+            out += [slot, len(pages), *pages]
+        self._dirty.clear()
+        return out
+
+    def apply_page_updates(self, ints: list[int]) -> None:
+        """Set block-table rows from `take_page_updates` (every rank, before the forwards)."""
+        i, width = 0, self.block_tables.shape[1]
+        while i < len(ints):
+            slot, n = ints[i], ints[i + 1]
+            if n > width:
+                raise ValueError(f"block table row of {n} pages, the table has {width}")
+            row = torch.zeros(width, dtype=torch.int32)
+            row[:n] = torch.tensor(ints[i + 2:i + 2 + n], dtype=torch.int32)
+            self.block_tables[slot] = row.to(self.device, non_blocking=True)
+            i += 2 + n
+
+    def kv_flat(self, slot: torch.Tensor, pos: torch.Tensor) -> torch.Tensor:
+        """Paged: the flat page slots (page * page_size + offset) of positions `pos` of `slot`."""
+        ps = self.page_size
+        return self.block_tables[slot, pos // ps].long() * ps + pos % ps
+
+    def read_kv(self, layer: int, slot: int, start: int, end: int):
+        """(keys, values) [Hkv, end - start, D] of positions start..end-1 of `slot`."""
+        keys, values = self.keys[layer], self.values[layer]
+        if self.pages is None:
+            return keys[slot, :, start:end], values[slot, :, start:end]
+        pos = torch.arange(start, end, device=self.device)
+        flat = self.kv_flat(torch.full_like(pos, slot), pos)
+        ps = self.page_size
+        return (keys[flat // ps, :, flat % ps].transpose(0, 1),
+                values[flat // ps, :, flat % ps].transpose(0, 1))
+
+    def write_kv(self, layer: int, slot: int, start: int, k: torch.Tensor,
+                 v: torch.Tensor) -> None:
+        """Store k, v [Hkv, n, D] at positions start..start+n-1 of `slot`."""
+        keys, values = self.keys[layer], self.values[layer]
+        end = start + k.shape[1]
+        if self.pages is None:
+            keys[slot, :, start:end], values[slot, :, start:end] = k, v
+            return
+        pos = torch.arange(start, end, device=self.device)
+        flat = self.kv_flat(torch.full_like(pos, slot), pos)
+        write_kv(keys, values, k.transpose(0, 1), v.transpose(0, 1), flat)
 
     def memory_bytes(self) -> int:
         tensors = [*self.states.values(), *self.keys.values(), *self.values.values()]
@@ -102,8 +211,10 @@ class SlotCache:
     """The kernels for a SlotPool (softmax: "triton" or "torch"; lightning: "triton" or "chunk")
     and the factory of the per-forward step records."""
 
-    def __init__(self, pool: SlotPool, attention: str | None = None, lightning: str | None = None):
+    def __init__(self, pool: SlotPool, attention: str | None = None, lightning: str | None = None,
+                 wrap_decode=None):
         self.pool = pool
+        self.wrap_decode = wrap_decode  # e.g. infer/fused_decode.fused: decode records, fused
         dev = pool.device
         probe = torch.empty(1, 1, pool.config.head_dim, device=dev, dtype=pool.dtype)
         keys = next(iter(pool.keys.values()), None)
@@ -160,7 +271,8 @@ class SlotCache:
                                    torch.ones(b, dtype=torch.int32, device=dev),
                                    decode_splits(b, hkv, self.pool.max_context))
         work, ones, splits = self._decode_aux[b]
-        return DecodeStep(self, slot_idx, active, host_lengths, work, ones, splits)
+        step = DecodeStep(self, slot_idx, active, host_lengths, work, ones, splits)
+        return self.wrap_decode(step) if self.wrap_decode is not None else step
 
 
 @dataclass
@@ -196,6 +308,16 @@ class PrefillStep:
     def attend(self, layer_idx, q, k, v, scale, ctx):
         pool = self.cache.pool
         keys, values = pool.keys[layer_idx], pool.values[layer_idx]
+        if pool.paged:
+            write_kv(keys, values, k[0], v[0], pool.kv_flat(self.token_slot, self.token_pos))
+            table = pool.block_tables[self.slots]
+            if self.cache.attention == "triton":
+                o = paged_attention(q[0], keys, values, table, self.starts, self.lengths, scale,
+                                    backend="triton", work=self.work, block_m=self.block_m)
+            else:
+                o = paged_attention(q[0], keys, values, table, self.starts_list,
+                                    self.lengths_list, scale, backend="torch")
+            return o[None]
         keys[self.token_slot, :, self.token_pos] = k[0].to(keys.dtype)
         values[self.token_slot, :, self.token_pos] = v[0].to(values.dtype)
         if self.cache.attention == "triton":
@@ -243,6 +365,19 @@ class DecodeStep:
         pool = self.cache.pool
         keys, values = pool.keys[layer_idx], pool.values[layer_idx]
         slot, pos = self.slot_idx, self.pos.long()
+        if pool.paged:
+            write_kv(keys, values, k[:, 0], v[:, 0], pool.kv_flat(slot, pos))
+            table = pool.block_tables[slot]
+            if self.cache.attention == "triton":
+                o = paged_attention(q[:, 0], keys, values, table, self.pos, self.ones, scale,
+                                    backend="triton", work=self.work, block_m=1,
+                                    num_splits=self.num_splits)
+            else:
+                ctx_list = [n if a else 0 for n, a in zip(self.host_lengths,
+                                                           self.active.tolist())]
+                o = paged_attention(q[:, 0], keys, values, table, ctx_list, [1] * len(ctx_list),
+                                    scale, backend="torch")
+            return o[:, None]
         keys[slot, :, pos] = k[:, 0].to(keys.dtype)
         values[slot, :, pos] = v[:, 0].to(values.dtype)
         if self.cache.attention == "triton":

@@ -13,6 +13,8 @@ from dataclasses import dataclass, field, fields
 @dataclass
 class StepRecord:
     reset: list[int] = field(default_factory=list)            # slots given to new sequences
+    page_tables: list[int] = field(default_factory=list)      # changed block-table rows of a
+                                                              # paged pool [slot, n, pages...]
     decode_tokens: list[int] = field(default_factory=list)    # last token of each decode row
     decode_slots: list[int] = field(default_factory=list)
     decode_lengths: list[int] = field(default_factory=list)   # tokens its slot caches
@@ -22,6 +24,9 @@ class StepRecord:
     prefill_lengths: list[int] = field(default_factory=list)
     prefill_keep: list[int] = field(default_factory=list)     # packed positions whose logits
                                                               # are kept (finished prompts)
+    cache_loads: list[int] = field(default_factory=list)      # prefix cache -> slots, before
+    cache_saves: list[int] = field(default_factory=list)      # slots -> prefix cache, after
+                                                              # (infer/prefix_cache.py)
 
     def encode(self) -> list[int]:
         parts = [getattr(self, f.name) for f in fields(self)]
@@ -46,4 +51,5 @@ class StepRecord:
 
     @property
     def empty(self) -> bool:
-        return not (self.reset or self.decode_slots or self.prefill_slots)
+        return not (self.reset or self.decode_slots or self.prefill_slots or self.cache_saves
+                    or self.page_tables)

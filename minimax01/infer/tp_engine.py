@@ -203,7 +203,8 @@ def finish_tensor_parallel(tp) -> None:
 
 
 def agree_num_slots(model, device: torch.device, num_slots: int | None, max_context: int,
-                    prefill_chunk: int, max_batch: int | None, utilization: float) -> int | None:
+                    prefill_chunk: int, max_batch: int | None, utilization: float,
+                    prefix_cache_bytes: int = 0) -> int | None:
     """On GPUs without --num-slots: each rank plans from its free memory (infer/planner.py, its
     own heads' caches) and all take the smallest, so every pool has the same slots."""
     if num_slots is not None or device.type != "cuda":
@@ -214,7 +215,7 @@ def agree_num_slots(model, device: torch.device, num_slots: int | None, max_cont
     dtype = next(model.parameters()).dtype
     plan = plan_memory(model.config, free, max_context, dtype=dtype_name(dtype),
                        prefill_chunk=prefill_chunk, max_slots=max_batch or 256,
-                       utilization=utilization)
+                       utilization=utilization, prefix_cache_bytes=prefix_cache_bytes)
     n = torch.tensor([plan.num_slots], device=device)
     dist.all_reduce(n, op=dist.ReduceOp.MIN)
     return int(n.item())
@@ -222,8 +223,9 @@ def agree_num_slots(model, device: torch.device, num_slots: int | None, max_cont
 
 def rank_engine(model, tokenizer, channel: StepChannel, rank: int, **kw) -> Engine:
     """Rank 0's TPEngine or another rank's Engine, with the same pool and graph settings. Prefill
-    does not overlap decode on a second stream under TP (one order of collectives per rank)."""
-    kw = {**kw, "overlap": False}
+    does not overlap decode on a second stream under TP (one order of collectives per rank), and
+    decodes unfused (the fused lightning norm would span ranks)."""
+    kw = {**kw, "overlap": False, "fused_decode": False}  # (a rank holds a slice of the heads)
     if rank == 0:
         return TPEngine(model, tokenizer, channel, **kw)
     return Engine(model, None, **kw)
