@@ -98,7 +98,9 @@ def admission(model, device, budget: int, args) -> dict:
     g = torch.Generator().manual_seed(budget)
     eng = Engine(model, num_slots=args.decoders + 1, max_context=args.long_prompt + 64,
                  max_num_batched_tokens=budget)
-    keep = SamplingParams(max_tokens=args.long_prompt, temperature=0.0, ignore_eos=True)
+    # the decoders keep decoding through the whole admission (their slots hold max_context)
+    keep = SamplingParams(max_tokens=args.long_prompt + 64 - args.short_prompt, temperature=0.0,
+                          ignore_eos=True)
     for _ in range(args.decoders):  # distinct sequences: every row routes differently
         eng.add_request(torch.randint(1, vocab, (args.short_prompt,), generator=g).tolist(), keep)
     while any(s.prefilling for s in eng.scheduler.running) or eng.scheduler.waiting:
