@@ -139,6 +139,16 @@ def _quantize(model, quantization) -> None:
         quantize_model(model, quantization)
 
 
+def _exit_now(code: int) -> None:
+    """End a tensor-parallel rank after its orderly shutdown without running the interpreter's
+    teardown: c10d's background threads can still be alive while C++ statics are destroyed,
+    which aborts ("terminate called without an active exception", seen once in CI)."""
+    logging.shutdown()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(code)
+
+
 def _check(args) -> None:
     for name in ("max-context", "num-slots", "max-num-batched-tokens", "prefix-block-size",
                  "kv-page-size"):
@@ -282,7 +292,7 @@ def run_rank(args) -> int:
                   f"{e})", file=sys.stderr, flush=True)
             os._exit(1)  # the process group cannot be torn down cleanly any more
         finish_tensor_parallel(tp)
-        return 0
+        _exit_now(0)
     name = args.model_name or (Path(args.checkpoint).resolve().name if args.checkpoint
                                else args.preset)
     app = create_app(engine, tokenizer, model_name=name, api_key=args.api_key,
@@ -304,4 +314,4 @@ def run_rank(args) -> int:
               f"{str(e).splitlines()[0] if str(e) else ''})", file=sys.stderr, flush=True)
         os._exit(1)
     finish_tensor_parallel(tp)
-    return 0
+    _exit_now(0)
