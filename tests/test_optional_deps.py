@@ -6,7 +6,8 @@ exactly as when the package is missing):
 
 * without Triton, every module of the package imports, except the Triton kernel files
   themselves (`ops/**/triton_*.py`), which only the `triton` backends load;
-* `serve` works after `pip install minimax01[server]` alone (no Triton): health, a completion
+* `serve` works after `pip install minimax01[server]` alone (no Triton, Pillow, matplotlib,
+  transformers, pyarrow): health, a completion
   equal to generate();
 * `info` and `generate` work with none of the optional extras."""
 
@@ -108,8 +109,9 @@ def test_serve_without_triton():
         port = s.getsockname()[1]
     env = {**os.environ, "PYTHONPATH": ROOT + os.pathsep + os.environ.get("PYTHONPATH", ""),
            "PYTHONUNBUFFERED": "1"}
-    code = _cli(["triton"], ["serve", "--preset", "debug", "--port", str(port), "--device", "cpu",
-                             "--max-context", "128", "--num-slots", "2", "--log-level", "warning"])
+    code = _cli(["triton", "PIL", "matplotlib", "transformers", "pyarrow"],
+                ["serve", "--preset", "debug", "--port", str(port), "--device", "cpu",
+                 "--max-context", "128", "--num-slots", "2", "--log-level", "warning"])
     proc = subprocess.Popen([sys.executable, "-c", code], env=env, stdout=subprocess.PIPE,
                             stderr=subprocess.STDOUT)
     url = f"http://127.0.0.1:{port}"

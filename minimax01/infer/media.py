@@ -49,9 +49,12 @@ class MediaPolicy:
             if not isinstance(getattr(self, name), int) or getattr(self, name) < 1:
                 raise ValueError(f"{name}: must be a positive integer, got "
                                  f"{getattr(self, name)!r}")
-        from PIL import Image as PILImage
-
-        if PILImage.MAX_IMAGE_PIXELS and self.max_image_pixels > PILImage.MAX_IMAGE_PIXELS:
+        try:
+            from PIL import Image as PILImage
+        except ImportError:  # text-only serving needs no Pillow; image requests get a 400
+            PILImage = None
+        if PILImage is not None and PILImage.MAX_IMAGE_PIXELS \
+                and self.max_image_pixels > PILImage.MAX_IMAGE_PIXELS:
             raise ValueError(f"max_image_pixels: {self.max_image_pixels} is above Pillow's own "
                              f"limit of {PILImage.MAX_IMAGE_PIXELS} pixels")
         if self.allowed_local_path is not None and not Path(self.allowed_local_path).is_dir():
@@ -172,9 +175,13 @@ def read_local(url: str, policy: MediaPolicy, param: str) -> bytes:
 def open_image(data: bytes, max_pixels: int, param: str):
     """Encoded bytes -> a loaded PIL image (the first frame of an animation); the pixel count is
     checked from the header, before decoding. RequestError for anything Pillow cannot read."""
-    from PIL import Image as PILImage
-    from PIL import UnidentifiedImageError
-
+    try:
+        from PIL import Image as PILImage
+        from PIL import UnidentifiedImageError
+    except ImportError:
+        raise RequestError(f"{param}: this server cannot decode images (Pillow is not "
+                           "installed: pip install minimax01[vision])", "unsupported_value",
+                           param) from None
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("error", PILImage.DecompressionBombWarning)
