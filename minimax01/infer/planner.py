@@ -67,6 +67,22 @@ def activation_bytes(cfg: ModelConfig, prefill_chunk: int, max_batch: int,
     return prefill_chunk * (per_token + intra) + logits
 
 
+def _fixed_costs(cfg, free_bytes, max_context, dtype, weights_loaded, prefill_chunk, max_seqs,
+                 utilization, margin_bytes):
+    """What every plan subtracts before sequences: (bytes per element, budget, weights, prefill
+    chunk, activations, fixed per-sequence state). Refuses a context past the model's."""
+    if max_context > cfg.max_position_embeddings:
+        raise ValueError(f"max_context {max_context:,} exceeds the model's "
+                         f"max_position_embeddings {cfg.max_position_embeddings:,}")
+    nbytes = DTYPE_BYTES[dtype]
+    budget = int(free_bytes * utilization)
+    weights = 0 if weights_loaded else int(cfg.weight_bytes(nbytes))
+    chunk = min(prefill_chunk, max_context)
+    act = activation_bytes(cfg, chunk, max_seqs, nbytes) + margin_bytes
+    state = cfg.lightning_state_bytes() + cfg.sliding_cache_bytes(nbytes)  # fixed per sequence
+    return nbytes, budget, weights, chunk, act, state
+
+
 def plan_memory(cfg: ModelConfig, free_bytes: int, max_context: int, *, dtype: str = "bfloat16",
                 weights_loaded: bool = True, prefill_chunk: int = 8192, max_slots: int = 256,
                 utilization: float = 0.9, margin_bytes: int = GiB // 2,
@@ -76,15 +92,9 @@ def plan_memory(cfg: ModelConfig, free_bytes: int, max_context: int, *, dtype: s
     cache of `prefix_cache_bytes`."""
     if max_context <= 0:
         raise ValueError(f"max_context must be positive, got {max_context}")
-    if max_context > cfg.max_position_embeddings:
-        raise ValueError(f"max_context {max_context:,} exceeds the model's "
-                         f"max_position_embeddings {cfg.max_position_embeddings:,}")
-    nbytes = DTYPE_BYTES[dtype]
-    budget = int(free_bytes * utilization)
-    weights = 0 if weights_loaded else int(cfg.weight_bytes(nbytes))
-    chunk = min(prefill_chunk, max_context)
-    act = activation_bytes(cfg, chunk, max_slots, nbytes) + margin_bytes
-    state = cfg.lightning_state_bytes() + cfg.sliding_cache_bytes(nbytes)  # fixed per sequence
+    nbytes, budget, weights, chunk, act, state = _fixed_costs(
+        cfg, free_bytes, max_context, dtype, weights_loaded, prefill_chunk, max_slots,
+        utilization, margin_bytes)
     kv = cfg.kv_cache_bytes_per_token(nbytes) * max_context
     room = budget - weights - act - prefix_cache_bytes
     slots = min(max_slots, room // (state + kv) - 1) if room > 0 else 0
@@ -371,15 +381,9 @@ def plan_paged(cfg: ModelConfig, free_bytes: int, max_context: int, *, page_size
     if max_context <= 0 or page_size <= 0 or max_seqs <= 0:
         raise ValueError(f"max_context, page_size and max_seqs must be positive, got "
                          f"{max_context}, {page_size} and {max_seqs}")
-    if max_context > cfg.max_position_embeddings:
-        raise ValueError(f"max_context {max_context:,} exceeds the model's "
-                         f"max_position_embeddings {cfg.max_position_embeddings:,}")
-    nbytes = DTYPE_BYTES[dtype]
-    budget = int(free_bytes * utilization)
-    weights = 0 if weights_loaded else int(cfg.weight_bytes(nbytes))
-    chunk = min(prefill_chunk, max_context)
-    act = activation_bytes(cfg, chunk, max_seqs, nbytes) + margin_bytes
-    state = cfg.lightning_state_bytes() + cfg.sliding_cache_bytes(nbytes)
+    nbytes, budget, weights, chunk, act, state = _fixed_costs(
+        cfg, free_bytes, max_context, dtype, weights_loaded, prefill_chunk, max_seqs,
+        utilization, margin_bytes)
     pbytes = page_bytes(cfg, page_size, nbytes)  # 0 without softmax layers: nothing to page
     room = budget - weights - act
     need_pages = -(-max_context // page_size) + 1 if pbytes else 0  # one sequence + the null page

@@ -23,16 +23,13 @@ import torch
 
 from ..data.chat import ChatRenderer
 from ..data.packing import IGNORE_INDEX
-from .records import read_records, split
+from .records import check_prompt, read_records, split
 
 
 def _check_pair(r: dict) -> str | None:
-    if ("prompt" in r) == ("messages" in r):
-        return "needs exactly one of 'prompt' (a string) or 'messages' (a list)"
-    if "prompt" in r and not isinstance(r["prompt"], str):
-        return "field 'prompt' must be a string"
-    if "messages" in r and not isinstance(r["messages"], list):
-        return "field 'messages' must be a list of messages"
+    wrong = check_prompt(r)
+    if wrong:
+        return wrong
     for key in ("chosen", "rejected"):
         v = r.get(key)
         if isinstance(v, str) or (isinstance(v, dict) and "prompt" not in r):

@@ -8,20 +8,10 @@ template's rendering with the generation prompt."""
 from __future__ import annotations
 
 from ..data.chat import ChatRenderer
-from .records import read_records, split
+from .records import check_prompt, read_records, split
 from .synthetic import addition
 
 HELD_OUT_SEED = 1_000_003
-
-
-def _check(r: dict) -> str | None:
-    if ("prompt" in r) == ("messages" in r):
-        return "needs exactly one of 'prompt' (a string) or 'messages' (a list)"
-    if "prompt" in r and not isinstance(r["prompt"], str):
-        return "field 'prompt' must be a string"
-    if "messages" in r and not isinstance(r["messages"], list):
-        return "field 'messages' must be a list of messages"
-    return None
 
 
 class PromptSet:
@@ -41,7 +31,7 @@ class PromptSet:
             self.digits, self.max_sum = int(digits or "2"), int(top) if top else None
             self.size = None  # endless
         else:
-            self.records = read_records(spec, _check)
+            self.records = read_records(spec, check_prompt)
             self.train_ids, self.eval_ids = split(self.records, spec, eval_fraction)
             if not self.train_ids:
                 raise ValueError(f"train.rl.prompts {spec}: every prompt is held out; lower "

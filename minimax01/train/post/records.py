@@ -50,3 +50,14 @@ def fingerprint(path: str | Path, *extra) -> str:
     h.update(Path(path).read_bytes())
     h.update(repr(extra).encode())
     return h.hexdigest()
+
+
+def check_prompt(r: dict) -> str | None:
+    """What is wrong with a record's prompt (exactly one of `prompt` / `messages`), or None."""
+    if ("prompt" in r) == ("messages" in r):
+        return "needs exactly one of 'prompt' (a string) or 'messages' (a list)"
+    if "prompt" in r and not isinstance(r["prompt"], str):
+        return "field 'prompt' must be a string"
+    if "messages" in r and not isinstance(r["messages"], list):
+        return "field 'messages' must be a list of messages"
+    return None
