@@ -58,7 +58,8 @@ def main(argv=None) -> int:
         g = torch.Generator().manual_seed(budget)
         eng = Engine(model, num_slots=args.decoders + 1, max_context=args.long_prompt + 64,
                      max_num_batched_tokens=budget)
-        keep = SamplingParams(max_tokens=args.long_prompt, temperature=0.0, ignore_eos=True)
+        keep = SamplingParams(max_tokens=args.long_prompt + 64 - args.short_prompt, temperature=0.0,
+                              ignore_eos=True)
         for _ in range(args.decoders):
             eng.add_request(torch.randint(1, cfg.vocab_size, (args.short_prompt,),
                                           generator=g).tolist(), keep)

@@ -39,8 +39,9 @@ SCALED_MIN_ROWS = 128  # rows per group from which the fp8 tensor-core path pays
 # Rule: both compute-bound, the dequant path pays 3 bytes per weight at bandwidth BW and wins when
 # 2r / R8 > 3 / BW + 2r / R16, i.e. r > 1.5 / (BW (1/R8 - 1/R16)). H200 (2026-12-02): BW 4.3 TB/s,
 # W8A16 kernel R8 = 341 TFLOP/s, torch._grouped_mm bf16 R16 = 530 TFLOP/s -> r = 334.
-# `benchmarks/quant_slice.py --sweep` measures the crossover directly and prints it.
-DEQUANT_MIN_ROWS = 320
+# `benchmarks/quant_slice.py --sweep` measures the crossover directly and prints it: on the H200
+# (2026-12-02, Text-01's w13/w2) the kernel still wins at 256 rows and loses at 512.
+DEQUANT_MIN_ROWS = 512
 DEQUANT_WORKSPACE_BYTES = 1 << 30  # the reusable 16-bit workspace of the "dequant" path, at most
 _workspace: dict = {}              # (device, dtype) -> flat tensor, grown on demand
 scaled_error: str | None = None  # why the "scaled" path failed once (then the default avoids it)

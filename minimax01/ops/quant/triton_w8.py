@@ -175,6 +175,29 @@ _INTERPRETED = (16, 32, 32, 1, 4, 1)
 # Measured winners per GPU (device-name substring -> {(format, N, K, groups, rows bucket): config}),
 # from `python benchmarks/quant_slice.py --sweep` (it prints this dict's entry).
 SHIPPED: dict[str, dict[tuple, tuple]] = {}
+# measured 2026-12-02 on an NVIDIA H200, torch 2.11.0+cu130, Triton 3.6.0 (Text-01 widths; BENCHMARKS.md)
+SHIPPED['H200'] = {
+    ('int8', 6144, 8192, 1, 1): (16, 16, 256, 1, 2, 4),  # out decode b=1: 0.0758 ms, 16% of floor
+    ('int8', 6144, 8192, 1, 16): (16, 16, 256, 1, 2, 4),  # out decode b=16: 0.0746 ms, 16% of floor
+    ('int8', 6144, 8192, 1, 64): (16, 16, 256, 1, 2, 4),  # out decode b=64: 0.1202 ms, 10% of floor
+    ('int8', 6144, 8192, 1, 8192): (256, 128, 64, 1, 8, 3),  # out prefill 8192: 1.7339 ms, 1% of floor
+    ('int8', 6144, 9216, 32, 2): (16, 32, 256, 1, 4, 3),  # w2 decode b=1: 0.0941 ms, 28% of floor
+    ('int8', 6144, 9216, 32, 32): (16, 32, 256, 1, 4, 3),  # w2 decode b=16: 0.4351 ms, 64% of floor
+    ('int8', 6144, 9216, 32, 128): (16, 32, 256, 1, 4, 3),  # w2 decode b=64: 0.6114 ms, 70% of floor
+    ('int8', 6144, 9216, 32, 16384): (256, 128, 64, 1, 8, 3),  # w2 prefill 8192: 4.5824 ms, 9% of floor
+    ('int8', 8192, 6144, 1, 1): (16, 16, 256, 1, 2, 4),  # gate decode b=1: 0.0719 ms, 16% of floor
+    ('int8', 8192, 6144, 1, 16): (16, 16, 256, 1, 2, 4),  # gate decode b=16: 0.0705 ms, 17% of floor
+    ('int8', 8192, 6144, 1, 64): (16, 16, 256, 1, 2, 4),  # gate decode b=64: 0.1191 ms, 10% of floor
+    ('int8', 8192, 6144, 1, 8192): (256, 128, 64, 1, 8, 3),  # gate prefill 8192: 1.7274 ms, 1% of floor
+    ('int8', 18432, 6144, 32, 2): (16, 32, 256, 1, 4, 3),  # w13 decode b=1: 0.1372 ms, 39% of floor
+    ('int8', 18432, 6144, 32, 32): (16, 32, 256, 1, 4, 3),  # w13 decode b=16: 0.7851 ms, 71% of floor
+    ('int8', 18432, 6144, 32, 128): (16, 32, 256, 1, 4, 3),  # w13 decode b=64: 1.1569 ms, 73% of floor
+    ('int8', 18432, 6144, 32, 16384): (256, 128, 64, 1, 8, 3),  # w13 prefill 8192: 8.0228 ms, 11% of floor
+    ('int8', 24576, 6144, 1, 1): (16, 16, 256, 1, 2, 4),  # qkv decode b=1: 0.1034 ms, 34% of floor
+    ('int8', 24576, 6144, 1, 16): (16, 16, 256, 1, 2, 4),  # qkv decode b=16: 0.1045 ms, 34% of floor
+    ('int8', 24576, 6144, 1, 64): (16, 16, 256, 1, 2, 4),  # qkv decode b=64: 0.2507 ms, 14% of floor
+    ('int8', 24576, 6144, 1, 8192): (256, 128, 64, 1, 8, 3),  # qkv prefill 8192: 4.6118 ms, 1% of floor
+}
 _best: dict[tuple, tuple] = {}
 
 
