@@ -58,8 +58,9 @@ class Engine:
     tokens per step (the token budget; `prefill_chunk` is its old name).
     prefix_cache: resume requests from cached prefixes (default on), in blocks of
     `prefix_block_size` tokens, within `prefix_cache_gb` GiB. cuda_graphs / overlap /
-    fused_decode (small-batch decode kernels, infer/fused_decode.py): off by default until its
-    GPU check passes (the H200 run of 2026-12-02 found lightning states 2e-2 off the unfused step).
+    fused_decode (small-batch decode kernels, infer/fused_decode.py): on by default on CUDA for
+    models that have the path (its GPU check compares both steps with a float32 reference: the
+    fused step is as close to it as the unfused one, benchmarks/check_decode_gpu.py).
     kv_page_size: keep the softmax K/V in pages of this many tokens (`kv_pages` of them; on GPU
     planned from free memory), so sequences take memory for their actual length; None: a
     max_context slot each.
@@ -107,8 +108,8 @@ class Engine:
         self.max_context = max_context
         self.pool = SlotPool(cfg, num_slots, max_context, self.device, self.dtype,
                              page_size=kv_page_size, num_pages=kv_pages)
-        if fused_decode is None:  # opt-in: benchmarks/check_decode_gpu.py found state mismatches
-            fused_decode = False
+        if fused_decode is None:
+            fused_decode = cuda and fused_decode_supported(cfg)
         if fused_decode and not fused_decode_supported(cfg):
             raise ValueError("fused_decode: this model (or its parallel layout) has no fused "
                              "decode path (infer/fused_decode.py fused_decode_supported)")
