@@ -157,3 +157,22 @@ def test_context_parallel_is_refused(tmp_path):
             run_vl(config(out, 1, [("parallel.cp", "2"), ("parallel.dp_shard", "1")]))
 
     run_workers(worker, 2, str(tmp_path / "cp"))
+
+
+def test_a_rank_without_images_still_runs_the_tower(tmp_path):
+    """JSONL rows alternate image chats and text-only chats, one per row: rank 1 never has an
+    image, yet every rank must run the tower's collectives; the result is one process's."""
+    from minimax01.train.data.synthetic_images import write_image_dataset
+
+    path = write_image_dataset(tmp_path / "data", 2, size=56)
+    text = json.dumps({"messages": [{"role": "user", "content": "say " + "x" * 40},
+                                    {"role": "assistant", "content": "y" * 20}]})
+    path.write_text("".join(f"{line}\n{text}\n" for line in path.read_text().splitlines()))
+    extra = [("data.source", str(path)), ("train.seq_len", "200")]
+    grads_one = {}
+    one = run_vl(config(tmp_path / "one", 2, extra), log=lambda *a: None,
+                 on_backward=grab_grads(grads_one))
+    losses, grads = spawn(tmp_path, "two", 2, LAYOUTS["fsdp"] + extra)
+    assert losses == pytest.approx(one.losses, rel=1e-5)
+    assert any(k.startswith("vision_tower.") for k in grads)
+    assert_states_close(grads_one, grads, atol=1e-8)

@@ -93,7 +93,8 @@ def tower_on_every_rank(model) -> None:
         tile = torch.zeros(1, model.config.vision_config.num_channels, s, s,
                            device=model.image_newline.device)
         feats = model.multi_modal_projector(model.vision_tower(tile))
-        return [feats.reshape(-1, feats.shape[-1])[:0]]  # no rows; its gradient is 0
+        # no rows, a gradient of 0 for every part (image_newline too: the root unit's)
+        return [feats.reshape(-1, feats.shape[-1])[:0] + model.image_newline[None][:0]]
 
     model.image_features = image_features
 
