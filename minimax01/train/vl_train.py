@@ -181,7 +181,9 @@ def run_vl(cfg: RunConfig, log=print, world=None, on_backward=None) -> VLResult:
     import torch.distributed as dist
 
     from .trainer import make_world
+    from .vl_parallel import check_parallel
 
+    check_parallel(cfg)
     owns = world is None and not (dist.is_available() and dist.is_initialized())
     world = world if world is not None else make_world(cfg)
     try:
