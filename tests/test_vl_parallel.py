@@ -1,4 +1,4 @@
-"""VL training on 2 gloo ranks (train/vl_parallel.py): FSDP2 and EP x FSDP2 compute what one
+"""VL training on 2 gloo ranks (train/vl_parallel.py): FSDP2, EP x FSDP2 and ETP x FSDP2 compute what one
 process computes (per-step losses, the first step's gradients of tower, projector and LM, the
 exported weights); each rank reads its own rows; stage 1 leaves the LM untouched under FSDP; a
 resume (on 2 ranks, or resharded onto 1 process) equals the uninterrupted run; CP is refused."""
@@ -22,7 +22,8 @@ from minimax01.vision import VLConfig  # noqa: E402
 from minimax01.vision.model import MiniMaxVLForConditionalGeneration  # noqa: E402
 
 LAYOUTS = {"fsdp": [("parallel.dp_shard", "2")],
-           "ep": [("parallel.dp_shard", "2"), ("parallel.ep", "2")]}
+           "ep": [("parallel.dp_shard", "2"), ("parallel.ep", "2")],
+           "etp": [("parallel.dp_shard", "2"), ("parallel.etp", "2")]}
 
 
 def config(out_dir, steps=3, extra=()):
