@@ -1,7 +1,8 @@
-"""VL training on 2 gloo ranks (train/vl_parallel.py): FSDP2, EP x FSDP2 and ETP x FSDP2 compute what one
-process computes (per-step losses, the first step's gradients of tower, projector and LM, the
-exported weights); each rank reads its own rows; stage 1 leaves the LM untouched under FSDP; a
-resume (on 2 ranks, or resharded onto 1 process) equals the uninterrupted run; CP is refused."""
+"""VL training on 2 gloo ranks (train/vl_parallel.py): FSDP2, EP x FSDP2 and ETP x FSDP2
+compute what one process computes (per-step losses, the first step's gradients of tower,
+projector and LM, the exported weights); each rank reads its own rows; stage 1 leaves the LM
+untouched under FSDP; a resume (on 2 ranks, or resharded onto 1 process) equals the
+uninterrupted run; a rank without images keeps FSDP's collectives in step; CP is refused."""
 
 from __future__ import annotations
 

@@ -170,14 +170,13 @@ def merge_rows(rows: list[dict]) -> dict:
 
 
 def gather_model(model, world, vcfg):
-    """The trained weights as a plain one-device model on the main rank (None elsewhere);
-    every rank takes part. In one process: the model itself."""
+    """The trained weights as a plain model on the main rank's CPU (None elsewhere); every
+    rank takes part. In one process: the model itself."""
     if world.mesh is None:
         return model
+    from ..checkpoint.hf import _materialize_buffers
     from ..parallel.checkpoint import full_state_dict
     from ..vision.model import MiniMaxVLForConditionalGeneration
-
-    from ..checkpoint.hf import _materialize_buffers
 
     state = full_state_dict(model)
     plain = None

@@ -334,8 +334,8 @@ def _run(cfg: RunConfig, world, log, on_backward) -> VLResult:
     final = gather_model(model, world, vcfg)  # every rank; the whole model on the main rank
     if world.is_main:
         result.model = final
-        if held_out:
-            result.accuracy_after = accuracy(final, tok, held_out)
+        if held_out:  # (synthetic runs: small models) on this rank's device
+            result.accuracy_after = accuracy(final.to(device), tok, held_out)
             log(f"held-out accuracy ({len(held_out)} images, greedy exact match):\n"
                 + _table(result.accuracy_before, result.accuracy_after))
         if t.export:
