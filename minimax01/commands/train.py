@@ -31,7 +31,7 @@ def run(args) -> int:
     cfg = resolve(args.preset, args.config, parse_overrides(getattr(args, "_extra", [])))
     from ..train.vl_train import is_vl_run, run_vl
 
-    if is_vl_run(cfg):  # MiniMax-VL-01: its own one-process loop (train/vl_train.py)
+    if is_vl_run(cfg):  # MiniMax-VL-01: its own loop (train/vl_train.py)
         if args.print_config:
             print(to_toml(cfg), end="")
             return 0

@@ -12,11 +12,17 @@ or a comma-separated list of the parts to freeze: `vision_tower`, `projector` (t
 and `image_newline`), `language_model`. Frozen parameters get requires_grad=False and are not
 given to the optimizer.
 
-It runs in one process (CPU or one GPU) with the text trainer's optimizer and schedules
-(train/optim.py); the model is exported in the released layout (save_pretrained) with its
-tokenizer, so `serve --checkpoint OUT_DIR/model` serves it with images. With the synthetic
-images (data.source = "synthetic_images") the held-out accuracy per task is measured before and
-after training, by greedy answers through the serving engine."""
+It runs in one process (CPU or one GPU) or under torchrun with the text trainer's layouts,
+FSDP2 data parallel and expert parallel (+ETP) over one DeviceMesh (train/vl_parallel.py says
+how the tower is sharded and how each rank reads its own rows); context parallelism is
+refused. The optimizer, schedules and loss scaling are the text trainer's (train/optim.py,
+parallel/scaling.py); checkpoints are its too (train/checkpointing.py: `out_dir/checkpoints/`,
+every `train.save_every` steps and at the end, resharded on resume onto any layout, and the
+same command resumes exactly where it stopped). The model is exported in the released layout
+(save_pretrained, gathered from the shards) with its tokenizer, so `serve --checkpoint
+OUT_DIR/model` serves it with images. With the synthetic images (data.source =
+"synthetic_images") the held-out accuracy per task is measured before and after training
+(on the main rank), by greedy answers through the serving engine."""
 
 from __future__ import annotations
 
@@ -46,6 +52,8 @@ class VLResult:
     accuracy_before: dict = field(default_factory=dict)
     accuracy_after: dict = field(default_factory=dict)
     export: Path | None = None
+    checkpoint: Path | None = None
+    losses: list = field(default_factory=list)   # the global lm loss of every step run here
     model: object = None           # the trained MiniMaxVLForConditionalGeneration
 
 
@@ -85,28 +93,35 @@ def apply_freeze(model, parts) -> dict[str, int]:
     return out
 
 
-def _examples(cfg: RunConfig, tok, processor, image_token_id: int, seed: int):
-    """An endless stream of VLExamples: synthetic images (seeded), or the JSONL file (epochs)."""
+def _examples(cfg: RunConfig, tok, processor, image_token_id: int, seed: int, start: int = 0):
+    """An endless stream of (record index, VLExample): synthetic images (seeded, index i is
+    image i), or the JSONL file's records over and over (the index counts records over the
+    epochs). Records before `start` are skipped without being decoded (a resume)."""
     from .data.synthetic_images import make_image_example
     from .data.vl_data import encode_chat, read_jsonl
 
     if cfg.data.source == SYNTHETIC:
-        i = 0
+        i = start
         while True:
             ex = make_image_example(i, seed, processor.image_size)
             chat = ex.messages()
             chat[0]["content"][0] = {"type": "image", "image": ex.image}
             out = encode_chat(chat, tok, processor, image_token_id)
             out.task = ex.task
-            yield out
+            yield i, out
             i += 1
     path = Path(cfg.data.source)
     if not path.is_file():
         raise ValueError(f"data.source {path}: no such file (a VL run reads a JSONL file of "
                          f"chats, or '{SYNTHETIC}')")
+    index = 0
     while True:
-        n = 0
+        n = skipped = 0
         for what, messages, task in read_jsonl(path, cfg.data.strict):
+            index += 1
+            if index <= start:
+                skipped += 1
+                continue
             try:
                 ex = encode_chat(messages, tok, processor, image_token_id, path.parent, what)
             except ValueError as e:
@@ -116,8 +131,8 @@ def _examples(cfg: RunConfig, tok, processor, image_token_id: int, seed: int):
                 continue
             ex.task = task
             n += 1
-            yield ex
-        if n == 0:
+            yield index - 1, ex
+        if n == 0 and not skipped:
             raise ValueError(f"data.source {path}: no usable chat record")
 
 
@@ -158,33 +173,78 @@ def _table(before: dict, after: dict) -> str:
     return "\n".join(lines)
 
 
-def run_vl(cfg: RunConfig, log=print) -> VLResult:
-    """One process: build, freeze, train, measure, export (see the module docstring)."""
+def run_vl(cfg: RunConfig, log=print, world=None, on_backward=None) -> VLResult:
+    """Build, freeze, parallelize, train (resuming from out_dir's newest checkpoint), measure,
+    export (see the module docstring). `world`: default make_world(cfg) (torchrun: the
+    distributed world). `on_backward(step, model)`: called on every rank after each step's
+    backward, before clipping (tests read the gradients there)."""
+    import torch.distributed as dist
+
+    from .trainer import make_world
+    from .vl_parallel import check_parallel
+
+    check_parallel(cfg)
+    owns = world is None and not (dist.is_available() and dist.is_initialized())
+    world = world if world is not None else make_world(cfg)
+    try:
+        return _run(cfg, world, log if world.is_main else (lambda *a: None), on_backward)
+    finally:
+        if owns:
+            world.shutdown()
+
+
+def _identity(cfg: RunConfig, vcfg) -> dict:
+    """What a resume must agree with (checkpointing.incompatibilities): the run config and
+    the model, the vision tower included."""
+    model = {**vcfg.text_config.to_dict(), "vision_config": dataclasses.asdict(vcfg.vision_config),
+             "image_token_index": vcfg.image_token_index}
+    return {"config": cfg.to_dict(), "model_config": model}
+
+
+def _run(cfg: RunConfig, world, log, on_backward) -> VLResult:
+    from .. import __version__
     from ..dtypes import torch_dtype
     from ..tokenizer import load_tokenizer
     from ..vision import ImageProcessor, VLConfig
     from ..vision.model import MiniMaxVLForConditionalGeneration
-    from .data.vl_data import VLBatches
+    from . import checkpointing as ckpt
+    from .data.packing import IGNORE_INDEX
     from .optim import build_optimizer, lr_at, set_lr
+    from .preflight import check_out_dir
+    from .vl_parallel import (ExampleStream, RankBatches, check_layout, gather_model,
+                              parallelize_vl)
 
-    import os
-
-    if int(os.environ.get("WORLD_SIZE", "1")) > 1:
-        raise ValueError("VL training runs in one process for now (see docs/vision.md)")
     t, d = cfg.train, cfg.data
     vcfg = dataclasses.replace(VLConfig.from_preset(cfg.model.preset), text_config=cfg.validate())
     if t.grad_accum != 1 or cfg.optim.batch_warmup_tokens or t.stages:
         raise ValueError("train.grad_accum, train.stages and optim.batch_warmup_tokens are not "
                          "supported for VL runs yet")
+    check_layout(cfg, world, vcfg.text_config)
     parts = frozen_parts(t.freeze)
-    device = torch.device("cuda" if t.device == "auto" and torch.cuda.is_available() else
-                          "cpu" if t.device == "auto" else t.device)
+    device = world.device
     tok = load_tokenizer(None if d.tokenizer == "byte" else d.tokenizer)
     if tok.vocab_size > vcfg.text_config.vocab_size:
         raise ValueError(f"the tokenizer has {tok.vocab_size} ids but the model "
                          f"{vcfg.text_config.vocab_size}")
     processor = ImageProcessor.from_config(vcfg)
     image_token = vcfg.image_token_index
+    out_dir = Path(t.out_dir)
+    check_out_dir(out_dir)
+    resume_from, damaged = ckpt.find_resumable(out_dir, world)
+    identity = _identity(cfg, vcfg)
+    if resume_from is not None:
+        diffs = ckpt.incompatibilities(ckpt.read_state(resume_from), identity)
+        if diffs:
+            raise ValueError(f"cannot resume from {resume_from}: the config differs in "
+                             f"{'; '.join(diffs[:3])}{' ...' if len(diffs) > 3 else ''}. "
+                             f"Use another train.out_dir, or the checkpoint's settings")
+    if world.is_main:
+        out_dir.mkdir(parents=True, exist_ok=True)
+        ckpt.clean_partial(out_dir)
+        for path, why in damaged:
+            ckpt.warn(f"checkpoint {path} is damaged ({why}); moved aside")
+            ckpt.set_aside(path)
+    world.barrier()
     torch.manual_seed(t.seed)
     with torch.device(device):
         model = MiniMaxVLForConditionalGeneration(vcfg)
@@ -192,55 +252,95 @@ def run_vl(cfg: RunConfig, log=print) -> VLResult:
     trainable = apply_freeze(model, parts)
     log(f"VL model {cfg.model.preset}: trainable parameters "
         + ", ".join(f"{k} {v / 1e6:.3f}M" for k, v in trainable.items())
-        + (f" (frozen: {', '.join(parts)})" if parts else ""))
+        + (f" (frozen: {', '.join(parts)})" if parts else "")
+        + (f"; {world.world_size} ranks, {world.dp_size} data-parallel, "
+           f"ep {cfg.parallel.ep}" if world.mesh is not None else ""))
     pad = tok.pad_id if tok.pad_id is not None else 0
-    batches = VLBatches(_examples(cfg, tok, processor, image_token, t.seed), t.batch_size,
-                        t.seq_len, pad)
     held_out = []
     if d.source == SYNTHETIC and t.eval_batches:
         stream = _examples(cfg, tok, processor, image_token, EVAL_SEED + t.seed)
-        held_out = [next(stream) for _ in range(t.eval_batches)]
+        held_out = [next(stream)[1] for _ in range(t.eval_batches)]
     result = VLResult(step=0)
-    if held_out:
+    if held_out and resume_from is None and world.is_main:  # the untouched initial weights
         result.accuracy_before = accuracy(model, tok, held_out)
         log(f"held-out accuracy before training: {result.accuracy_before['all']:.1%} "
             f"({len(held_out)} images)")
+    world.barrier()
+    model = parallelize_vl(model, world, cfg.parallel)
     optimizer = build_optimizer(model, cfg.optim)
+    step = tokens = position = 0
+    if resume_from is not None:
+        state = ckpt.load_checkpoint(resume_from, model, optimizer, world, verified=True)
+        step, tokens = int(state["step"]), int(state["tokens"])
+        position = int(state["data"]["position"])
+        result.accuracy_before = state.get("accuracy_before") or {}
+        log(f"resuming from {resume_from} (step {step})")
+    stream = ExampleStream(_examples(cfg, tok, processor, image_token, t.seed, position),
+                           position)
+    batches = RankBatches(stream, t.batch_size, t.seq_len, pad, world.dp_rank, world.dp_size)
     params = [p for p in model.parameters() if p.requires_grad]
     dtype = torch_dtype(t.dtype)
+    scale = world.loss_scale
+
+    def save(at: int) -> Path:
+        state = {"step": at, "tokens": tokens, "data": batches.state_dict(),
+                 "accuracy_before": result.accuracy_before, "version": __version__,
+                 "time": time.time(), **identity}
+        return ckpt.save_checkpoint(out_dir, at, model, optimizer, state, world, t.keep_last)
+
     model.train()
     clock, losses = time.perf_counter(), []
-    for step in range(t.steps):
+    while step < t.steps:
         batch = batches.next_batch()
         px = processor(batch["images"]) if batch["images"] else {"pixel_values": None,
                                                                   "image_sizes": None}
         set_lr(optimizer, lr_at(step, t.steps, cfg.optim))
+        labels = batch["labels"].to(device)
+        n = labels.ne(IGNORE_INDEX).sum()
+        n_global = world.all_reduce(n.double(), "sum").clamp(min=1)
         with torch.autocast(device.type, dtype=dtype, enabled=dtype != torch.float32):
             out = model(batch["input_ids"].to(device), pixel_values=px["pixel_values"],
-                        image_sizes=px["image_sizes"], labels=batch["labels"].to(device),
+                        image_sizes=px["image_sizes"], labels=labels,
                         cu_seqlens=batch["cu_seqlens"].to(device), shift_labels=False)
-        out.loss.backward()
+        # this rank's token sum of the lm loss (0 without targets), scaled as the text trainer's
+        lm_sum = torch.where(n > 0, out.lm_loss, torch.zeros_like(out.lm_loss)) * n
+        scale.rank_loss(lm_sum, n_global, out.aux_loss).backward()
+        if on_backward is not None:
+            on_backward(step, model)
         if cfg.optim.grad_clip > 0:
-            torch.nn.utils.clip_grad_norm_(params, cfg.optim.grad_clip)
+            world.clip_grad_norm_(params, cfg.optim.grad_clip)
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
-        loss = float(out.lm_loss.detach())
+        loss = float(world.all_reduce(lm_sum.detach().double(), "sum") / n_global)
         if not math.isfinite(loss):
             raise ValueError(f"step {step + 1}: the loss is not finite; lower optim.lr")
+        step += 1
+        tokens += t.batch_size * t.seq_len
         losses.append(loss)
-        if (step + 1) % t.log_every == 0 or step + 1 == t.steps:
+        result.losses.append(loss)
+        if step % t.log_every == 0 or step == t.steps:
             result.loss = sum(losses) / len(losses)
-            log(f"step {step + 1}/{t.steps}: loss {result.loss:.4f} "
+            log(f"step {step}/{t.steps}: loss {result.loss:.4f} "
                 f"({time.perf_counter() - clock:.1f} s)")
             losses = []
-    result.step, result.model = t.steps, model
+        if t.save_every and step % t.save_every == 0 and step != t.steps:
+            result.checkpoint = save(step)
+    if resume_from is None or step > int(ckpt.read_state(resume_from)["step"]):
+        result.checkpoint = save(step)
+    else:
+        result.checkpoint = resume_from
+    result.step = step
     model.eval()
-    if held_out:
-        result.accuracy_after = accuracy(model, tok, held_out)
-        log(f"held-out accuracy ({len(held_out)} images, greedy exact match):\n"
-            + _table(result.accuracy_before, result.accuracy_after))
-    if t.export:
-        result.export = Path(t.out_dir) / "model"
-        model.save_pretrained(result.export, tokenizer=tok)
-        log(f"exported the model to {result.export}")
+    final = gather_model(model, world, vcfg)  # every rank; the whole model on the main rank
+    if world.is_main:
+        result.model = final
+        if held_out:  # (synthetic runs: small models) on this rank's device
+            result.accuracy_after = accuracy(final.to(device), tok, held_out)
+            log(f"held-out accuracy ({len(held_out)} images, greedy exact match):\n"
+                + _table(result.accuracy_before, result.accuracy_after))
+        if t.export:
+            result.export = out_dir / "model"
+            final.save_pretrained(result.export, tokenizer=tok)
+            log(f"exported the model to {result.export}")
+    world.barrier()
     return result
