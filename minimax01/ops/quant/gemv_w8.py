@@ -6,7 +6,8 @@ shared memory or converting them twice (int8 -> fp32 -> bf16).
 
 Program (n, s, e) owns output channels [n*BLOCK_N, (n+1)*BLOCK_N) of group e and K slice s
 (SPLIT_K slices). It streams the weight tile as [BLOCK_N, BLOCK_K / VEC, VEC] (weights are
-[N, K] row-major, nn.Linear layout: VEC = 16 contiguous bytes per thread, one 128-bit load),
+[N, K] row-major, nn.Linear layout: VEC = 8 contiguous bytes per thread for bf16 activations,
+whose VEC values are one 128-bit load),
 widens it to fp32, multiplies by the group's rows (BLOCK_M at a time, broadcast over the tile)
 and sums the VEC products of each thread in registers; the partial sums [BLOCK_M, BLOCK_N,
 BLOCK_K / VEC] are reduced across threads once, after the K loop, and the per-channel scale
@@ -65,10 +66,14 @@ def gemv_w8_kernel(
     k_hi = tl.minimum(k_lo + K_SPLIT, K)
     w_rows = W + e.to(tl.int64) * sw_e + rn[:, None, None].to(tl.int64) * sw_n  # [BN, 1, 1]
     y_part = Y + ks.to(tl.int64) * sy_s
+    zn = tl.zeros([1, BLOCK_N, 1, 1], dtype=tl.int64)
     for m0 in range(start, end, BLOCK_M):  # an empty group runs no iteration
         rm = m0 + tl.arange(0, BLOCK_M)
         mm = rm < end
-        x_rows = X + rm[:, None, None].to(tl.int64) * sx_m  # [BM, 1, 1]
+        # x is addressed as [BM, BN, KC, VEC] (constant along BN): its load then gets the same
+        # register layout as the weight tile's, so the product needs no layout conversion
+        x_rows = X + rm[:, None, None, None].to(tl.int64) * sx_m + zn  # [BM, BN, 1, 1]
+        mx = mm[:, None, None, None] & (zn == 0)
         acc = tl.zeros([BLOCK_M, BLOCK_N, BLOCK_K // VEC], dtype=tl.float32)
         for k0 in range(k_lo, k_hi, BLOCK_K):
             kk = (k0 + koff)[None, :, :]  # [1, KC, VEC]
@@ -77,18 +82,18 @@ def gemv_w8_kernel(
                     w = tl.load(w_rows + kk)
                 else:
                     w = tl.load(w_rows + kk, mask=mn[:, None, None], other=0)
-                xv = tl.load(x_rows + kk, mask=mm[:, None, None], other=0.0)
+                xv = tl.load(x_rows + kk[None], mask=mx, other=0.0)
             else:
                 mk = kk < k_hi
                 w = tl.load(w_rows + kk, mask=mn[:, None, None] & mk, other=0)
-                xv = tl.load(x_rows + kk, mask=mm[:, None, None] & mk, other=0.0)
+                xv = tl.load(x_rows + kk[None], mask=mx & mk[None], other=0.0)
             if FP8:  # W holds the e4m3 bytes as uint8; their fp16 pattern is the value * 2^-8
                 b = w.to(tl.int32)
                 bits = ((b & 0x80) << 8) | ((b & 0x7F) << 7)
                 wf = bits.to(tl.int16).to(tl.float16, bitcast=True).to(tl.float32)
             else:  # exact int8 -> fp32 on the integer and fp32 pipes (see the module docstring)
                 wf = (w.to(tl.int32) + 0x4B000080).to(tl.float32, bitcast=True) - 8388736.0
-            prod = xv.to(tl.float32)[:, None, :, :] * wf[None, :, :, :]  # [BM, BN, KC, VEC]
+            prod = xv.to(tl.float32) * wf[None, :, :, :]  # [BM, BN, KC, VEC]
             acc += tl.sum(prod, axis=3)  # within each thread
         y = tl.sum(acc, axis=2)  # across threads, once per row block
         scale = tl.load(S + e * ss_e + rn, mask=mn, other=0.0).to(tl.float32)
@@ -112,9 +117,10 @@ def sum_splits_kernel(P, Y, MN, SPLITS, BLOCK: tl.constexpr):
     tl.store(Y + offs, acc.to(Y.dtype.element_ty), mask=mask)
 
 
-def vec_for(block_k: int) -> int:
-    """Bytes of one weight row a thread loads at once: 16 (128-bit loads), or the whole block."""
-    return min(16, block_k)
+def vec_for(block_k: int, x_bytes: int) -> int:
+    """Weight bytes per thread per load: as many as one 128-bit load of activations holds (8
+    for bf16: both loads then share one register layout), at most the whole block."""
+    return min(16 // x_bytes, block_k)
 
 
 def launch_gemv(cfg, x, w, scale, y, offs, m, groups, dense, fp8, interpreted):
@@ -134,7 +140,7 @@ def launch_gemv(cfg, x, w, scale, y, offs, m, groups, dense, fp8, interpreted):
         x, w, scale, out, offs if offs is not None else scale,
         m, n, k, groups, k_split, x.stride(0), w.stride(0) if w.dim() == 3 else 0, w.stride(-2),
         scale.stride(0) if scale.dim() == 2 else 0, m * n if split_k > 1 else 0, n,
-        BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, VEC=vec_for(bk), FP8=fp8, DENSE=dense,
+        BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, VEC=vec_for(bk, x.element_size()), FP8=fp8, DENSE=dense,
         COMPACT=compact, G_POW2=triton.next_power_of_2(groups), EVEN_K=k % bk == 0,
         EVEN_N=n % bn == 0, **extra)
     if split_k > 1:

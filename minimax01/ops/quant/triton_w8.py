@@ -162,7 +162,7 @@ def _small_space() -> list[tuple]:
             (16, 64, 256, 4, 4, 3), (16, 32, 256, 4, 4, 3), (16, 128, 128, 2, 4, 4),
             (16, 16, 256, 4, 2, 4), (16, 128, 256, 1, 8, 3)]
     medium = [(32, 64, 256, 1, 4, 3), (64, 64, 128, 1, 4, 4), (64, 32, 256, 1, 4, 3),
-              (64, 128, 128, 1, 8, 3), (64, 64, 256, 2, 4, 3)]
+              (64, 128, 128, 1, 8, 3), (64, 64, 256, 2, 4, 3), (64, 32, 256, 4, 4, 3)]
     return _gemv_space() + dots + medium
 
 
@@ -199,10 +199,12 @@ _DECODE = [(16, 64, 128, 1, 4, 4), (16, 64, 256, 4, 4, 3), (8, 32, 256, 1, 4, 2)
            (16, 32, 256, 4, 4, 3), (16, 128, 128, 2, 4, 4),
            (16, 16, 256, 1, 2, 4), (16, 128, 256, 1, 8, 3)]
 _MEDIUM = [(32, 64, 128, 1, 4, 4), (32, 128, 128, 1, 4, 3), (64, 128, 64, 1, 4, 4),
-           (64, 64, 128, 1, 4, 3), (32, 64, 128, 2, 4, 4), (64, 32, 256, 1, 4, 3)]
+           (64, 64, 128, 1, 4, 3), (32, 64, 128, 2, 4, 4), (64, 32, 256, 1, 4, 3),
+           (64, 32, 256, 4, 4, 3)]
 _PREFILL = [(64, 128, 64, 1, 4, 4), (128, 128, 64, 1, 8, 3), (64, 256, 64, 1, 8, 3),
             (128, 128, 64, 1, 4, 4), (128, 256, 64, 1, 8, 3)]
 _INTERPRETED = (16, 32, 32, 1, 4, 1)
+_INTERPRETED_GEMV = (4, 16, 32, 1, 4, 1)  # the interpreter's pick for <= GEMV_MAX_ROWS rows
 
 # Measured winners per GPU (device-name substring -> {(format, N, K, groups, rows bucket): config}),
 # from `python benchmarks/quant_slice.py --sweep` (it prints this dict's entry).
@@ -370,8 +372,8 @@ def grouped_w8(x: torch.Tensor, q: torch.Tensor, scale: torch.Tensor, offs: torc
     args = (x, q, scale, y, offs, m, groups, rows, dense)
     if config is not None:
         config = check_config(config)
-    elif interpreted(x.device):
-        config = _INTERPRETED
+    elif interpreted(x.device):  # the CUDA dispatch's kernel for this many rows, tiny tiles
+        config = _INTERPRETED_GEMV if rows <= GEMV_MAX_ROWS else _INTERPRETED
     else:
         key = ("int8" if q.dtype == torch.int8 else "fp8", n, k, groups, rows_bucket(m))
         shipped = shipped_for(x.device) if x.dtype == torch.bfloat16 else {}
