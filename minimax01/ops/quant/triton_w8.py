@@ -146,12 +146,15 @@ GEMV_MAX_ROWS = 8  # rows per group up to which the run-time shortlist is GEMV t
 
 
 def _gemv_space() -> list[tuple]:
-    """GEMV tiles: per thread VEC = 16 weight bytes of BLOCK_N*BLOCK_K/(512*warps) rows a step."""
-    one = [(1, bn, bk, sk, 4, 2) for bn, bk in ((32, 256), (16, 256), (64, 128), (16, 512))
+    """GEMV tiles. With bf16 activations a thread loads 8 weight bytes of each of its R rows a
+    step, R = BLOCK_N / (warps * 32 / (BLOCK_K / 8)) (BLOCK_K 256: BLOCK_N / warps): a larger R
+    puts more bytes in flight, a smaller one re-reads fewer activations from L1."""
+    one = [(1, bn, bk, sk, 4, 2) for bn, bk in ((32, 256), (16, 256), (8, 256), (64, 128))
            for sk in (1, 4)]
-    more = [(1, 32, 256, 2, 4, 2), (1, 32, 256, 1, 8, 2), (1, 32, 256, 1, 4, 3),
-            (2, 32, 256, 1, 4, 2), (2, 16, 256, 2, 4, 2), (4, 32, 256, 1, 4, 2),
-            (4, 16, 256, 1, 4, 2), (4, 16, 256, 4, 4, 2), (8, 32, 256, 1, 4, 2)]
+    more = [(1, 16, 512, 1, 4, 2), (1, 32, 256, 2, 4, 2), (1, 16, 256, 1, 8, 2),
+            (1, 32, 256, 1, 4, 3), (2, 32, 256, 1, 4, 2), (2, 16, 256, 2, 4, 2),
+            (4, 32, 256, 1, 4, 2), (4, 16, 256, 1, 4, 2), (4, 8, 256, 1, 4, 2),
+            (4, 16, 256, 4, 4, 2), (8, 32, 256, 1, 4, 2), (8, 16, 256, 1, 4, 2)]
     return one + more
 
 
