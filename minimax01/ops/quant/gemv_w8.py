@@ -6,18 +6,20 @@ shared memory or converting them twice (int8 -> fp32 -> bf16).
 
 Program (n, s, e) owns output channels [n*BLOCK_N, (n+1)*BLOCK_N) of group e and K slice s
 (SPLIT_K slices). It streams the weight tile as [BLOCK_N, BLOCK_K / VEC, VEC] (weights are
-[N, K] row-major, nn.Linear layout: VEC = 8 contiguous bytes per thread for bf16 activations,
-whose VEC values are one 128-bit load),
-widens it to fp32, multiplies by the group's rows (BLOCK_M at a time, broadcast over the tile)
-and sums the VEC products of each thread in registers; the partial sums [BLOCK_M, BLOCK_N,
+[N, K] row-major, nn.Linear layout; VEC = 8 contiguous bytes a thread with bf16 activations,
+whose VEC values are one 128-bit load), widens it to fp32, multiplies by the group's rows
+(BLOCK_M at a time, broadcast over the tile) and sums the VEC products of each thread in
+registers; the partial sums [BLOCK_M, BLOCK_N,
 BLOCK_K / VEC] are reduced across threads once, after the K loop, and the per-channel scale
 is applied once. Rows beyond BLOCK_M re-read the program's weight slice (from L2). Groups
 without rows skip their loop; with fewer rows than groups only M programs run on the group axis
 (found from `offs` on the device, as in triton_w8.py), so a batch-1 step touches 2 experts.
 
-int8 -> fp32 without the int-to-float conversion unit (I2F runs at a quarter of the fp32 rate,
-slower than HBM delivers int8 on an H200): q + 0x4B000080 read as fp32 is 2^23 + 128 + q
-exactly, minus 2^23 + 128 gives q. fp8 e4m3 goes through its fp16 bit pattern (as triton_w8).
+int8 -> fp32 without the int-to-float conversion instruction (I2F: 16 results per clock per SM
+on sm_80/sm_90 in the CUDA guide's throughput table, a quarter of the fp32 FMA rate, ~4.2 T/s on
+an H200: no faster than HBM delivers int8 bytes): q + 0x4B000080 read as fp32 is 2^23 + 128 + q
+exactly, minus 2^23 + 128 gives q (one integer add, one fp32 add). fp8 e4m3 goes through its
+fp16 bit pattern (as in triton_w8.py).
 
 SPLIT_K > 1 writes fp32 partials [SPLIT_K, M, N] that `sum_splits_kernel` adds in a fixed
 order (deterministic, one small launch, no atomics) and rounds once to the output dtype."""
@@ -29,6 +31,7 @@ import triton
 import triton.language as tl
 
 from ..triton_jit import kernel
+
 
 @kernel
 def gemv_w8_kernel(
@@ -140,8 +143,8 @@ def launch_gemv(cfg, x, w, scale, y, offs, m, groups, dense, fp8, interpreted):
         x, w, scale, out, offs if offs is not None else scale,
         m, n, k, groups, k_split, x.stride(0), w.stride(0) if w.dim() == 3 else 0, w.stride(-2),
         scale.stride(0) if scale.dim() == 2 else 0, m * n if split_k > 1 else 0, n,
-        BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, VEC=vec_for(bk, x.element_size()), FP8=fp8, DENSE=dense,
-        COMPACT=compact, G_POW2=triton.next_power_of_2(groups), EVEN_K=k % bk == 0,
+        BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, VEC=vec_for(bk, x.element_size()), FP8=fp8,
+        DENSE=dense, COMPACT=compact, G_POW2=triton.next_power_of_2(groups), EVEN_K=k % bk == 0,
         EVEN_N=n % bn == 0, **extra)
     if split_k > 1:
         block = 1024
