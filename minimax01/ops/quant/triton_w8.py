@@ -155,7 +155,11 @@ def _gemv_space() -> list[tuple]:
             (1, 32, 256, 1, 4, 3), (2, 32, 256, 1, 4, 2), (2, 16, 256, 2, 4, 2),
             (4, 32, 256, 1, 4, 2), (4, 16, 256, 1, 4, 2), (4, 8, 256, 1, 4, 2),
             (4, 16, 256, 4, 4, 2), (8, 32, 256, 1, 4, 2), (8, 16, 256, 1, 4, 2)]
-    return one + more
+    # R = 1-4 with K repeated in each thread instead (warps span K first): fewest activation
+    # re-reads (if the compiler does not merge a thread's identical loads), 16-32 bytes a step
+    thin = [(1, 1, 1024, 1, 2, 2), (1, 2, 1024, 1, 2, 2), (1, 4, 1024, 1, 1, 2),
+            (4, 2, 1024, 1, 2, 2)]
+    return one + more + thin
 
 
 def _small_space() -> list[tuple]:
@@ -192,8 +196,8 @@ def _gemv_shortlist(rows: int) -> list[tuple]:
     bm = min(rows, 4)
     first = [(bm, 32, 256, 1, 4, 2)]
     rest = [(1, 32, 256, 1, 4, 2), (1, 16, 256, 4, 4, 2), (1, 64, 128, 1, 4, 2),
-            (2, 32, 256, 1, 4, 2), (4, 32, 256, 1, 4, 2), (16, 32, 256, 1, 4, 3),
-            (16, 16, 256, 1, 2, 4)]
+            (1, 2, 1024, 1, 2, 2), (2, 32, 256, 1, 4, 2), (4, 32, 256, 1, 4, 2),
+            (16, 32, 256, 1, 4, 3), (16, 16, 256, 1, 2, 4)]
     return first + [c for c in rest if c not in first]
 
 
