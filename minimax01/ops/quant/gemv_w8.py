@@ -15,10 +15,10 @@ is applied once. Rows beyond BLOCK_M re-read the program's weight slice (from L2
 without rows skip their loop; with fewer rows than groups only M programs run on the group axis
 (found from `offs` on the device, as in triton_w8.py), so a batch-1 step touches 2 experts.
 
-int8 -> fp32 without the int-to-float conversion instruction (I2F: 16 results per clock per SM
-on sm_80/sm_90 in the CUDA guide's throughput table, a quarter of the fp32 FMA rate, ~4.2 T/s on
-an H200: no faster than HBM delivers int8 bytes): q + 0x4B000080 read as fp32 is 2^23 + 128 + q
-exactly, minus 2^23 + 128 gives q (one integer add, one fp32 add). fp8 e4m3 goes through its
+int8 -> fp32 without an int-to-float conversion instruction (the CUDA guide's throughput table
+lists conversions at 16 per clock per SM on sm_80/sm_90, a quarter of the fp32 FMA rate: ~4.2 T/s
+on an H200, no faster than HBM delivers int8 bytes): q + 0x4B000080 read as fp32 is
+2^23 + 128 + q exactly, minus 2^23 + 128 gives q (one integer add, one fp32 add; never slower). fp8 e4m3 goes through its
 fp16 bit pattern (as in triton_w8.py).
 
 SPLIT_K > 1 writes fp32 partials [SPLIT_K, M, N] that `sum_splits_kernel` adds in a fixed
