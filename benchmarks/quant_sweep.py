@@ -45,7 +45,8 @@ def ordered(space: list, first: list) -> list:
 
 
 def space(limit: int | None = None) -> tuple[list, list]:
-    small, large = ordered(tw.SMALL_SPACE, tw._DECODE), ordered(tw.LARGE_SPACE, tw._PREFILL)
+    small = ordered(tw.SMALL_SPACE, tw._GEMV[1] + tw._GEMV[4] + tw._DECODE)
+    large = ordered(tw.LARGE_SPACE, tw._PREFILL)
     return (small[:limit], large[:limit]) if limit else (small, large)
 
 
@@ -146,7 +147,7 @@ def run_config(bench, cfg) -> dict:
     """Check, then time, one config on every matching case (small configs: decode; large:
     prefill)."""
     res = {"config": list(cfg), "cases": []}
-    want = "decode" if cfg[0] <= 16 else "prefill"
+    want = "decode" if tw.is_decode_config(cfg) else "prefill"
     for mat in matrices(bench.cfg, bench.spec["dense"]):
         for case in cases(bench.spec):
             if case[1] != want:

@@ -1,4 +1,4 @@
-"""Every tile config of the 8-bit grouped matmul (ops/quant/triton_w8.py: GEMV tiles for 1-4 rows,
+"""Every tile config of the 8-bit grouped matmul (ops/quant/triton_w8.py: GEMV tiles for 1-8 rows,
 tensor-core tiles, split-K) against the plain-PyTorch twin in Triton's interpreter, on ragged
 groups with empty experts, K and N that no block divides, and the dequantise-then-16-bit-matmul
 prefill path (grouped.py "dequant", chunked over a small workspace) against the same twin."""
@@ -11,8 +11,10 @@ from minimax01.ops.quant import grouped_mm_q, grouped_mm_q_torch, linear_q, quan
 from minimax01.ops.quant import triton_w8 as tw
 from minimax01.ops.quant.schemes import dequantize
 
+GEMV_SHORTLISTS = [c for b in sorted(tw._GEMV) for c in tw._GEMV[b]]
 ALL_CONFIGS = sorted(set(tw.SMALL_SPACE + tw.LARGE_SPACE + tw._DECODE + tw._MEDIUM
-                         + tw._PREFILL + [tw._INTERPRETED]))
+                         + tw._PREFILL + GEMV_SHORTLISTS + [tw._INTERPRETED,
+                                                            tw._INTERPRETED_GEMV]))
 
 
 def rel(a, b):
@@ -51,7 +53,8 @@ def test_every_config_matches_twin(cfg):
     check(run_cfg(cfg, x, q, s, counts), grouped_mm_q_torch(x, q, s, counts), torch.bfloat16)
 
 
-@pytest.mark.parametrize("cfg", sorted(set(tw._DECODE + tw._MEDIUM + tw._PREFILL)),
+@pytest.mark.parametrize("cfg", sorted(set(tw._DECODE + tw._MEDIUM + tw._PREFILL
+                                           + GEMV_SHORTLISTS)),
                          ids=lambda c: "x".join(map(str, c)))
 def test_runtime_configs_fp32_and_dense(cfg):
     x, q, s, counts = case("int8", [3, 0, 9], 24, 72, torch.float32, seed=2)
@@ -93,7 +96,8 @@ def test_tuning_helpers():
     assert offs.tolist() == [0, 3, 6, 8, 10]
     assert tw.balanced_offs(2, 32, "cpu")[:4].tolist() == [0, 1, 2, 2]
     assert [tw.rows_bucket(m) for m in (0, 1, 2, 3, 96, 16384)] == [1, 1, 2, 4, 128, 16384]
-    assert tw.candidates(1) is tw._DECODE and tw.candidates(48) is tw._MEDIUM
+    assert tw.candidates(1) is tw._GEMV[1] and tw.candidates(3) is tw._GEMV[4]
+    assert tw.candidates(16) is tw._DECODE and tw.candidates(48) is tw._MEDIUM
     assert tw.candidates(512) is tw._PREFILL
     assert tw.shipped_for(torch.device("cpu")) == {}
     for entry in tw.SHIPPED.values():

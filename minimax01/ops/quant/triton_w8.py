@@ -9,19 +9,20 @@ CUDA graph. Program (s, n, e) owns output columns [n*BLOCK_N, (n+1)*BLOCK_N) of 
 that group's row blocks s, s + S, s + 2S, ... (S = row splits); groups without rows exit at once.
 With fewer rows M than groups (decode at batch 1: 2 rows, 32 experts) only M programs are launched
 on the group axis, program e taking the e-th group that has rows (found from `offs` on the device).
-8-bit values are widened in registers, exactly (int8, and fp8 e4m3 through its fp16 bit pattern,
-fit bf16 exactly); the per-output-channel scale multiplies the fp32 accumulator once at the end.
+8-bit values are widened in registers, exactly (int8 through an fp32 magic number rather than
+the slow int-to-float unit, fp8 e4m3 through its fp16 bit pattern; both fit bf16 exactly); the
+per-output-channel scale multiplies the fp32 accumulator once at the end.
 The row-split axis varies fastest, so the programs that share a weight tile run together and the
 weights stream from memory once per launch.
 
 A config is (BLOCK_M, BLOCK_N, BLOCK_K, SPLIT_K, num_warps, num_stages):
   * BLOCK_M >= 16: tensor-core dot with the weight tile as its left operand (output built
-    transposed, [N, M]); BLOCK_M < 16 (decode: 1-4 rows per expert): no dot, the rows are a
-    broadcast multiply-add over the tile (a GEMV), nothing spent on padding rows to 16;
+    transposed, [N, M]); BLOCK_M < 16 (decode: 1-8 rows per expert or dense projection): the
+    GEMV kernel of gemv_w8.py (no dot, 128-bit weight loads, fp32 FMAs, one reduction);
   * SPLIT_K > 1: the program axis 0 also splits K (decode: at batch 1 the 2 touched experts
     of the down projection, N = 6144, give only 96-384 programs for 132 SMs, each walking
     K = 9216); each split writes its fp32 partial (scale applied) to a [SPLIT_K, M, N] workspace
-    summed afterwards (deterministic, no atomics).
+    summed afterwards by one small kernel (deterministic, no atomics).
 
 Which config: `SHIPPED` (per GPU, measured by `benchmarks/quant_slice.py --sweep`) for an exact
 (format, N, K, groups, rows bucket) key; else the fastest of `candidates(rows per group)`, timed
@@ -39,6 +40,7 @@ import triton
 import triton.language as tl
 
 from ..triton_jit import interpreted, kernel
+from .gemv_w8 import launch_gemv, sum_splits_kernel
 from .twin import grouped_mm_q_torch
 
 log = logging.getLogger(__name__)
@@ -90,8 +92,6 @@ def grouped_w8_kernel(
         mm = rm < end
         x_cols = X + rm[None, :].to(tl.int64) * sx_m
         acc = tl.zeros([BLOCK_N, BLOCK_M], dtype=tl.float32)
-        if BLOCK_M < 16:  # GEMV: products summed over K in registers, reduced once at the end
-            acc3 = tl.zeros([BLOCK_N, BLOCK_K, BLOCK_M], dtype=tl.float32)
         for k0 in range(k_lo, k_hi, BLOCK_K):
             kk = k0 + rk
             if EVEN_K:
@@ -105,16 +105,12 @@ def grouped_w8_kernel(
                 b = w.to(tl.int32)
                 bits = ((b & 0x80) << 8) | ((b & 0x7F) << 7)
                 wf = bits.to(tl.int16).to(tl.float16, bitcast=True).to(tl.float32)
-            else:
-                wf = w.to(tl.float32)  # exact; via fp32 (right in the interpreter too)
-            if BLOCK_M < 16:
-                acc3 += wf[:, :, None] * xt.to(tl.float32)[None, :, :]
-            elif IEEE:  # fp32 activations; also bf16 in the interpreter, whose bf16 dot is wrong
+            else:  # exact, without the slow int-to-float unit (gemv_w8.py's docstring)
+                wf = (w.to(tl.int32) + 0x4B000080).to(tl.float32, bitcast=True) - 8388736.0
+            if IEEE:  # fp32 activations; also bf16 in the interpreter, whose bf16 dot is wrong
                 acc = tl.dot(wf, xt.to(tl.float32), acc=acc, input_precision="ieee")
             else:
                 acc = tl.dot(wf.to(xt.dtype), xt, acc=acc)
-        if BLOCK_M < 16:
-            acc = tl.sum(acc3, axis=1)
         y = acc * scale[:, None]
         tl.store(y_part + rm[None, :].to(tl.int64) * sy_m + rn[:, None],
                  y.to(Y.dtype.element_ty), mask=mn[:, None] & mm[None, :])
@@ -141,15 +137,40 @@ def dequant_w8_kernel(W, S, OUT, R, K, BLOCK_R: tl.constexpr, BLOCK_K: tl.conste
 
 
 # ---------------------------------------------------------------------------- configs
-# (BLOCK_M, BLOCK_N, BLOCK_K, SPLIT_K, num_warps, num_stages); BLOCK_N is the MMA's M (weight rows)
+# (BLOCK_M, BLOCK_N, BLOCK_K, SPLIT_K, num_warps, num_stages); BLOCK_M < 16: the GEMV kernel
+# (gemv_w8.py), else the tensor-core kernel above (BLOCK_N is the MMA's M, weight rows)
+GEMV_MAX_ROWS = 8  # rows per group up to which the run-time shortlist is GEMV tiles first
+# Why 8: the GEMV spends BLOCK_M fp32 FMAs (+1 add, ~2 integer ops to widen) per weight byte; an
+# H200 SM issues 128 FMAs/clock and HBM feeds it ~16.5 int8 bytes/clock (4.3 TB/s over 132 SMs at
+# 1.98 GHz), so up to ~6 rows a pass it stays memory-bound; past 8-16 rows tensor cores win.
+
+
+def _gemv_space() -> list[tuple]:
+    """GEMV tiles. With bf16 activations a thread loads 8 weight bytes of each of its R rows a
+    step, R = BLOCK_N / (warps * 32 / (BLOCK_K / 8)) (BLOCK_K 256: BLOCK_N / warps): a larger R
+    puts more bytes in flight, a smaller one re-reads fewer activations from L1."""
+    one = [(1, bn, bk, sk, 4, 2) for bn, bk in ((32, 256), (16, 256), (8, 256), (64, 128))
+           for sk in (1, 4)]
+    more = [(1, 16, 512, 1, 4, 2), (1, 32, 256, 2, 4, 2), (1, 16, 256, 1, 8, 2),
+            (1, 32, 256, 1, 4, 3), (2, 32, 256, 1, 4, 2), (2, 16, 256, 2, 4, 2),
+            (4, 32, 256, 1, 4, 2), (4, 16, 256, 1, 4, 2), (4, 8, 256, 1, 4, 2),
+            (4, 16, 256, 4, 4, 2), (8, 32, 256, 1, 4, 2), (8, 16, 256, 1, 4, 2)]
+    # R = 1-4 with K repeated in each thread instead (warps span K first): fewest activation
+    # re-reads (if the compiler does not merge a thread's identical loads), 16-32 bytes a step
+    thin = [(1, 1, 1024, 1, 2, 2), (1, 2, 1024, 1, 2, 2), (1, 4, 1024, 1, 1, 2),
+            (4, 2, 1024, 1, 2, 2)]
+    return one + more + thin
+
+
 def _small_space() -> list[tuple]:
-    """Decode (<= 16 rows per expert): GEMV tiles for 1-4 rows, 16-row dots, split-K."""
-    gemv = [(bm, bn, bk, sk, 4, 2) for bm, bn, bk in ((1, 64, 128), (1, 32, 256), (2, 64, 64),
-                                                      (4, 32, 64)) for sk in (1, 4)]
-    dots = [(16, bn, bk, sk, 4, 4 if bk == 128 else 3)
-            for bn, bk in ((32, 256), (64, 128), (64, 256), (128, 128), (128, 256))
-            for sk in (1, 2, 4)]
-    return gemv + dots + [(16, 16, 256, 1, 2, 4), (16, 16, 256, 4, 2, 4), (16, 128, 256, 1, 8, 3)]
+    """Decode: GEMV tiles (1-8 rows a pass), 16-row dots with split-K, and 32/64-row dots for
+    the dense projections at batch 32-64 (one group, all rows in one tile: weights read once)."""
+    dots = [(16, 16, 256, 1, 2, 4), (16, 32, 256, 1, 4, 3), (16, 64, 128, 1, 4, 4),
+            (16, 64, 256, 4, 4, 3), (16, 32, 256, 4, 4, 3), (16, 128, 128, 2, 4, 4),
+            (16, 16, 256, 4, 2, 4), (16, 128, 256, 1, 8, 3)]
+    medium = [(32, 64, 256, 1, 4, 3), (64, 64, 128, 1, 4, 4), (64, 32, 256, 1, 4, 3),
+              (64, 128, 128, 1, 8, 3), (64, 64, 256, 2, 4, 3), (64, 32, 256, 4, 4, 3)]
+    return _gemv_space() + dots + medium
 
 
 def _large_space() -> list[tuple]:
@@ -162,40 +183,48 @@ def _large_space() -> list[tuple]:
 
 SMALL_SPACE = _small_space()   # what `quant_slice.py --sweep` times for decode
 LARGE_SPACE = _large_space()   # ... and for prefill
-# the shortlists timed at run time for a key without a SHIPPED entry (each compiles once)
-_DECODE = [(16, 64, 128, 1, 4, 4), (16, 64, 256, 4, 4, 3), (1, 64, 128, 4, 4, 2),
-           (2, 64, 64, 4, 4, 2), (16, 32, 256, 4, 4, 3), (16, 128, 128, 2, 4, 4),
+
+
+def is_decode_config(cfg) -> bool:
+    """A config of the decode space (the sweep times it on the decode cases)."""
+    return tuple(cfg) in set(SMALL_SPACE)
+
+
+# the shortlists timed at run time for a key without a SHIPPED entry (each compiles once);
+# the GEMV ones end with the 16-row dots that won before the GEMV kernel existed
+def _gemv_shortlist(rows: int) -> list[tuple]:
+    bm = min(rows, 4)
+    first = [(bm, 32, 256, 1, 4, 2)]
+    rest = [(1, 32, 256, 1, 4, 2), (1, 16, 256, 4, 4, 2), (1, 64, 128, 1, 4, 2),
+            (1, 2, 1024, 1, 2, 2), (2, 32, 256, 1, 4, 2), (4, 32, 256, 1, 4, 2),
+            (16, 32, 256, 1, 4, 3), (16, 16, 256, 1, 2, 4)]
+    return first + [c for c in rest if c not in first]
+
+
+_GEMV = {b: _gemv_shortlist(b) for b in (1, 2, 4, 8)}
+_DECODE = [(16, 64, 128, 1, 4, 4), (16, 64, 256, 4, 4, 3), (8, 32, 256, 1, 4, 2),
+           (16, 32, 256, 4, 4, 3), (16, 128, 128, 2, 4, 4),
            (16, 16, 256, 1, 2, 4), (16, 128, 256, 1, 8, 3)]
 _MEDIUM = [(32, 64, 128, 1, 4, 4), (32, 128, 128, 1, 4, 3), (64, 128, 64, 1, 4, 4),
-           (64, 64, 128, 1, 4, 3), (32, 64, 128, 2, 4, 4)]
+           (64, 64, 128, 1, 4, 3), (32, 64, 128, 2, 4, 4), (64, 32, 256, 1, 4, 3),
+           (64, 32, 256, 4, 4, 3)]
 _PREFILL = [(64, 128, 64, 1, 4, 4), (128, 128, 64, 1, 8, 3), (64, 256, 64, 1, 8, 3),
             (128, 128, 64, 1, 4, 4), (128, 256, 64, 1, 8, 3)]
 _INTERPRETED = (16, 32, 32, 1, 4, 1)
+_INTERPRETED_GEMV = (4, 16, 32, 1, 4, 1)  # the interpreter's pick for <= GEMV_MAX_ROWS rows
 
 # Measured winners per GPU (device-name substring -> {(format, N, K, groups, rows bucket): config}),
 # from `python benchmarks/quant_slice.py --sweep` (it prints this dict's entry).
 SHIPPED: dict[str, dict[tuple, tuple]] = {}
 # measured 2026-12-02 on an NVIDIA H200, torch 2.11.0+cu130, Triton 3.6.0 (Text-01 widths; BENCHMARKS.md)
+# The decode keys were dropped when the GEMV kernel and the magic-number int8 widening came
+# (their 16-row dots ran at 10-39% of the floor, 64-73% for the experts at batch 16-64): until the
+# next sweep they are tuned at run time over candidates(rows): GEMV tiles and the old winners.
 SHIPPED['H200'] = {
-    ('int8', 6144, 8192, 1, 1): (16, 16, 256, 1, 2, 4),  # out decode b=1: 0.0758 ms, 16% of floor
-    ('int8', 6144, 8192, 1, 16): (16, 16, 256, 1, 2, 4),  # out decode b=16: 0.0746 ms, 16% of floor
-    ('int8', 6144, 8192, 1, 64): (16, 16, 256, 1, 2, 4),  # out decode b=64: 0.1202 ms, 10% of floor
     ('int8', 6144, 8192, 1, 8192): (256, 128, 64, 1, 8, 3),  # out prefill 8192: 1.7339 ms, 1% of floor
-    ('int8', 6144, 9216, 32, 2): (16, 32, 256, 1, 4, 3),  # w2 decode b=1: 0.0941 ms, 28% of floor
-    ('int8', 6144, 9216, 32, 32): (16, 32, 256, 1, 4, 3),  # w2 decode b=16: 0.4351 ms, 64% of floor
-    ('int8', 6144, 9216, 32, 128): (16, 32, 256, 1, 4, 3),  # w2 decode b=64: 0.6114 ms, 70% of floor
     ('int8', 6144, 9216, 32, 16384): (256, 128, 64, 1, 8, 3),  # w2 prefill 8192: 4.5824 ms, 9% of floor
-    ('int8', 8192, 6144, 1, 1): (16, 16, 256, 1, 2, 4),  # gate decode b=1: 0.0719 ms, 16% of floor
-    ('int8', 8192, 6144, 1, 16): (16, 16, 256, 1, 2, 4),  # gate decode b=16: 0.0705 ms, 17% of floor
-    ('int8', 8192, 6144, 1, 64): (16, 16, 256, 1, 2, 4),  # gate decode b=64: 0.1191 ms, 10% of floor
     ('int8', 8192, 6144, 1, 8192): (256, 128, 64, 1, 8, 3),  # gate prefill 8192: 1.7274 ms, 1% of floor
-    ('int8', 18432, 6144, 32, 2): (16, 32, 256, 1, 4, 3),  # w13 decode b=1: 0.1372 ms, 39% of floor
-    ('int8', 18432, 6144, 32, 32): (16, 32, 256, 1, 4, 3),  # w13 decode b=16: 0.7851 ms, 71% of floor
-    ('int8', 18432, 6144, 32, 128): (16, 32, 256, 1, 4, 3),  # w13 decode b=64: 1.1569 ms, 73% of floor
     ('int8', 18432, 6144, 32, 16384): (256, 128, 64, 1, 8, 3),  # w13 prefill 8192: 8.0228 ms, 11% of floor
-    ('int8', 24576, 6144, 1, 1): (16, 16, 256, 1, 2, 4),  # qkv decode b=1: 0.1034 ms, 34% of floor
-    ('int8', 24576, 6144, 1, 16): (16, 16, 256, 1, 2, 4),  # qkv decode b=16: 0.1045 ms, 34% of floor
-    ('int8', 24576, 6144, 1, 64): (16, 16, 256, 1, 2, 4),  # qkv decode b=64: 0.2507 ms, 14% of floor
     ('int8', 24576, 6144, 1, 8192): (256, 128, 64, 1, 8, 3),  # qkv prefill 8192: 4.6118 ms, 1% of floor
 }
 _best: dict[tuple, tuple] = {}
@@ -208,6 +237,8 @@ def rows_bucket(m: int) -> int:
 
 def candidates(rows_per_group: int) -> list[tuple]:
     b = triton.next_power_of_2(max(rows_per_group, 1))
+    if b <= GEMV_MAX_ROWS:
+        return _GEMV[b]
     return _DECODE if b <= 16 else _MEDIUM if b <= 64 else _PREFILL
 
 
@@ -238,10 +269,13 @@ def shipped_for(device: torch.device) -> dict[tuple, tuple]:
 def _launch(cfg, x, q, scale, y, offs, m, groups, rows_per_group, dense):
     bm, bn, bk, split_k, warps, stages = cfg
     n, k = q.shape[-2], q.shape[-1]
-    split_k = max(1, min(split_k, triton.cdiv(k, bk)))
-    k_split = triton.cdiv(triton.cdiv(k, split_k), bk) * bk
     fp8 = q.dtype != torch.int8
     w = q.view(torch.uint8) if fp8 else q
+    if bm < 16:
+        launch_gemv(cfg, x, w, scale, y, offs, m, groups, dense, fp8, interpreted(x.device))
+        return
+    split_k = max(1, min(split_k, triton.cdiv(k, bk)))
+    k_split = triton.cdiv(triton.cdiv(k, split_k), bk) * bk
     nsplit = max(1, min(64, triton.cdiv(rows_per_group, bm)))
     out = y if split_k == 1 else torch.empty(split_k, m, n, dtype=torch.float32, device=x.device)
     compact = not dense and m < groups  # at most m groups have rows: launch only m of them
@@ -254,8 +288,9 @@ def _launch(cfg, x, q, scale, y, offs, m, groups, rows_per_group, dense):
         BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, SPLIT_K=split_k, FP8=fp8, DENSE=dense,
         COMPACT=compact, G_POW2=triton.next_power_of_2(groups), EVEN_K=k % bk == 0,
         IEEE=x.dtype == torch.float32 or interpreted(x.device), **extra)
-    if split_k > 1:
-        y.copy_(out.sum(0))  # fp32 partials summed in fp32, rounded once
+    if split_k > 1:  # fp32 partials summed in fp32, in order, rounded once
+        sum_splits_kernel.at(x.device)[(triton.cdiv(m * n, 1024),)](
+            out, y, m * n, split_k, BLOCK=1024, **({"num_warps": 4} if extra else {}))
 
 
 def balanced_offs(m: int, groups: int, device) -> torch.Tensor:
@@ -344,8 +379,8 @@ def grouped_w8(x: torch.Tensor, q: torch.Tensor, scale: torch.Tensor, offs: torc
     args = (x, q, scale, y, offs, m, groups, rows, dense)
     if config is not None:
         config = check_config(config)
-    elif interpreted(x.device):
-        config = _INTERPRETED
+    elif interpreted(x.device):  # the CUDA dispatch's kernel for this many rows, tiny tiles
+        config = _INTERPRETED_GEMV if rows <= GEMV_MAX_ROWS else _INTERPRETED
     else:
         key = ("int8" if q.dtype == torch.int8 else "fp8", n, k, groups, rows_bucket(m))
         shipped = shipped_for(x.device) if x.dtype == torch.bfloat16 else {}
