@@ -141,8 +141,8 @@ def test_engine_prefill_through_the_flash_wiring_on_cpu(torch_varlen, monkeypatc
     torch_varlen(False)
     torch.manual_seed(0)
     model = MiniMaxForCausalLM(tiny_config()).eval()
-    prompts = workload(5, n=6)
-    kw = dict(num_slots=3, max_context=192, max_num_batched_tokens=24, prefix_block_size=8)
+    prompts = workload(5, n=4)
+    kw = dict(num_slots=2, max_context=160, max_num_batched_tokens=24, prefix_block_size=8)
     want = outputs(Engine(model, **kw), prompts)
     calls = []
     real = pa.prefill_attention
