@@ -131,6 +131,8 @@ def check_correctness(dev, dtype, h, hkv, d, tiny):
     p = pa.plan(pctx, pqlen, h, hkv, dev, block_table=table, page_size=ps)
     err = max_err(pa.prefill_attention(pq, kp, vp, p, d ** -0.5), ref)
     check("paged flash vs torch twin", err <= tol, f"max err {err:.3g} (tol {tol})")
+    if dev.type == "cuda":
+        check_no_sync(dev, q, keys, values, slot, ctx, qlen, h, hkv, d)
     if dev.type == "cuda" and pa.VARLEN is not None and not pa.VARLEN[2]:
         # information only: does this torch's varlen_attn take Hkv < H K/V as it is?
         p1 = pa.plan(ctx, qlen, h, hkv, dev, slot=torch.tensor(slot, device=dev),
@@ -144,6 +146,32 @@ def check_correctness(dev, dtype, h, hkv, d, tiny):
                 f"{max_err(o1, ref):.3g}")
         except Exception as e:  # noqa: BLE001 - information only
             log(f"info: varlen_attn refuses Hkv < H without enable_gqa: {type(e).__name__}")
+
+
+def check_no_sync(dev, q, keys, values, slot, ctx, qlen, h, hkv, d):
+    """The step record's form (cu_q, kv_len already on the device): plan + gather must not
+    synchronise (torch's sync debug mode raises if they do); varlen_attn itself: reported."""
+    i32 = dict(dtype=torch.int32, device=dev)
+    cu_q = torch.tensor([0, *qlen], **i32).cumsum(0, dtype=torch.int32)
+    kv_len = torch.tensor(ctx, **i32) + torch.tensor(qlen, **i32)
+    slot_t = torch.tensor(slot, device=dev)
+    sync(dev)
+    for name, part in (("plan + gather", "ours"), ("varlen_attn", "torch")):
+        torch.cuda.set_sync_debug_mode("error")
+        try:
+            p = pa.plan(ctx, qlen, h, hkv, dev, slot=slot_t, cu_q=cu_q, kv_len=kv_len)
+            k, v = pa.gather_kv(keys, values, p.rows, p.cols, p.heads)
+            if part == "torch":
+                pa.flash_prefill_attention(q, k, v, p, d ** -0.5)
+            err = None
+        except RuntimeError as e:
+            err = str(e).splitlines()[0][:200]
+        finally:
+            torch.cuda.set_sync_debug_mode(0)
+        if part == "ours":
+            check(f"{name} without a host sync", err is None, err or "no sync")
+        else:
+            log(f"info: {name} {'synchronises: ' + err if err else 'runs without a host sync'}")
 
 
 # ------------------------------------------------------------------------------ (b)

@@ -177,6 +177,15 @@ def test_cuda_flash_prefill_bf16_slot_and_paged():
     top_left = pa.torch_varlen_attn(q, k, v, p.cu_q, p.cu_k, p.max_q, p.max_k, scale=d ** -0.5,
                                     enable_gqa=True, bottom_right=False)
     assert (out.float() - top_left.float()).abs().max() > 0.1  # not top-left aligned
+    # the step record's form (lengths already on the device): plan + gather never synchronise
+    cu_q, kv_len, slot_t = p.cu_q.clone(), p.cu_k.diff(), torch.tensor(slot, device=dev)
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        p2 = pa.plan(ctx, qlen, h, hkv, dev, slot=slot_t, cu_q=cu_q, kv_len=kv_len)
+        pa.gather_kv(keys, values, p2.rows, p2.cols, p2.heads)
+    finally:
+        torch.cuda.set_sync_debug_mode(0)
     ctx, qlen = [2048, 3000, 17], [700, 96, 300]
     q, kp, vp, table = _paged_case(4, ctx, qlen, page_size=16, hkv=hkv, h=h, d=d, shared=8,
                                    dtype=torch.bfloat16)

@@ -329,7 +329,8 @@ class PrefillStep:
                 where = (dict(block_table=pool.block_tables[self.slots], page_size=pool.page_size)
                          if pool.paged else dict(slot=self.slots))
                 self.kv_plan = plan(self.starts_list, self.lengths_list, q.shape[1],
-                                    keys.shape[1], pool.device, cu_q=self.cu_seqlens, **where)
+                                    keys.shape[1], pool.device, cu_q=self.cu_seqlens,
+                                    kv_len=self.starts + self.lengths, **where)
         return self.kv_plan or None
 
     def attend(self, layer_idx, q, k, v, scale, ctx):

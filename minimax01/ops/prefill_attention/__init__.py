@@ -112,23 +112,22 @@ class KVPlan:
 def plan(ctx: list[int], qlen: list[int], num_heads: int, kv_heads: int, device, *,
          slot: torch.Tensor | None = None, block_table: torch.Tensor | None = None,
          page_size: int | None = None, cu_q: torch.Tensor | None = None,
-         repeat_heads: bool | None = None) -> KVPlan:
-    """The step's KVPlan from the host lengths (ctx[n] cached, qlen[n] new per document) and
-    either `slot` [N] (slot layout) or `block_table` [N, W] + `page_size` (paged). Host -> device
-    copies only, no sync. `repeat_heads` None: repeat when varlen_attn has no enable_gqa."""
+         kv_len: torch.Tensor | None = None, repeat_heads: bool | None = None) -> KVPlan:
+    """The step's KVPlan from the host lengths (ctx[n] cached, qlen[n] new per document: the
+    totals and maxima) and either `slot` [N] (slot layout) or `block_table` [N, W] + `page_size`
+    (paged). With `cu_q` [N + 1] and `kv_len` [N] already on the device (the step record's) no
+    host -> device copy happens, so building the plan inside the forward never waits on the
+    GPU. `repeat_heads` None: repeat the K/V heads when varlen_attn has no enable_gqa."""
     kv = [c + n for c, n in zip(ctx, qlen)]
-    off_q, off_k = [0], [0]
-    for n, k in zip(qlen, kv):
-        off_q.append(off_q[-1] + n)
-        off_k.append(off_k[-1] + k)
     if cu_q is None:
-        cu_q = torch.tensor(off_q, dtype=torch.int32, device=device)
-    cu_k = torch.tensor(off_k, dtype=torch.int32, device=device)
-    kv_len = cu_k[1:] - cu_k[:-1]
+        cu_q = torch.tensor([0, *qlen], dtype=torch.int32, device=device).cumsum(0, dtype=torch.int32)
+    if kv_len is None:
+        kv_len = torch.tensor(kv, dtype=torch.int32, device=device)
+    cu_k = torch.nn.functional.pad(torch.cumsum(kv_len, 0, dtype=torch.int32), (1, 0))
     if block_table is None:
-        rows, cols = slot_kv_index(slot, kv_len, off_k[-1])
+        rows, cols = slot_kv_index(slot, kv_len, sum(kv))
     else:
-        rows, cols = paged_kv_index(block_table, kv_len, off_k[-1], page_size)
+        rows, cols = paged_kv_index(block_table, kv_len, sum(kv), page_size)
     if repeat_heads is None:
         repeat_heads = not (VARLEN is not None and VARLEN[2])
     heads = None
