@@ -210,6 +210,8 @@ def bench_ops(dev, dtype, h, hkv, d, chunks, contexts, reps):
             row["flash_ms"] = timed(flash, dev, reps)
             row["gather_ms"] = timed(lambda: pa.gather_kv(keys, values, p.rows, p.cols, p.heads),
                                      dev, reps)
+            if dev.type == "cuda":
+                row["cudnn_split_ms"] = cudnn_split_ms(q, p, keys, values, ctx, reps)
             base = row.get("triton_ms", row.get("torch_ms"))
             row["flash_tflops"] = flops / row["flash_ms"] / 1e9
             row["base_tflops"] = flops / base / 1e9
@@ -217,6 +219,10 @@ def bench_ops(dev, dtype, h, hkv, d, chunks, contexts, reps):
                 f"{base:9.2f} ms ({row['base_tflops']:6.1f} TFLOP/s)  flash {row['flash_ms']:9.2f}"
                 f" ms ({row['flash_tflops']:6.1f} TFLOP/s, gather {row['gather_ms']:.2f})  floor "
                 f"{row['floor_ms']:8.2f} ms  flash/floor {row['flash_ms'] / row['floor_ms']:.2f}")
+            if row.get("cudnn_split_ms"):
+                log(f"info: cuDNN SDPA split (non-causal over the {ctx} cached keys + causal "
+                    f"square, no merge) {row['cudnn_split_ms']:.2f} ms "
+                    f"({flops / row['cudnn_split_ms'] / 1e9:.1f} TFLOP/s)")
             rows.append(row)
             del q
         del keys, values
@@ -244,6 +250,33 @@ def bench_ops(dev, dtype, h, hkv, d, chunks, contexts, reps):
         f"flash {row['flash_ms']:.2f} ms  floor {row['floor_ms']:.2f} ms")
     rows.append(row)
     return rows
+
+
+def cudnn_split_ms(q, p, keys, values, ctx, reps):
+    """Information for the next step: the chunk's attention as cuDNN SDPA in two calls (all
+    queries over the ctx cached keys, no mask; causal over the chunk's own keys, where top-left
+    is bottom-right), timed without the LSE merge they would need. None if cuDNN refuses."""
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+    import torch.nn.functional as F
+
+    k, v = pa.gather_kv(keys, values, p.rows, p.cols, p.heads)
+    h = q.shape[1]
+    if k.shape[1] != h:
+        k, v = k.repeat_interleave(h // k.shape[1], 1), v.repeat_interleave(h // k.shape[1], 1)
+    qt = q.transpose(0, 1)[None]
+    kc, vc = k[:ctx].transpose(0, 1)[None], v[:ctx].transpose(0, 1)[None]
+    ks, vs = k[ctx:].transpose(0, 1)[None], v[ctx:].transpose(0, 1)[None]
+
+    def run():
+        with sdpa_kernel(SDPBackend.CUDNN_ATTENTION):
+            F.scaled_dot_product_attention(qt, kc, vc)
+            F.scaled_dot_product_attention(qt, ks, vs, is_causal=True)
+
+    try:
+        return timed(run, q.device, reps)
+    except RuntimeError as e:
+        log(f"info: cuDNN SDPA refused: {str(e).splitlines()[0][:160]}")
+        return None
 
 
 # ------------------------------------------------------------------------------ (c)

@@ -120,7 +120,7 @@ def plan(ctx: list[int], qlen: list[int], num_heads: int, kv_heads: int, device,
     GPU. `repeat_heads` None: repeat the K/V heads when varlen_attn has no enable_gqa."""
     kv = [c + n for c, n in zip(ctx, qlen)]
     if cu_q is None:
-        cu_q = torch.tensor([0, *qlen], dtype=torch.int32, device=device).cumsum(0, dtype=torch.int32)
+        cu_q = torch.tensor([0, *qlen], device=device).cumsum(0, dtype=torch.int32)
     if kv_len is None:
         kv_len = torch.tensor(kv, dtype=torch.int32, device=device)
     cu_k = torch.nn.functional.pad(torch.cumsum(kv_len, 0, dtype=torch.int32), (1, 0))
