@@ -26,6 +26,7 @@ from ..config import LINEAR, SLIDING, ModelConfig
 from ..ops import lightning_attn, lightning_decode
 from ..ops.lightning import triton_available
 from ..ops.paged_attention import paged_attention, write_kv
+from ..ops.prefill_attention import flash_supported, plan, prefill_attention
 from ..ops.slot_attention import decode_splits, slot_attention, triton_supported, work_list
 from .pool import OutOfPages, PagePool, kv_page_shape, pages_for
 
@@ -209,7 +210,12 @@ class SlotPool:
 
 class SlotCache:
     """The kernels for a SlotPool (softmax: "triton" or "torch"; lightning: "triton" or "chunk")
-    and the factory of the per-forward step records."""
+    and the factory of the per-forward step records.
+
+    Prefill's softmax attention: the auto choice (`attention=None`) and `attention="flash"` run it
+    through FlashAttention varlen (ops/prefill_attention) when this torch has varlen_attn and the
+    pool is fp16/bf16 on CUDA (`prefill_flash`); decode keeps the Triton kernel. An explicit
+    "triton" or "torch" runs that kernel for both."""
 
     def __init__(self, pool: SlotPool, attention: str | None = None, lightning: str | None = None,
                  wrap_decode=None):
@@ -218,7 +224,9 @@ class SlotCache:
         dev = pool.device
         probe = torch.empty(1, 1, pool.config.head_dim, device=dev, dtype=pool.dtype)
         keys = next(iter(pool.keys.values()), None)
-        if attention is None:
+        self.prefill_flash = (attention in (None, "flash") and keys is not None
+                              and flash_supported(probe, keys))
+        if attention is None or attention == "flash":
             attention = ("triton" if dev.type == "cuda" and keys is not None
                          and triton_supported(probe, keys) else "torch")
         self.attention = attention
@@ -247,7 +255,8 @@ class SlotCache:
         token_pos = base + torch.arange(total, device=dev) - doc_start
         token_slot = torch.repeat_interleave(slots_t, lens_long, output_size=total)
         block_m = self._prefill_block_m()
-        work = work_list(lengths, block_m, dev) if self.attention == "triton" else None
+        work = (work_list(lengths, block_m, dev)
+                if self.attention == "triton" and not self.prefill_flash else None)
         return PrefillStep(self, list(slots), list(starts), list(lengths), slots_t, starts_t,
                            lengths_t, cu_seqlens, token_pos, token_slot, work, block_m)
 
@@ -291,6 +300,7 @@ class PrefillStep:
     token_slot: torch.Tensor   # [T] its slot
     work: tuple | None         # the Triton kernel's program list
     block_m: int
+    kv_plan: object = None     # the flash path's gather index (ops/prefill_attention.KVPlan)
 
     def prepare(self, valid: torch.Tensor, cu_seqlens=None) -> torch.Tensor:
         if cu_seqlens is None or valid.shape != (1, int(self.token_pos.shape[0])):
@@ -305,11 +315,32 @@ class PrefillStep:
         states.index_copy_(0, self.slots, final.to(states.dtype))
         return o
 
+    def _flash_plan(self, q, keys):
+        """The flash gather index of this step (ops/prefill_attention), built by the first softmax
+        layer and shared by the rest; None for the Triton / torch kernel (not chosen, or flash
+        refuses these tensors: then the Triton program list is built here)."""
+        if self.kv_plan is None:
+            pool = self.cache.pool
+            if not (self.cache.prefill_flash and flash_supported(q, keys)):
+                self.kv_plan = False
+                if self.work is None and self.cache.attention == "triton":
+                    self.work = work_list(self.lengths_list, self.block_m, pool.device)
+            else:
+                where = (dict(block_table=pool.block_tables[self.slots], page_size=pool.page_size)
+                         if pool.paged else dict(slot=self.slots))
+                self.kv_plan = plan(self.starts_list, self.lengths_list, q.shape[1],
+                                    keys.shape[1], pool.device, cu_q=self.cu_seqlens,
+                                    kv_len=self.starts + self.lengths, **where)
+        return self.kv_plan or None
+
     def attend(self, layer_idx, q, k, v, scale, ctx):
         pool = self.cache.pool
         keys, values = pool.keys[layer_idx], pool.values[layer_idx]
         if pool.paged:
             write_kv(keys, values, k[0], v[0], pool.kv_flat(self.token_slot, self.token_pos))
+            flash = self._flash_plan(q[0], keys)
+            if flash is not None:
+                return prefill_attention(q[0], keys, values, flash, scale)[None]
             table = pool.block_tables[self.slots]
             if self.cache.attention == "triton":
                 o = paged_attention(q[0], keys, values, table, self.starts, self.lengths, scale,
@@ -320,6 +351,9 @@ class PrefillStep:
             return o[None]
         keys[self.token_slot, :, self.token_pos] = k[0].to(keys.dtype)
         values[self.token_slot, :, self.token_pos] = v[0].to(values.dtype)
+        flash = self._flash_plan(q[0], keys)
+        if flash is not None:
+            return prefill_attention(q[0], keys, values, flash, scale)[None]
         if self.cache.attention == "triton":
             o = slot_attention(q[0], keys, values, self.slots.to(torch.int32), self.starts,
                                self.lengths, scale, backend="triton", work=self.work,
