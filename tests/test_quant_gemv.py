@@ -1,4 +1,4 @@
-"""The GEMV form of the 8-bit grouped matmul (ops/quant/gemv_w8.py, configs with BLOCK_M < 16)
+"""The GEMV form of the 8-bit grouped matmul (ops/quant/triton_gemv_w8.py, configs with BLOCK_M < 16)
 against the plain-PyTorch twin in Triton's interpreter: dense and grouped, 1-8 rows a group,
 empty groups, N and K that no block divides, split-K (the split-sum kernel), bf16 and fp32
 activations, int8 and fp8; the magic-number int8 widening exact for all 256 byte values; the

@@ -7,7 +7,7 @@ the dense form (nn.Linear), each with a plain-PyTorch twin.
 Backends (same function, tested against each other):
     "torch"   the twin: per group (x @ q^T) * scale in fp32, rounded once to x's dtype
     "triton"  dequantise-on-the-fly kernel (triton_w8.py): CUDA, or the CPU under TRITON_INTERPRET=1;
-              up to GEMV_MAX_ROWS (8) rows per group its tiles are the GEMV kernel's (gemv_w8.py)
+              up to GEMV_MAX_ROWS (8) rows per group its tiles are the GEMV kernel's (triton_gemv_w8.py)
     "scaled"  fp8 only, Hopper tensor cores: activations quantised per row to e4m3 on the fly,
               then torch._scaled_grouped_mm / torch._scaled_mm with row x column scales (W8A8; a
               little more error than W8A16, twice the bf16 matmul rate). Its twin: scaled_twin.

@@ -18,7 +18,7 @@ weights stream from memory once per launch.
 A config is (BLOCK_M, BLOCK_N, BLOCK_K, SPLIT_K, num_warps, num_stages):
   * BLOCK_M >= 16: tensor-core dot with the weight tile as its left operand (output built
     transposed, [N, M]); BLOCK_M < 16 (decode: 1-8 rows per expert or dense projection): the
-    GEMV kernel of gemv_w8.py (no dot, 128-bit weight loads, fp32 FMAs, one reduction);
+    GEMV kernel of triton_gemv_w8.py (no dot, 128-bit weight loads, fp32 FMAs, one reduction);
   * SPLIT_K > 1: the program axis 0 also splits K (decode: at batch 1 the 2 touched experts
     of the down projection, N = 6144, give only 96-384 programs for 132 SMs, each walking
     K = 9216); each split writes its fp32 partial (scale applied) to a [SPLIT_K, M, N] workspace
@@ -40,7 +40,7 @@ import triton
 import triton.language as tl
 
 from ..triton_jit import interpreted, kernel
-from .gemv_w8 import launch_gemv, sum_splits_kernel
+from .triton_gemv_w8 import launch_gemv, sum_splits_kernel
 from .twin import grouped_mm_q_torch
 
 log = logging.getLogger(__name__)
@@ -105,7 +105,7 @@ def grouped_w8_kernel(
                 b = w.to(tl.int32)
                 bits = ((b & 0x80) << 8) | ((b & 0x7F) << 7)
                 wf = bits.to(tl.int16).to(tl.float16, bitcast=True).to(tl.float32)
-            else:  # exact, without the slow int-to-float unit (gemv_w8.py's docstring)
+            else:  # exact, without the slow int-to-float unit (triton_gemv_w8.py's docstring)
                 wf = (w.to(tl.int32) + 0x4B000080).to(tl.float32, bitcast=True) - 8388736.0
             if IEEE:  # fp32 activations; also bf16 in the interpreter, whose bf16 dot is wrong
                 acc = tl.dot(wf, xt.to(tl.float32), acc=acc, input_precision="ieee")
@@ -138,7 +138,7 @@ def dequant_w8_kernel(W, S, OUT, R, K, BLOCK_R: tl.constexpr, BLOCK_K: tl.conste
 
 # ---------------------------------------------------------------------------- configs
 # (BLOCK_M, BLOCK_N, BLOCK_K, SPLIT_K, num_warps, num_stages); BLOCK_M < 16: the GEMV kernel
-# (gemv_w8.py), else the tensor-core kernel above (BLOCK_N is the MMA's M, weight rows)
+# (triton_gemv_w8.py), else the tensor-core kernel above (BLOCK_N is the MMA's M, weight rows)
 GEMV_MAX_ROWS = 8  # rows per group up to which the run-time shortlist is GEMV tiles first
 # Why 8: the GEMV spends BLOCK_M fp32 FMAs (+1 add, ~2 integer ops to widen) per weight byte; an
 # H200 SM issues 128 FMAs/clock and HBM feeds it ~16.5 int8 bytes/clock (4.3 TB/s over 132 SMs at
