@@ -36,6 +36,7 @@ from ..dtypes import dtype_name
 from ..ops.lightning import check_slot_idx
 from .detok import TextStream
 from .fused_decode import fused, fused_decode_supported
+from .h2d import to_device
 from .planner import plan_memory, plan_paged
 from .prefix_cache import DEFAULT_BLOCK_SIZE, DEFAULT_PREFIX_CACHE_GIB, PrefixCache, PrefixStore
 from .prepare import cast_model, prepare_for_serving  # noqa: F401  (cast_model: its old home)
@@ -319,7 +320,7 @@ class Engine:
         return torch.cat(logits, 0) if logits else None
 
     def _decode(self, record: StepRecord) -> torch.Tensor:
-        tokens = torch.tensor(record.decode_tokens, device=self.device)
+        tokens = to_device(record.decode_tokens, self.device, torch.long)  # no stream sync
         slots = record.decode_slots
         check_slot_idx(slots, self.cache.pool.scratch)  # host-side: the kernels never read back
         if self.graphs is not None:
@@ -337,9 +338,9 @@ class Engine:
         stream = self.prefill_stream
         with torch.cuda.stream(stream) if stream is not None else contextlib.nullcontext():
             step = self.cache.begin_prefill(record.prefill_slots, record.prefill_starts,
-                                            record.prefill_lengths)
-            input_ids = torch.tensor([record.prefill_ids], device=self.device)
-            keep = torch.tensor(record.prefill_keep, dtype=torch.long, device=self.device)
+                                            record.prefill_lengths, tokens=record.prefill_ids,
+                                            keep=record.prefill_keep)  # one H2D copy
+            input_ids, keep = step.input_ids, step.keep
             more = {}
             if extras is not None:  # images: their features at the <image> tokens
                 more["inputs_embeds"] = self.vision.splice(self.model.model.embed_tokens,
