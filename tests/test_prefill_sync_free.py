@@ -5,7 +5,7 @@ tensors have shapes and no values, so any read of a device value on the host (`.
 `bool(t)`, `int(t)`, `.tolist()`, a shape that depends on values: nonzero, masked_select,
 unique, repeat_interleave without output_size) either raises or is counted below. Triton
 launches are the one thing stubbed (their launch wrappers, plans included, run for real): a
-kernel launch never reads back. The step runs the CUDA configuration (bf16): Triton lightning and slot
+kernel launch never reads back. The step runs the CUDA configuration (bf16), with and without the fused norms: Triton lightning and slot
 attention kernels, the serving MoE pipeline with the grouped matmul.
 
 Counted, per prefill step (`begin_prefill` + the forward), on the second of two identical steps
@@ -21,6 +21,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 
 import minimax01.ops.triton_jit as triton_jit
 from minimax01 import MiniMaxForCausalLM, ModelConfig
+from minimax01.infer.fused_prefill import fused_prefill
 from minimax01.infer.prepare import cast_model, prepare_for_serving
 from minimax01.infer.slot_cache import SlotCache, SlotPool
 
@@ -96,7 +97,7 @@ def stub_meta_launches(monkeypatch):
     monkeypatch.setattr(triton_jit.DualKernel, "at", meta_at)
 
 
-def served_on_meta():
+def served_on_meta(wrap_prefill=None):
     cfg = ModelConfig.from_preset("debug")
     model = MiniMaxForCausalLM.from_config_on_meta(cfg)
     cast_model(model, dtype=torch.bfloat16)  # what _grouped_mm takes
@@ -104,7 +105,8 @@ def served_on_meta():
     for layer in model.model.layers:  # the GPU's grouped matmul, not the CPU's dense one
         layer.mlp.pipeline = replace(layer.mlp.pipeline, matmul="grouped")
     pool = SlotPool(cfg, 3, 256, device="meta", dtype=torch.bfloat16)
-    return model, SlotCache(pool, attention="triton", lightning="triton")
+    return model, SlotCache(pool, attention="triton", lightning="triton",
+                            wrap_prefill=wrap_prefill)
 
 
 def prefill(model, cache):
@@ -113,9 +115,10 @@ def prefill(model, cache):
                  logits_to_keep=step.keep).logits
 
 
+@pytest.mark.parametrize("wrap", [None, fused_prefill], ids=["plain", "fused-norms"])
 @torch.inference_mode()
-def test_prefill_step_reads_nothing_back_and_copies_once(stub_meta_launches):
-    model, cache = served_on_meta()
+def test_prefill_step_reads_nothing_back_and_copies_once(stub_meta_launches, wrap):
+    model, cache = served_on_meta(wrap)
     assert {type(layer.self_attn).__name__ for layer in model.model.layers} == {
         "LightningAttention", "SoftmaxAttention"}
     with HostTraffic() as first:

@@ -36,6 +36,7 @@ from ..dtypes import dtype_name
 from ..ops.lightning import check_slot_idx
 from .detok import TextStream
 from .fused_decode import fused, fused_decode_supported
+from .fused_prefill import fused_prefill as fused_prefill_step
 from .h2d import to_device
 from .planner import plan_memory, plan_paged
 from .prefix_cache import DEFAULT_BLOCK_SIZE, DEFAULT_PREFIX_CACHE_GIB, PrefixCache, PrefixStore
@@ -61,6 +62,8 @@ class Engine:
     `prefix_block_size` tokens, within `prefix_cache_gb` GiB. cuda_graphs / overlap /
     fused_decode (small-batch decode kernels, infer/fused_decode.py): off by default until its
     GPU check passes (the H200 run of 2026-12-02 found lightning states 2e-2 off the unfused step).
+    fused_prefill: the prefill forward's RMSNorms (and the lightning output gate) one Triton
+    launch each (infer/fused_prefill.py); None: on CUDA in one process.
     kv_page_size: keep the softmax K/V in pages of this many tokens (`kv_pages` of them; on GPU
     planned from free memory), so sequences take memory for their actual length; None: a
     max_context slot each.
@@ -79,7 +82,7 @@ class Engine:
                  prefix_block_size: int = DEFAULT_BLOCK_SIZE,
                  prefix_cache_gb: float = DEFAULT_PREFIX_CACHE_GIB,
                  fused_decode: bool | None = None, kv_page_size: int | None = None,
-                 kv_pages: int | None = None):
+                 kv_pages: int | None = None, fused_prefill: bool | None = None):
         self.vision = None
         if hasattr(model, "language_model") and hasattr(model, "image_features"):  # VL-01
             if step_broadcast is not None:
@@ -113,7 +116,10 @@ class Engine:
         if fused_decode and not fused_decode_supported(cfg):
             raise ValueError("fused_decode: this model (or its parallel layout) has no fused "
                              "decode path (infer/fused_decode.py fused_decode_supported)")
-        self.cache = SlotCache(self.pool, wrap_decode=fused if fused_decode else None)
+        if fused_prefill is None:  # the prefill forward's norms fused: on CUDA, one process
+            fused_prefill = cuda and step_broadcast is None
+        self.cache = SlotCache(self.pool, wrap_decode=fused if fused_decode else None,
+                               wrap_prefill=fused_prefill_step if fused_prefill else None)
         self.prefix_cache = self.prefix_store = None
         if prefix_cache:
             self.prefix_cache = PrefixCache(self.pool, prefix_block_size, cache_bytes)

@@ -214,9 +214,10 @@ class SlotCache:
     and the factory of the per-forward step records."""
 
     def __init__(self, pool: SlotPool, attention: str | None = None, lightning: str | None = None,
-                 wrap_decode=None):
+                 wrap_decode=None, wrap_prefill=None):
         self.pool = pool
         self.wrap_decode = wrap_decode  # e.g. infer/fused_decode.fused: decode records, fused
+        self.wrap_prefill = wrap_prefill  # e.g. infer/fused_prefill.fused_prefill
         dev = pool.device
         probe = torch.empty(1, 1, pool.config.head_dim, device=dev, dtype=pool.dtype)
         keys = next(iter(pool.keys.values()), None)
@@ -262,7 +263,7 @@ class SlotCache:
             step.input_ids = t.long("tokens")[None]
         if keep is not None:
             step.keep = t.long("keep")
-        return step
+        return self.wrap_prefill(step) if self.wrap_prefill is not None else step
 
     def _prefill_block_m(self) -> int:
         g = self.pool.config.num_attention_heads // self.pool.config.num_key_value_heads
