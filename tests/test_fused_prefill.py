@@ -77,3 +77,24 @@ def test_engine_with_fused_prefill_equals_generate(model, monkeypatch):
     eng.close()
     assert [c.token_ids for c in out] == ref
     assert Engine(model, num_slots=1, max_context=8).cache.wrap_prefill is None  # CPU default
+
+
+def test_folding_decodes_into_the_prefill_keeps_greedy_tokens(model):
+    # decode rows as one-token documents of the packed prefill on mixed steps (fp32, CPU)
+    g = torch.Generator().manual_seed(2)
+    prompts = [torch.randint(0, 512, (n,), generator=g).tolist() for n in (5, 40, 1, 70, 13, 9)]
+    ref = generate(model, prompts, max_new_tokens=8)[:, -8:].tolist()
+    params = SamplingParams(max_tokens=8, temperature=0.0, ignore_eos=True)
+    eng = Engine(model, num_slots=3, max_context=128, max_num_batched_tokens=16,
+                 fold_decodes=True)
+    folded = []
+    real = eng._prefill
+
+    def spy(record, extras=None):
+        folded.append(sum(n == 1 for n in record.prefill_lengths))
+        return real(record, extras)
+    eng._prefill = spy
+    out = eng.generate(prompts, params)
+    eng.close()
+    assert [c.token_ids for c in out] == ref
+    assert max(folded) >= 2  # some steps carried decode rows inside the prefill

@@ -45,7 +45,7 @@ from .request import Completion, RequestError, SamplingParams, StepOutput
 from .sampling import BROKEN, sample_rows, token_logprobs
 from .scheduler import DEFAULT_MAX_NUM_BATCHED_TOKENS, Scheduler, Sequence
 from .slot_cache import SlotCache, SlotPool, check_servable
-from .step_record import StepRecord
+from .step_record import StepRecord, fold_decodes
 
 log = logging.getLogger(__name__)
 LONG_PROMPT = 65536  # log the prefill progress of prompts this long, every this many tokens
@@ -64,6 +64,9 @@ class Engine:
     GPU check passes (the H200 run of 2026-12-02 found lightning states 2e-2 off the unfused step).
     fused_prefill: the prefill forward's RMSNorms (and the lightning output gate) one Triton
     launch each (infer/fused_prefill.py); None: on CUDA in one process.
+    fold_decodes: on steps that carry a prefill chunk, run the decode rows inside the packed
+    prefill forward (each a one-token document, infer/step_record.py fold_decodes) instead of
+    the decode graph + a separate forward; off by default (an experiment: GPU numbers decide).
     kv_page_size: keep the softmax K/V in pages of this many tokens (`kv_pages` of them; on GPU
     planned from free memory), so sequences take memory for their actual length; None: a
     max_context slot each.
@@ -82,7 +85,8 @@ class Engine:
                  prefix_block_size: int = DEFAULT_BLOCK_SIZE,
                  prefix_cache_gb: float = DEFAULT_PREFIX_CACHE_GIB,
                  fused_decode: bool | None = None, kv_page_size: int | None = None,
-                 kv_pages: int | None = None, fused_prefill: bool | None = None):
+                 kv_pages: int | None = None, fused_prefill: bool | None = None,
+                 fold_decodes: bool = False):
         self.vision = None
         if hasattr(model, "language_model") and hasattr(model, "image_features"):  # VL-01
             if step_broadcast is not None:
@@ -94,6 +98,7 @@ class Engine:
         check_servable(model.config)  # before the model is touched
         self._restore_model = prepare_for_serving(model)
         self.step_broadcast = step_broadcast  # tensor parallel: send each step to the other ranks
+        self.fold_decodes = fold_decodes
         self.model = model
         self.config = cfg = model.config
         self.tokenizer = tokenizer
@@ -314,6 +319,8 @@ class Engine:
             self.pool.apply_page_updates(record.page_tables)
         if record.cache_loads:
             self.prefix_store.apply_before(record.cache_loads)
+        if self.fold_decodes and record.prefill_slots and extras is None:
+            record = fold_decodes(record)  # decode rows as one-token prefill documents
         logits = []
         if record.prefill_slots and self.prefill_stream is not None:  # waits for earlier work
             self.prefill_stream.wait_stream(torch.cuda.current_stream(self.device))
