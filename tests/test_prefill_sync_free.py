@@ -143,3 +143,26 @@ def test_the_counter_sees_reads_and_copies():
                                 output_size=4)
     assert len(t.reads) == 1
     assert t.h2d == 2
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@pytest.mark.parametrize("wrap", [None, fused_prefill], ids=["plain", "fused-norms"])
+@torch.inference_mode()
+def test_cuda_prefill_step_never_syncs(wrap):
+    # the same on a GPU: CUDA's sync debug mode raises at any stream synchronisation
+    cfg = ModelConfig.from_preset("debug")
+    torch.manual_seed(0)
+    model = cast_model(MiniMaxForCausalLM(cfg), "cuda", torch.bfloat16)
+    restore = prepare_for_serving(model, sync_free=True)
+    pool = SlotPool(cfg, 3, 256, device="cuda", dtype=torch.bfloat16)
+    cache = SlotCache(pool, wrap_prefill=wrap)
+    ref = prefill(model, cache)  # warm: compiles the kernels, checks the slopes once
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        logits = prefill(model, cache)
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+        restore()
+    assert torch.isfinite(logits).all() and logits.shape == ref.shape
