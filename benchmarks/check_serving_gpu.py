@@ -2,6 +2,7 @@
 
     python benchmarks/check_serving_gpu.py            # one H200: correctness, then the budget sweep
     python benchmarks/check_serving_gpu.py --tiny     # the same on the CPU with tiny shapes
+    python benchmarks/check_serving_gpu.py --budgets 512,2048 --fold-decodes  # mixed-step variants
 
 1. correctness first: a small fp32 model (TF32 off) serves prefix-sharing greedy requests with
    the prefix cache on and off, several token budgets, chunks not aligned with cache blocks,
@@ -97,7 +98,8 @@ def admission(model, device, budget: int, args) -> dict:
     vocab = model.config.vocab_size
     g = torch.Generator().manual_seed(budget)
     eng = Engine(model, num_slots=args.decoders + 1, max_context=args.long_prompt + 64,
-                 max_num_batched_tokens=budget)
+                 max_num_batched_tokens=budget, fold_decodes=args.fold_decodes,
+                 fused_prefill=False if args.no_fused_prefill else None)
     # the decoders keep decoding through the whole admission (their slots hold max_context)
     keep = SamplingParams(max_tokens=args.long_prompt + 64 - args.short_prompt, temperature=0.0,
                           ignore_eos=True)
@@ -143,6 +145,10 @@ def main(argv=None) -> int:
     p.add_argument("--budgets", default="512,2048,8192,16384,0",
                    help="max_num_batched_tokens values; 0 = the whole prompt in one step")
     p.add_argument("--json", default=None, metavar="PATH")
+    p.add_argument("--no-fused-prefill", action="store_true",
+                   help="admission: the prefill forward unfused (infer/fused_prefill.py)")
+    p.add_argument("--fold-decodes", action="store_true",
+                   help="admission: decode rows inside the packed prefill on mixed steps")
     args = p.parse_args(argv)
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() and not args.tiny
                                           else "cpu"))

@@ -1,12 +1,17 @@
 """Where the time of one engine step goes while a long prompt is admitted (issue 18: the ~30 ms
 fixed cost of a step that carries a small prefill chunk beside the decodes).
 
-    python benchmarks/profile_admission_gpu.py                 # one H200, `1b`, < 2 minutes
+    python benchmarks/profile_admission_gpu.py                 # one H200, `1b`, ~3 minutes
     python benchmarks/profile_admission_gpu.py --tiny          # CPU smoke run
+    python benchmarks/profile_admission_gpu.py --variants fused --budgets 512
+
+`--variants` (comma list): `plain` (the prefill forward unfused, `fused_prefill=False`), `fused`
+(the engine's default: fused norms, infer/fused_prefill.py), `fold` (fused + the decode rows
+folded into the packed prefill, `fold_decodes=True`).
 
 `--decoders` distinct sequences decode; one `--long-prompt` prompt is admitted under
 `--budget` tokens per step. After a few warm steps, `--steps` steps run under torch.profiler:
-prints each step's wall time, the GPU busy time inside it, the top operators by self CUDA time
+prints each step's wall time, the GPU busy time inside it, the kernel launches per step, the top operators by self CUDA time
 and by self CPU time, and the host synchronisations (cudaStreamSynchronize / item / tolist).
 Writes profile_admission.json (and a Chrome trace) to $OUT when set."""
 
@@ -37,6 +42,7 @@ def main(argv=None) -> int:
     p.add_argument("--decoders", type=int, default=32)
     p.add_argument("--budgets", default="512,2048")
     p.add_argument("--steps", type=int, default=3)
+    p.add_argument("--variants", default="plain,fused,fold")
     args = p.parse_args(argv)
     cuda = torch.cuda.is_available() and not args.tiny
     device = torch.device("cuda" if cuda else "cpu")
@@ -54,10 +60,14 @@ def main(argv=None) -> int:
               "torch": torch.__version__, "runs": []}
     from torch.profiler import ProfilerActivity, profile
 
-    for budget in [int(b) for b in args.budgets.split(",")]:
+    variants = {"plain": dict(fused_prefill=False), "fused": dict(fused_prefill=True),
+                "fold": dict(fused_prefill=True, fold_decodes=True)}
+    runs = [(b, v) for b in [int(x) for x in args.budgets.split(",")]
+            for v in args.variants.split(",")]
+    for budget, variant in runs:
         g = torch.Generator().manual_seed(budget)
         eng = Engine(model, num_slots=args.decoders + 1, max_context=args.long_prompt + 64,
-                     max_num_batched_tokens=budget)
+                     max_num_batched_tokens=budget, **variants[variant])
         keep = SamplingParams(max_tokens=args.long_prompt + 64 - args.short_prompt, temperature=0.0,
                               ignore_eos=True)
         for _ in range(args.decoders):
@@ -98,15 +108,19 @@ def main(argv=None) -> int:
         syncs = {e.key: e.count for e in ka
                  if any(s in e.key for s in ("Synchronize", "aten::item", "_local_scalar_dense",
                                              "aten::tolist", "cudaMemcpy"))}
+        launches = sum(e.count for e in ka if e.key in ("cudaLaunchKernel", "cuLaunchKernelEx",
+                                                        "cuLaunchKernel")) / args.steps
         by = "self_cuda_time_total" if cuda else "self_cpu_time_total"
-        print(f"\n=== budget {budget}: steps (profiled) {['%.1f' % w for w in walls]} ms; "
-              f"plain {['%.1f' % w for w in plain]} ms; GPU busy per step "
-              f"{gpu_us / 1e3 / args.steps:.2f} ms")
+        print(f"\n=== budget {budget}, {variant}: steps (profiled) "
+              f"{['%.1f' % w for w in walls]} ms; plain {['%.1f' % w for w in plain]} ms; GPU "
+              f"busy per step {gpu_us / 1e3 / args.steps:.2f} ms; {launches:.0f} kernel "
+              f"launches per step")
         print("host syncs over the profiled steps:", syncs)
         print(ka.table(sort_by=by, row_limit=30, max_name_column_width=60))
         if cuda:
             print(ka.table(sort_by="self_cpu_time_total", row_limit=25, max_name_column_width=60))
-        run = {"budget": budget, "profiled_ms": walls, "plain_ms": plain,
+        run = {"budget": budget, "variant": variant, "launches_per_step": launches,
+               "profiled_ms": walls, "plain_ms": plain,
                "gpu_busy_ms_per_step": gpu_us / 1e3 / args.steps, "syncs": syncs,
                "top_gpu": [(e.key, e.count, e.self_device_time_total / 1e3) for e in
                            sorted(ka, key=lambda e: -e.self_device_time_total)[:40]] if cuda
@@ -115,7 +129,7 @@ def main(argv=None) -> int:
                            sorted(ka, key=lambda e: -e.self_cpu_time_total)[:40]]}
         result["runs"].append(run)
         if out_dir:
-            prof.export_chrome_trace(os.path.join(out_dir, f"admission_{budget}.json"))
+            prof.export_chrome_trace(os.path.join(out_dir, f"admission_{budget}_{variant}.json"))
     if out_dir:
         with open(os.path.join(out_dir, "profile_admission.json"), "w") as f:
             json.dump(result, f, indent=1)

@@ -10,6 +10,8 @@ import logging
 
 import torch
 
+from .h2d import to_device
+
 log = logging.getLogger(__name__)
 
 
@@ -72,8 +74,10 @@ class DecodeGraphs:
             self._capture(b)
         self.input_ids[:n, 0].copy_(tokens)
         self.input_ids[n:b].zero_()
-        self.slot_idx[:b].copy_(torch.tensor(slots + [self.cache.pool.scratch] * (b - n)),
-                                non_blocking=True)
-        self.active[:b].copy_(torch.arange(b) < n, non_blocking=True)
+        # one pinned non-blocking copy (infer/h2d.py): the slots, then the active flags
+        ids = to_device(slots + [self.cache.pool.scratch] * (b - n) + [1] * n + [0] * (b - n),
+                        self.slot_idx.device, torch.long)
+        self.slot_idx[:b].copy_(ids[:b])
+        self.active[:b].copy_(ids[b:].bool())
         self.graphs[b].replay()
         return self.logits[b][:n]

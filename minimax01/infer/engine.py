@@ -36,6 +36,8 @@ from ..dtypes import dtype_name
 from ..ops.lightning import check_slot_idx
 from .detok import TextStream
 from .fused_decode import fused, fused_decode_supported
+from .fused_prefill import fused_prefill as fused_prefill_step
+from .h2d import to_device
 from .planner import plan_memory, plan_paged
 from .prefix_cache import DEFAULT_BLOCK_SIZE, DEFAULT_PREFIX_CACHE_GIB, PrefixCache, PrefixStore
 from .prepare import cast_model, prepare_for_serving  # noqa: F401  (cast_model: its old home)
@@ -43,7 +45,7 @@ from .request import Completion, RequestError, SamplingParams, StepOutput
 from .sampling import BROKEN, sample_rows, token_logprobs
 from .scheduler import DEFAULT_MAX_NUM_BATCHED_TOKENS, Scheduler, Sequence
 from .slot_cache import SlotCache, SlotPool, check_servable
-from .step_record import StepRecord
+from .step_record import StepRecord, fold_decodes
 
 log = logging.getLogger(__name__)
 LONG_PROMPT = 65536  # log the prefill progress of prompts this long, every this many tokens
@@ -61,6 +63,11 @@ class Engine:
     fused_decode (small-batch decode kernels, infer/fused_decode.py): on by default on CUDA for
     models that have the path (its GPU check compares both steps with a float32 reference: the
     fused step is as close to it as the unfused one, benchmarks/check_decode_gpu.py).
+    fused_prefill: the prefill forward's RMSNorms (and the lightning output gate) one Triton
+    launch each (infer/fused_prefill.py); None: on CUDA in one process.
+    fold_decodes: on steps that carry a prefill chunk, run the decode rows inside the packed
+    prefill forward (each a one-token document, infer/step_record.py fold_decodes) instead of
+    the decode graph + a separate forward; off by default (an experiment: GPU numbers decide).
     kv_page_size: keep the softmax K/V in pages of this many tokens (`kv_pages` of them; on GPU
     planned from free memory), so sequences take memory for their actual length; None: a
     max_context slot each.
@@ -79,7 +86,8 @@ class Engine:
                  prefix_block_size: int = DEFAULT_BLOCK_SIZE,
                  prefix_cache_gb: float = DEFAULT_PREFIX_CACHE_GIB,
                  fused_decode: bool | None = None, kv_page_size: int | None = None,
-                 kv_pages: int | None = None):
+                 kv_pages: int | None = None, fused_prefill: bool | None = None,
+                 fold_decodes: bool = False):
         self.vision = None
         if hasattr(model, "language_model") and hasattr(model, "image_features"):  # VL-01
             if step_broadcast is not None:
@@ -91,6 +99,7 @@ class Engine:
         check_servable(model.config)  # before the model is touched
         self._restore_model = prepare_for_serving(model)
         self.step_broadcast = step_broadcast  # tensor parallel: send each step to the other ranks
+        self.fold_decodes = fold_decodes
         self.model = model
         self.config = cfg = model.config
         self.tokenizer = tokenizer
@@ -113,7 +122,10 @@ class Engine:
         if fused_decode and not fused_decode_supported(cfg):
             raise ValueError("fused_decode: this model (or its parallel layout) has no fused "
                              "decode path (infer/fused_decode.py fused_decode_supported)")
-        self.cache = SlotCache(self.pool, wrap_decode=fused if fused_decode else None)
+        if fused_prefill is None:  # the prefill forward's norms fused: on CUDA, one process
+            fused_prefill = cuda and step_broadcast is None
+        self.cache = SlotCache(self.pool, wrap_decode=fused if fused_decode else None,
+                               wrap_prefill=fused_prefill_step if fused_prefill else None)
         self.prefix_cache = self.prefix_store = None
         if prefix_cache:
             self.prefix_cache = PrefixCache(self.pool, prefix_block_size, cache_bytes)
@@ -308,6 +320,8 @@ class Engine:
             self.pool.apply_page_updates(record.page_tables)
         if record.cache_loads:
             self.prefix_store.apply_before(record.cache_loads)
+        if self.fold_decodes and record.prefill_slots and extras is None:
+            record = fold_decodes(record)  # decode rows as one-token prefill documents
         logits = []
         if record.prefill_slots and self.prefill_stream is not None:  # waits for earlier work
             self.prefill_stream.wait_stream(torch.cuda.current_stream(self.device))
@@ -320,7 +334,7 @@ class Engine:
         return torch.cat(logits, 0) if logits else None
 
     def _decode(self, record: StepRecord) -> torch.Tensor:
-        tokens = torch.tensor(record.decode_tokens, device=self.device)
+        tokens = to_device(record.decode_tokens, self.device, torch.long)  # no stream sync
         slots = record.decode_slots
         check_slot_idx(slots, self.cache.pool.scratch)  # host-side: the kernels never read back
         if self.graphs is not None:
@@ -338,9 +352,9 @@ class Engine:
         stream = self.prefill_stream
         with torch.cuda.stream(stream) if stream is not None else contextlib.nullcontext():
             step = self.cache.begin_prefill(record.prefill_slots, record.prefill_starts,
-                                            record.prefill_lengths)
-            input_ids = torch.tensor([record.prefill_ids], device=self.device)
-            keep = torch.tensor(record.prefill_keep, dtype=torch.long, device=self.device)
+                                            record.prefill_lengths, tokens=record.prefill_ids,
+                                            keep=record.prefill_keep)  # one H2D copy
+            input_ids, keep = step.input_ids, step.keep
             more = {}
             if extras is not None:  # images: their features at the <image> tokens
                 more["inputs_embeds"] = self.vision.splice(self.model.model.embed_tokens,

@@ -28,6 +28,8 @@ from ..ops.lightning import triton_available
 from ..ops.paged_attention import paged_attention, write_kv
 from ..ops.prefill_attention import flash_supported, plan, prefill_attention
 from ..ops.slot_attention import decode_splits, slot_attention, triton_supported, work_list
+from ..ops.slot_attention.work import work_lists
+from .h2d import StepTensors
 from .pool import OutOfPages, PagePool, kv_page_shape, pages_for
 
 
@@ -218,9 +220,10 @@ class SlotCache:
     "triton" or "torch" runs that kernel for both."""
 
     def __init__(self, pool: SlotPool, attention: str | None = None, lightning: str | None = None,
-                 wrap_decode=None):
+                 wrap_decode=None, wrap_prefill=None):
         self.pool = pool
         self.wrap_decode = wrap_decode  # e.g. infer/fused_decode.fused: decode records, fused
+        self.wrap_prefill = wrap_prefill  # e.g. infer/fused_prefill.fused_prefill
         dev = pool.device
         probe = torch.empty(1, 1, pool.config.head_dim, device=dev, dtype=pool.dtype)
         keys = next(iter(pool.keys.values()), None)
@@ -234,31 +237,42 @@ class SlotCache:
         self.decode_backend = "triton" if self.lightning_backend == "triton" else "torch"
         self._decode_aux: dict[int, tuple] = {}
 
-    def begin_prefill(self, slots: list[int], starts: list[int],
-                      lengths: list[int]) -> "PrefillStep":
+    def begin_prefill(self, slots: list[int], starts: list[int], lengths: list[int],
+                      tokens: list[int] | None = None,
+                      keep: list[int] | None = None) -> "PrefillStep":
         """Packed chunk lengths[n] for slot slots[n], which already caches starts[n] tokens. The
-        record's `cu_seqlens` (int32) goes to the forward with `cache=record`."""
-        dev = self.pool.device
+        record's `cu_seqlens` (int32) goes to the forward with `cache=record`. `tokens` (the
+        packed input ids) and `keep` (positions whose logits are wanted) ride along: the
+        record's `input_ids` [1, T] and `keep`. Every index tensor of the step is computed on
+        the host and reaches the device in ONE pinned, non-blocking copy (infer/h2d.py), so
+        starting a prefill never waits for the GPU."""
         if any(s + n > self.pool.max_context for s, n in zip(starts, lengths)):
             raise ValueError(f"a prefill chunk would pass max_context={self.pool.max_context}")
         offsets = [0]
         for n in lengths:
             offsets.append(offsets[-1] + n)
-        slots_t = torch.tensor(slots, dtype=torch.long, device=dev)
-        starts_t = torch.tensor(starts, dtype=torch.int32, device=dev)
-        lengths_t = torch.tensor(lengths, dtype=torch.int32, device=dev)
-        cu_seqlens = torch.tensor(offsets, dtype=torch.int32, device=dev)
-        total, lens_long = offsets[-1], lengths_t.long()
+        total = offsets[-1]
         # absolute position of each packed token inside its sequence, and its slot
-        doc_start = torch.repeat_interleave(cu_seqlens[:-1].long(), lens_long, output_size=total)
-        base = torch.repeat_interleave(starts_t.long(), lens_long, output_size=total)
-        token_pos = base + torch.arange(total, device=dev) - doc_start
-        token_slot = torch.repeat_interleave(slots_t, lens_long, output_size=total)
+        token_pos = [s + i for s, n in zip(starts, lengths) for i in range(n)]
+        token_slot = [slot for slot, n in zip(slots, lengths) for _ in range(n)]
         block_m = self._prefill_block_m()
-        work = (work_list(lengths, block_m, dev)
-                if self.attention == "triton" and not self.prefill_flash else None)
-        return PrefillStep(self, list(slots), list(starts), list(lengths), slots_t, starts_t,
-                           lengths_t, cu_seqlens, token_pos, token_slot, work, block_m)
+        triton = self.attention == "triton" and not self.prefill_flash  # else flash plans in forward
+        docs, firsts = work_lists(lengths, block_m) if triton else ([], [])
+        parts = {"slots": slots, "starts": starts, "lengths": lengths, "cu": offsets,
+                 "pos": token_pos, "slot": token_slot, "docs": docs, "firsts": firsts,
+                 "tokens": tokens or [], "keep": keep or []}
+        t = StepTensors(parts, self.pool.device)
+        work = (t.int32("docs"), t.int32("firsts")) if triton else None
+        step = PrefillStep(self, list(slots), list(starts), list(lengths), t.long("slots"),
+                           t.int32("starts"), t.int32("lengths"), t.int32("cu"), t.long("pos"),
+                           t.long("slot"), work, block_m)
+        if tokens is not None:
+            if len(tokens) != total:
+                raise ValueError(f"{len(tokens)} prefill tokens for chunks of {total}")
+            step.input_ids = t.long("tokens")[None]
+        if keep is not None:
+            step.keep = t.long("keep")
+        return self.wrap_prefill(step) if self.wrap_prefill is not None else step
 
     def _prefill_block_m(self) -> int:
         g = self.pool.config.num_attention_heads // self.pool.config.num_key_value_heads
@@ -301,6 +315,8 @@ class PrefillStep:
     work: tuple | None         # the Triton kernel's program list
     block_m: int
     kv_plan: object = None     # the flash path's gather index (ops/prefill_attention.KVPlan)
+    input_ids: torch.Tensor | None = None  # [1, T] long, when begin_prefill got the tokens
+    keep: torch.Tensor | None = None       # [K] long positions whose logits are kept
 
     def prepare(self, valid: torch.Tensor, cu_seqlens=None) -> torch.Tensor:
         if cu_seqlens is None or valid.shape != (1, int(self.token_pos.shape[0])):
@@ -311,7 +327,8 @@ class PrefillStep:
         states = self.cache.pool.states[layer_idx]
         o, final = lightning_attn(q, k, v, slope, initial_state=states[self.slots],
                                   output_final_state=True, cu_seqlens=self.cu_seqlens,
-                                  backend=self.cache.lightning_backend)
+                                  backend=self.cache.lightning_backend,
+                                  max_seqlen=max(self.lengths_list, default=0))
         states.index_copy_(0, self.slots, final.to(states.dtype))
         return o
 

@@ -53,3 +53,22 @@ class StepRecord:
     def empty(self) -> bool:
         return not (self.reset or self.decode_slots or self.prefill_slots or self.cache_saves
                     or self.page_tables)
+
+
+def fold_decodes(record: StepRecord) -> StepRecord:
+    """The same step with its decode rows moved into the packed prefill, ahead of the prompt
+    chunks: each a one-token document continuing its slot (start = the tokens it caches), its
+    logits kept. The prefill forward then returns the decode rows' logits, then the finished
+    prompts', the order `run_step` returns them in. One pass over the weights instead of two
+    (issue 18); the record's other fields are unchanged."""
+    n = len(record.decode_slots)
+    if not n:
+        return record
+    return StepRecord(
+        reset=record.reset, page_tables=record.page_tables,
+        prefill_ids=record.decode_tokens + record.prefill_ids,
+        prefill_slots=record.decode_slots + record.prefill_slots,
+        prefill_starts=record.decode_lengths + record.prefill_starts,
+        prefill_lengths=[1] * n + record.prefill_lengths,
+        prefill_keep=list(range(n)) + [k + n for k in record.prefill_keep],
+        cache_loads=record.cache_loads, cache_saves=record.cache_saves)

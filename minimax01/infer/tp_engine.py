@@ -225,7 +225,8 @@ def rank_engine(model, tokenizer, channel: StepChannel, rank: int, **kw) -> Engi
     """Rank 0's TPEngine or another rank's Engine, with the same pool and graph settings. Prefill
     does not overlap decode on a second stream under TP (one order of collectives per rank), and
     decodes unfused (the fused lightning norm would span ranks)."""
-    kw = {**kw, "overlap": False, "fused_decode": False}  # (a rank holds a slice of the heads)
+    kw = {**kw, "overlap": False, "fused_decode": False,
+          "fused_prefill": False}  # (a rank holds a slice of the heads)
     if rank == 0:
         return TPEngine(model, tokenizer, channel, **kw)
     return Engine(model, None, **kw)

@@ -198,14 +198,15 @@ _MM_ALIGN = 8  # elements of 2 bytes in 16: the stride unit torch._grouped_mm re
 
 
 def grouped_mm(x: torch.Tensor, w: torch.Tensor, counts: torch.Tensor,
-               impl: str = "loop") -> torch.Tensor:
+               impl: str = "loop", offs: torch.Tensor | None = None) -> torch.Tensor:
     """x: [M, K] rows grouped by expert (counts [E]); w: [E, N, K] (nn.Linear layout). Returns
     [M, N], row block e multiplied by w[e]^T. "grouped" and "dense" never read the counts on the
     host. Under CUDA autocast (fp32 weights, bf16 compute: training) the operands are cast to the
-    autocast dtype."""
+    autocast dtype. `offs`: "grouped"'s int32 cumsum of the counts, when the caller has it."""
     if impl == "grouped":
         dtype = _compute_dtype(x)
-        offs = torch.cumsum(counts, 0, dtype=torch.int32)
+        if offs is None:
+            offs = torch.cumsum(counts, 0, dtype=torch.int32)
         x, w = x.to(dtype), w.to(dtype)
         n, k = w.shape[1], w.shape[2]
         pad_n, pad_k = -n % _MM_ALIGN, -k % _MM_ALIGN
@@ -233,9 +234,10 @@ def swiglu_experts(x: torch.Tensor, counts: torch.Tensor, gate_up: torch.Tensor,
     down: [E, H, I]. With no rows the result still depends on x and the weights, so a rank with
     nothing to compute runs the backward collectives (FSDP, all-to-all) like every other."""
     impl = impl or default_matmul(x, sync_free)
-    h = grouped_mm(x, gate_up, counts, impl)
+    offs = torch.cumsum(counts, 0, dtype=torch.int32) if impl == "grouped" else None  # once
+    h = grouped_mm(x, gate_up, counts, impl, offs)
     g, u = h.chunk(2, dim=-1)
-    y = grouped_mm(F.silu(g) * u, down, counts, impl)
+    y = grouped_mm(F.silu(g) * u, down, counts, impl, offs)
     if x.shape[0] == 0 and torch.is_grad_enabled():
         y = y + (x.sum() + gate_up.sum() + down.sum()).to(y.dtype) * 0
     return y

@@ -15,13 +15,19 @@ def decode_splits(batch: int, kv_heads: int, max_context: int, sms: int = 132) -
     return int(max(1, min(want, math.ceil(max_context / 256), 64)))
 
 
-def work_list(qlen: list[int], block_m: int, device) -> tuple[torch.Tensor, torch.Tensor]:
-    """The kernel's program list from host lengths: (document, first query) of every block of
-    `block_m` queries, int32 on `device`."""
+def work_lists(qlen: list[int], block_m: int) -> tuple[list[int], list[int]]:
+    """The kernel's program list as host lists: (document, first query) of every block of
+    `block_m` queries (a caller that batches its host-to-device copies sends them itself)."""
     docs, firsts = [], []
     for n, length in enumerate(qlen):
         for q0 in range(0, length, block_m):
             docs.append(n)
             firsts.append(q0)
+    return docs, firsts
+
+
+def work_list(qlen: list[int], block_m: int, device) -> tuple[torch.Tensor, torch.Tensor]:
+    """`work_lists` as int32 tensors on `device`."""
+    docs, firsts = work_lists(qlen, block_m)
     return (torch.tensor(docs, dtype=torch.int32, device=device),
             torch.tensor(firsts, dtype=torch.int32, device=device))
