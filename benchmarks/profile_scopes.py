@@ -204,7 +204,7 @@ def _events(prof):
 
 def attribute(prof, cuda: bool) -> tuple[list[Row], float]:
     """Rows per (pass, scope, kind, name) and the total device time (CUDA: every kernel the
-    profiler saw, attributed or not; CPU: the leaf ops' self time)."""
+    profiler saw, attributed or not; CPU: the ops' self time)."""
     events = _events(prof)
 
     def chain(e):
@@ -228,8 +228,8 @@ def attribute(prof, cuda: bool) -> tuple[list[Row], float]:
         if cuda:
             items = [(k.name, k.duration) for k in getattr(e, "kernels", [])]
         else:
-            if e.cpu_children or _label_of(e.name) or e.name.startswith(ENGINE):
-                continue  # CPU: leaves only (their self time is the op's own work)
+            if _label_of(e.name) or e.name.startswith(ENGINE):
+                continue  # CPU: every op's self time (its own work, its children excluded)
             if e.name.startswith("ProfilerStep") or e.name == "forward+backward":
                 continue
             items = [(e.name, e.self_cpu_time_total)]
