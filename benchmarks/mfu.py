@@ -99,7 +99,7 @@ class Step:
         finally:
             torch.set_default_dtype(default)
         apply_recompute(self.model, recompute)
-        force_lightning_backend(self.model, backend, opaque=compile)
+        force_lightning_backend(self.model, backend)
         if compile:  # as the trainer does (train.compile): every decoder layer
             for layer in self.model.model.layers:
                 layer.compile()
