@@ -1,10 +1,12 @@
 """MFU on one GPU (issue 16): where the `1b` train step spends its time, how fast it and slices
 of MiniMax-Text-01 at their real widths train, and what a full step needs per GPU.
 
-  a. profile   torch.profiler over `1b` train steps at 8K (before: autocast over fp32 weights +
-               full recompute, the 1b-8k preset; after: train.cast_weights = per_step and the
-               lightest recompute that fits): top kernels, and the shares of MoE permute /
-               combine, norms, casts, recompute, clipping and the optimizer
+  a. profile   the `1b` step at 8K (before: autocast over fp32 weights + full recompute, the
+               1b-8k preset; after: train.cast_weights = per_step and the lightest recompute
+               that fits; with --compile also after with every decoder layer compiled), each
+               profiled and attributed by model part (profile_scopes.py: ms, share and kernel
+               count per pass and scope, kinds inside, top 15 kernels with their bucket, the
+               Triton lightning kernels' rates), then timed unprofiled (tok/s, MFU)
   b. 1b        tokens/s and MFU at 4K / 8K / 16K / 64K context, 64K tokens per optimizer step
                (micro-batches of 8K tokens or one row), before and after; the hybrid spread
   c. slices    Text-01 widths (hidden 6144, 32 experts of 9216, 64 heads): `text01-4layer`
