@@ -1,10 +1,12 @@
 """MFU on one GPU (issue 16): where the `1b` train step spends its time, how fast it and slices
 of MiniMax-Text-01 at their real widths train, and what a full step needs per GPU.
 
-  a. profile   torch.profiler over `1b` train steps at 8K (before: autocast over fp32 weights +
-               full recompute, the 1b-8k preset; after: train.cast_weights = per_step and the
-               lightest recompute that fits): top kernels, and the shares of MoE permute /
-               combine, norms, casts, recompute, clipping and the optimizer
+  a. profile   the `1b` step at 8K (before: autocast over fp32 weights + full recompute, the
+               1b-8k preset; after: train.cast_weights = per_step and the lightest recompute
+               that fits; with --compile also after with every decoder layer compiled), each
+               profiled and attributed by model part (profile_scopes.py: ms, share and kernel
+               count per pass and scope, kinds inside, top 15 kernels with their bucket, the
+               Triton lightning kernels' rates), then timed unprofiled (tok/s, MFU)
   b. 1b        tokens/s and MFU at 4K / 8K / 16K / 64K context, 64K tokens per optimizer step
                (micro-batches of 8K tokens or one row), before and after; the hybrid spread
   c. slices    Text-01 widths (hidden 6144, 32 experts of 9216, 64 heads): `text01-4layer`
@@ -22,6 +24,7 @@ measured in the same run. Prints every number; writes $OUT/mfu.json when OUT is 
     python benchmarks/mfu.py                      # one H200: all sections, < 8 minutes
     python benchmarks/mfu.py --tiny               # CPU smoke run (tiny shapes, no MFU)
     python benchmarks/mfu.py --only profile,slices
+    python benchmarks/mfu.py --only 1b-8k --profile --compile both   # 1b at 8K, compile off/on
 """
 
 from __future__ import annotations
@@ -31,13 +34,13 @@ import contextlib
 import json
 import math
 import os
-import re
 import sys
 import time
 
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import profile_scopes  # noqa: E402
 from train_throughput import check_triton, force_lightning_backend, matmul_peak  # noqa: E402
 
 from minimax01 import MiniMaxForCausalLM, ModelConfig  # noqa: E402
@@ -86,7 +89,8 @@ class Step:
     `cast`: "per_use" (autocast over fp32 weights) | "per_step" (StepCastWeights) | "bf16"
     (bf16 weights, no optimizer: forward+backward only)."""
 
-    def __init__(self, cfg, device, cast: str, recompute: str, backend: str, chunk: int):
+    def __init__(self, cfg, device, cast: str, recompute: str, backend: str, chunk: int,
+                 compile: bool = False):
         torch.manual_seed(0)
         dtype = torch.bfloat16 if cast == "bf16" else torch.float32
         default = torch.get_default_dtype()
@@ -98,6 +102,10 @@ class Step:
             torch.set_default_dtype(default)
         apply_recompute(self.model, recompute)
         force_lightning_backend(self.model, backend)
+        if compile:  # as the trainer does (train.compile): every decoder layer
+            for layer in self.model.model.layers:
+                layer.compile()
+        self.compiled = compile
         self.cast = StepCastWeights(self.model, torch.bfloat16) if cast == "per_step" else None
         self.opt = None if cast == "bf16" else build_optimizer(self.model, OptimConfig())
         self.params = [p for p in self.model.parameters() if p.requires_grad]
@@ -175,85 +183,69 @@ def free(device):
 
 
 # ------------------------------------------------------------------------------ a. profile
-CATEGORIES = [  # first match wins; kernel names lower-cased
-    ("optimizer / clip (foreach)", r"adam|multi_tensor|foreach"),
-    ("matmul", r"gemm|cutlass|cublas|nvjet|xmma|grouped_mm|sm90_|wgmma|matmul|aten::b?mm$|addmm"),
-    ("attention", r"flash|fmha|cudnn|sdpa|attn|lightning|_fwd_kernel|_bwd_kernel|chunk_"),
-    ("MoE permute / combine", r"index|gather|scatter|sort|bincount|cumsum|nonzero|masked|topk"),
-    ("casts / copies", r"copy|convert|cast|to_copy"),
-    ("norms", r"norm|rsqrt"),
-    ("softmax / loss", r"softmax|cross_entropy|nll|log_softmax"),
-]
-REGIONS = ("forward+backward", "recompute", "clip", "optimizer")
-
-
-def kernel_times(prof, cuda: bool) -> dict[str, float]:
-    """Kernel (CUDA) or op (CPU, self time) name -> total microseconds."""
-    out: dict[str, float] = {}
-    for e in prof.key_averages():
-        if cuda:
-            if getattr(e, "device_type", None) is None or str(e.device_type) != "DeviceType.CUDA":
-                continue
-            t = getattr(e, "self_device_time_total", 0.0)
-        else:
-            if e.key in REGIONS or e.key.startswith("ProfilerStep"):
-                continue
-            t = e.self_cpu_time_total
-        if t > 0:
-            out[e.key] = out.get(e.key, 0.0) + t
-    if cuda and not out:  # a profiler without per-kernel entries: device time per op
-        for e in prof.key_averages():
-            t = getattr(e, "self_device_time_total", 0.0)
-            if t > 0 and e.key not in REGIONS:
-                out[e.key] = out.get(e.key, 0.0) + t
-    return out
-
-
-def region_times(prof, cuda: bool) -> dict[str, float]:
-    """record_function region -> microseconds of device work inside it."""
-    out = {}
-    for e in prof.key_averages():
-        if e.key in REGIONS:
-            t = (getattr(e, "device_time_total", 0.0) if cuda else e.cpu_time_total)
-            out[e.key] = max(out.get(e.key, 0.0), t)
-    return out
+def lightning_work(cfg: ModelConfig, tokens: int) -> dict[str, tuple[float, float]]:
+    """Nominal work of ONE Triton lightning launch over a layer's `tokens` (bf16): a causal
+    scan computes per token and head the intra-block products 2 B (D + E) (the whole block, as
+    the kernel does) and the inter-block / state products 4 D E, and moves q, k, v in and o out.
+    Backward launches are taken at the same nominal work (a dq scan is exactly that; the fused
+    dk/dv launch does twice it: its rate reads 2x low)."""
+    b, d = cfg.block_size, cfg.head_dim
+    flops = tokens * cfg.num_attention_heads * (2 * b * (d + d) + 4 * d * d)
+    nbytes = tokens * cfg.num_attention_heads * 4 * d * 2
+    return {"fwd": (flops, nbytes), "bwd": (flops, nbytes), "recompute": (flops, nbytes)}
 
 
 def profile_step(step: Step, batches, steps: int) -> dict:
+    """Profile `steps` steps (after one warm-up) with the model's parts labelled from outside
+    (profile_scopes.py): per bucket (pass, scope) ms per step, share and kernel count, the top 15
+    kernels with their bucket, and the Triton lightning kernels' rates."""
     from torch.profiler import ProfilerActivity, profile
 
     cuda = step.device.type == "cuda"
-    step(batches)  # warm-up
-    sync(step.device)
-    acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else [])
-    with profile(activities=acts) as prof:
-        for _ in range(steps):
-            step(batches)
+    with profile_scopes.label_model(step.model, inside_layers=not step.compiled):
+        step(batches)  # warm-up (under the labels: compiled graphs see the same hooks)
         sync(step.device)
-    kernels = kernel_times(prof, cuda)
-    total = sum(kernels.values()) or 1.0
-    shares = {name: 0.0 for name, _ in CATEGORIES}
-    shares["other (elementwise, ...)"] = 0.0
-    for k, t in kernels.items():
-        low = k.lower()
-        cat = next((name for name, pat in CATEGORIES if re.search(pat, low)),
-                   "other (elementwise, ...)")
-        shares[cat] += t / total
-    regions = {k: v / total for k, v in region_times(prof, cuda).items()}
-    top = sorted(kernels.items(), key=lambda kv: -kv[1])[:15]
-    return {"device_ms_per_step": total / 1e3 / steps, "shares": shares, "regions": regions,
-            "top": [(k[:90], t / 1e3 / steps, t / total) for k, t in top]}
+        acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else [])
+        with profile(activities=acts) as prof:
+            for _ in range(steps):
+                step(batches)
+            sync(step.device)
+    rows, total = profile_scopes.attribute(prof, cuda)
+    s = profile_scopes.summarise(rows, total, steps)
+    tokens = batches[0][0].numel()
+    s["lightning"] = profile_scopes.lightning_rates(rows, steps, lightning_work(step.cfg, tokens))
+    return s
 
 
 def print_profile(name: str, p: dict) -> None:
-    log(f"\n[{name}] device time {p['device_ms_per_step']:.1f} ms per step")
-    log("  top kernels (ms/step, share):")
-    for k, ms, share in p["top"]:
-        log(f"    {ms:8.2f} ms {100 * share:5.1f}%  {k}")
-    log("  by kind (kernel-name heuristics): " + ", ".join(
-        f"{k} {100 * v:.1f}%" for k, v in p["shares"].items()))
-    log("  by region (device time inside): " + ", ".join(
-        f"{k} {100 * v:.1f}%" for k, v in p["regions"].items()))
+    log(f"\n[{name}]")
+    profile_scopes.print_summary(p, log)
+    if p["lightning"]:
+        log("  Triton lightning kernels (nominal work of one causal scan per launch):")
+        for r in p["lightning"]:
+            log(f"    {r['passname']:9s} {r['name']:40s} {r['ms']:8.2f} ms/step "
+                f"{r['launches']:4d} launches {r['us_per_launch']:8.1f} us  "
+                f"{r['tflops']:6.1f} TFLOP/s {r['gbps']:7.0f} GB/s")
+
+
+def compare_profiles(profiles: dict[str, dict]) -> None:
+    """Scopes (all passes) side by side, ms per step."""
+    names = list(profiles)
+    scopes = []
+    for p in profiles.values():
+        scopes += [k for k in p["scopes"] if k not in scopes]
+    log("\n  ms per step by scope: " + " | ".join(names))
+    for sc in scopes:
+        log(f"    {sc:22s} " + " | ".join(f"{profiles[n]['scopes'].get(sc, 0.0):9.1f}"
+                                          for n in names))
+    log(f"    {'total':22s} " + " | ".join(f"{profiles[n]['total_ms']:9.1f}" for n in names))
+    kinds = []
+    for p in profiles.values():
+        kinds += [k for k in p["kinds"] if k not in kinds]
+    log("  ms per step by kind:  " + " | ".join(names))
+    for k in kinds:
+        log(f"    {k:22s} " + " | ".join(f"{profiles[n]['kinds'].get(k, 0.0):9.1f}"
+                                         for n in names))
 
 
 # ------------------------------------------------------------------------------ d. memory
@@ -313,6 +305,12 @@ def main() -> int:
     ap.add_argument("--tiny", action="store_true", help="tiny shapes (CPU smoke run)")
     ap.add_argument("--only", default="profile,1b,slices,memory")
     ap.add_argument("--steps", type=int, default=2, help="timed steps per measurement")
+    ap.add_argument("--profile", action="store_true",
+                    help="with --only 1b-8k: profile each run too (--only profile implies it)")
+    ap.add_argument("--compile", choices=("off", "on", "both"), default="off",
+                    help="torch.compile of every decoder layer (train.compile) for the 1b step "
+                         "at 8K: off, on (before eager + after compiled), both (after eager "
+                         "and compiled)")
     args = ap.parse_args()
     only = set(args.only.split(","))
     cuda = torch.cuda.is_available()
@@ -344,12 +342,12 @@ def main() -> int:
     def mfu(cfg, seq, tokens, dt):
         return cfg.flops_per_token(seq, training=True) * tokens / dt / peak
 
-    def build_fitting(cfg, cast, policies, batches_fn):
+    def build_fitting(cfg, cast, policies, batches_fn, compiled=False):
         """The first recompute policy of `policies` whose step fits (OOM: the next)."""
         for policy in policies:
             step = None
             try:
-                step = Step(cfg, device, cast, policy, backend, chunk)
+                step = Step(cfg, device, cast, policy, backend, chunk, compiled)
                 batches = batches_fn(step)
                 loss = step(batches)
                 if not torch.isfinite(loss):
@@ -368,33 +366,49 @@ def main() -> int:
                "after": ("per_step", ["none", "attention", "moe", "full"])}
     with attn:
         # ---------------------------------------------------------------- a. profile
-        if "profile" in only:
+        if "profile" in only or "1b-8k" in only:
+            # the 1b step at 8K: before / after (eager), after compiled (--compile); each
+            # profiled (with --profile or --only profile) and timed unprofiled
             cfg = one_b(tiny)
             result["profile"] = {}
             losses = {}
-            for name, (cast, policies) in configs.items():
+            runs = [(n, c, pol, False) for n, (c, pol) in configs.items()
+                    if args.compile != "on" or n == "before"]
+            if args.compile in ("on", "both"):
+                runs.append(("after+compile", *configs["after"], True))
+            for name, cast, policies, compiled in runs:
+                t0 = time.perf_counter()
                 step, batches, policy, losses[name] = build_fitting(
-                    cfg, cast, policies, lambda s: s.batches(step_tokens, seq8, seq8))
-                p = profile_step(step, batches, 1)
-                p.update(cast=cast, recompute=policy)
-                result["profile"][name] = p
-                print_profile(f"a. 1b at {seq8} tokens, {step_tokens} tokens/step, {name}: "
-                              f"{cast}, recompute {policy}", p)
+                    cfg, cast, policies, lambda s: s.batches(step_tokens, seq8, seq8), compiled)
+                first = time.perf_counter() - t0
+                entry = dict(cast=cast, recompute=policy, compile=compiled, loss=losses[name],
+                             build_and_first_step_s=first)
+                if "profile" in only or args.profile:
+                    p = profile_step(step, batches, 1)
+                    entry.update(p)
+                    print_profile(f"a. 1b at {seq8} tokens, {step_tokens} tokens/step, {name}: "
+                                  f"{cast}, recompute {policy}, compile {compiled}", p)
+                dt, mem = timed(step, batches, args.steps)
+                m = mfu(cfg, seq8, step_tokens, dt)
+                entry.update(step_s=dt, tokens_per_s=step_tokens / dt, mfu=m, peak_gib=mem)
+                result["profile"][name] = entry
+                log(f"a. 1b {name:13s} ({cast}, recompute {policy}, compile {compiled}) "
+                    f"T={seq8}: {step_tokens / dt:9.0f} tok/s  MFU {100 * m:5.1f}%  "
+                    f"step {1e3 * dt:7.1f} ms  peak {mem:5.1f} GiB  first step "
+                    f"{first:5.1f} s  loss {losses[name]:.5f}  [{time.perf_counter() - start:.0f}s]")
                 step.close()
                 del step, batches
                 free(device)
-            before, after = (result["profile"][k] for k in ("before", "after"))
-            log("\n  shares before -> after (ms per step):")
-            for kind in {**before["shares"], **before["regions"], **after["regions"]}:
-                b = before["shares"].get(kind, before["regions"].get(kind, 0.0))
-                a = after["shares"].get(kind, after["regions"].get(kind, 0.0))
-                log(f"    {kind:28s} {100 * b:5.1f}% ({b * before['device_ms_per_step']:7.1f})"
-                    f" -> {100 * a:5.1f}% ({a * after['device_ms_per_step']:7.1f})")
-            rel = abs(losses["after"] - losses["before"]) / abs(losses["before"])
-            log(f"  first-step loss before {losses['before']:.5f} after {losses['after']:.5f} "
-                f"(relative difference {rel:.1e}; bf16 rounding allows ~1e-2)")
-            if rel > 5e-2:
-                raise AssertionError("per_step casts changed the loss beyond bf16 rounding")
+            profiled = {n: p for n, p in result["profile"].items() if "scopes" in p}
+            if len(profiled) > 1:
+                compare_profiles(profiled)
+            base = losses[runs[0][0]]
+            for name, loss in losses.items():
+                rel = abs(loss - base) / abs(base)
+                log(f"  first-step loss {name} {loss:.5f} vs {runs[0][0]} {base:.5f} "
+                    f"(relative difference {rel:.1e}; bf16 rounding allows ~1e-2)")
+                if rel > 5e-2:
+                    raise AssertionError(f"{name} changed the loss beyond bf16 rounding")
             log(f"  [{time.perf_counter() - start:.0f}s]")
         # ---------------------------------------------------------------- b. 1b throughput
         if "1b" in only:

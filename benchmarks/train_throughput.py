@@ -53,11 +53,16 @@ def variant(name: str, preset: str) -> ModelConfig:
     return cfg
 
 
-def force_lightning_backend(model, backend: str) -> None:
+def force_lightning_backend(model, backend: str, opaque: bool = False) -> None:
+    """`opaque`: torch.compile does not trace the lightning call (a graph break around it: the
+    Triton kernels run as they do eagerly)."""
     from minimax01.ops import lightning_attn
 
     def fn(q, k, v, slope, ctx):  # an attn_fn: computes every call, given the AttnContext
         return lightning_attn(q, k, v, slope, cu_seqlens=ctx.cu_seqlens, backend=backend)[0]
+
+    if opaque:
+        fn = torch.compiler.disable(fn)
 
     for layer in model.model.layers:
         if hasattr(layer.self_attn, "qkv_proj"):

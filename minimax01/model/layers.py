@@ -218,8 +218,14 @@ class DecoderLayer(nn.Module):
                 return out
         h1 = self.input_layernorm(x)
         residual = h1 if self.postnorm else x
-        y = self.attn_alpha * residual + self.attn_beta * self.self_attn(h1, ctx)
+        y = _scaled(self.attn_alpha, residual) + _scaled(self.attn_beta, self.self_attn(h1, ctx))
         h2 = self.post_attention_layernorm(y)
         residual = h2 if self.postnorm else y
         moe_out, aux = self.mlp(h2)
-        return self.mlp_alpha * residual + self.mlp_beta * moe_out, aux
+        return _scaled(self.mlp_alpha, residual) + _scaled(self.mlp_beta, moe_out), aux
+
+
+def _scaled(a: float, x: torch.Tensor) -> torch.Tensor:
+    """a * x, without the kernel (forward and backward) when a == 1 (pre-norm models: every
+    residual scale is 1, and 1.0 * x is x exactly)."""
+    return x if a == 1.0 else a * x

@@ -72,6 +72,7 @@ def _check_inputs(q, k, v, slope, initial_state, cu_seqlens, block_size, max_seq
         raise ValueError(f"block_size must be a positive integer, got {block_size!r}")
 
 
+@torch.compiler.disable
 def lightning_attn(q, k, v, slope, *, initial_state=None, output_final_state=False, cu_seqlens=None,
                    block_size=None, backend=None, max_seqlen=None):
     """Causal linear attention with decay exp(-slope[h]), no scale, no normalisation.
@@ -81,7 +82,11 @@ def lightning_attn(q, k, v, slope, *, initial_state=None, output_final_state=Fal
     `initial_state`). `max_seqlen` (optional host int, the longest document) lets the Triton
     backend plan the work split of device-resident `cu_seqlens` exactly; a CPU `cu_seqlens`
     gives it everything. Neither is needed: without them nothing is read back from the GPU.
-    Returns (o [B, T, H, E] in q.dtype, final state [N, H, D, E] fp32 or None)."""
+    Returns (o [B, T, H, E] in q.dtype, final state [N, H, D, E] fp32 or None).
+
+    Opaque to torch.compile (`train.compile`): its host-side checks and the Triton launch plan
+    are Python that Dynamo would split into many graphs; a compiled decoder layer breaks once
+    around it and the kernels run as they do eagerly."""
     if backend is None:
         backend = _default_backend(q) if isinstance(q, torch.Tensor) else "chunk"
     _check_inputs(q, k, v, slope, initial_state, cu_seqlens, block_size, max_seqlen, backend)
